@@ -1,0 +1,5 @@
+import sys
+
+from fisherguard.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Attacks: which samples are poisoned and how. Attacker identities live here and in metrics only."""

@@ -1,0 +1,109 @@
+"""Command line: ``fisherguard run | data | defenses``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from fisherguard import __version__
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fisherguard import config
+    from fisherguard.engine.simulator import run_all
+    from fisherguard.results import format_table
+
+    variants = config.load(args.config, args.set)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    summaries = run_all(variants, out, resume=args.resume,
+                        progress=None if args.quiet else sys.stderr)
+    print(format_table(summaries))
+    print(f"\nresults: {out}")
+    return 0
+
+
+def _cmd_defenses(args: argparse.Namespace) -> int:
+    from fisherguard.defenses import registry
+
+    rows = registry.available()
+    width = max(len(n) for n in rows)
+    for name, cls in rows.items():
+        needs = [w for w, on in (("Fisher", cls.needs_fisher), ("server data", cls.needs_server_data),
+                                 (f"client {cls.client_regulariser}", bool(cls.client_regulariser)))
+                 if on]
+        extra = f"  [needs {', '.join(needs)}]" if needs else ""
+        print(f"{name.ljust(width)}  {cls.summary}  ({cls.paper}){extra}")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from fisherguard.data import datasets, sources
+
+    if args.data_cmd == "list":
+        for name, desc in datasets.DATASETS.items():
+            print(f"{name:14s} {desc}")
+        return 0
+    if args.data_cmd == "fetch":
+        path = sources.fetch(args.name, args.data_dir)
+        print(f"{args.name}: ready in {path}")
+        return 0
+    report = sources.verify(args.name, args.data_dir)
+    for k, v in report.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fisherguard", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fisherguard {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("run", help="run the experiment(s) of a YAML config")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set federation.rounds=5 (repeatable)")
+    p.add_argument("--out", help="results directory (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its last round")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("defenses", help="list every available defense")
+    p.set_defaults(func=_cmd_defenses)
+
+    p = sub.add_parser("data", help="fetch, verify or list datasets")
+    dsub = p.add_subparsers(dest="data_cmd", required=True)
+    for name, hlp in (("fetch", "fetch a dataset into the data root"),
+                      ("verify", "check a dataset's files and checksums")):
+        q = dsub.add_parser(name, help=hlp)
+        q.add_argument("name")
+        q.add_argument("--data-dir", help="data root (default FISHERGUARD_DATA or the user cache)")
+    dsub.add_parser("list", help="list the datasets")
+    p.set_defaults(func=_cmd_data)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from fisherguard.config import ConfigError
+    from fisherguard.data.partition import PartitionError
+    from fisherguard.defenses.base import DefenseConfigError
+    from fisherguard.results import ResumeError
+
+    known: tuple[type[BaseException], ...] = (ConfigError, DefenseConfigError, PartitionError,
+                                              ResumeError, FileNotFoundError, ValueError)
+    try:
+        return int(args.func(args))
+    except known as e:
+        if args.verbose:
+            raise
+        print(f"fisherguard: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nfisherguard: interrupted; finished rounds are saved (use --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

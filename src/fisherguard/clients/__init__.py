@@ -1,0 +1,1 @@
+"""Client-side behaviour: local training and client-side regularisers."""

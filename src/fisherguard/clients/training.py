@@ -1,0 +1,142 @@
+"""Local training: a client's data as it trains on it, and the reference per-client trainer.
+
+The engine hands a round's jobs to a ``LocalTrainer``; this module's ``SequentialTrainer`` is the
+readable reference (one model per client, one after another). A batched trainer can replace it
+as long as it returns the same weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fisherguard.attacks.badnets import stamp
+from fisherguard.data.transforms import Pipeline
+from fisherguard.defenses.base import Regulariser
+from fisherguard.models import flatten, load_flat, trainable
+
+
+@dataclass
+class ClientDataset:
+    """One client's samples. Attackers' poisoned samples carry label ``target`` already.
+
+    Benign clients (and attackers with per-epoch augmentation) keep uint8 images and draw a fresh
+    crop each time a sample is loaded; attackers with frozen augmentation (protocol §5.5) keep
+    the normalised, stamped tensors built once.
+    """
+
+    labels: torch.Tensor  # int64 (n,)
+    pipeline: Pipeline
+    images: torch.Tensor | None = None  # uint8 (n, C, 32, 32)
+    frozen: torch.Tensor | None = None  # float32 (n, C', 32, 32), normalised and stamped
+    poisoned: torch.Tensor | None = None  # bool (n,), stamp these after the transform
+    trigger: torch.Tensor | None = None  # bool (C', 32, 32)
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def batch(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.frozen is not None:
+            return self.frozen[idx], self.labels[idx]
+        assert self.images is not None
+        x = self.pipeline.train(self.images[idx], generator)
+        return self._stamp(x, idx), self.labels[idx]
+
+    def fisher_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All n_k samples without random augmentation (algorithms.md §2.4)."""
+        if self.frozen is not None:
+            return self.frozen, self.labels
+        assert self.images is not None
+        idx = torch.arange(len(self))
+        return self._stamp(self.pipeline.test(self.images), idx), self.labels
+
+    def _stamp(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if self.poisoned is None or self.trigger is None:
+            return x
+        sel = self.poisoned[idx]
+        if bool(sel.any()):
+            x = x.clone()
+            x[sel] = stamp(x[sel], self.trigger)
+        return x
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Local optimiser settings (protocol §4): a fresh SGD per client and round."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+
+
+@dataclass
+class ClientJob:
+    client_id: int
+    start_weights: torch.Tensor  # (P,)
+    data: ClientDataset
+    generator: torch.Generator  # this client's stream for this round
+    regulariser: Regulariser | None = None
+
+
+@dataclass
+class ClientResult:
+    client_id: int
+    weights: torch.Tensor  # (P,)
+    steps: int
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class LocalTrainer(Protocol):
+    def train_round(self, jobs: list[ClientJob], plan: TrainPlan) -> list[ClientResult]: ...
+
+
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """A fresh permutation of the client's indices cut into full batches (last partial dropped)."""
+    perm = torch.randperm(n, generator=generator)
+    return [perm[s:s + batch_size] for s in range(0, n - batch_size + 1, batch_size)]
+
+
+def make_optimizer(params: list[nn.Parameter], plan: TrainPlan) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=plan.lr, momentum=plan.momentum,
+                           weight_decay=plan.weight_decay)
+
+
+class SequentialTrainer:
+    """Reference path: each client trains its own model copy in turn (protocol §4)."""
+
+    def __init__(self, model_factory: Callable[[], nn.Module]) -> None:
+        self.model = model_factory()
+
+    def train_one(self, job: ClientJob, plan: TrainPlan) -> ClientResult:
+        model = load_flat(self.model, job.start_weights)
+        model.train()
+        params = trainable(model)
+        opt = make_optimizer(params, plan)
+        steps, ce_last, pen_last = 0, float("nan"), 0.0
+        for _ in range(plan.epochs):
+            for idx in epoch_batches(len(job.data), plan.batch_size, job.generator):
+                x, y = job.data.batch(idx, job.generator)
+                opt.zero_grad(set_to_none=True)
+                ce = F.cross_entropy(model(x), y)
+                loss = ce
+                if job.regulariser is not None:
+                    pen = job.regulariser.penalty(params)
+                    loss = ce + pen
+                    pen_last = float(pen.detach())
+                loss.backward()
+                opt.step()
+                steps += 1
+                ce_last = float(ce.detach())
+        stats = {"loss": ce_last}
+        if job.regulariser is not None:
+            stats["penalty"] = pen_last
+        return ClientResult(job.client_id, flatten(model).clone(), steps, stats)
+
+    def train_round(self, jobs: list[ClientJob], plan: TrainPlan) -> list[ClientResult]:
+        return [self.train_one(job, plan) for job in jobs]

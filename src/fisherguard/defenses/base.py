@@ -1,0 +1,278 @@
+"""The defense interface: one pure verb ``aggregate(RoundInput) -> Aggregate`` over plain tensors.
+
+A defense never sees a model class, a data loader, the engine or attacker identities. The
+in-process simulator and the Flower adapter call the same classes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Protocol, Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+# Reasons a client can be flagged (weight exactly 0). Upload-validity reasons come first.
+UPLOAD_REASONS = ("missing", "bad_shape", "non_finite", "negative", "constant", "no_samples")
+
+
+class DefenseConfigError(ValueError):
+    """A hyperparameter is out of its allowed range; the message names it and the range."""
+
+
+class ServerData(Protocol):
+    """What a defense may ask of the server's clean validation set U, as callables on flat weights.
+
+    The engine implements it (``fisherguard.engine.server_data``); a defense never sees the
+    model class or the images.
+    """
+
+    size: int
+
+    def fisher(self, weights: Tensor) -> Tensor:
+        """Diagonal Fisher (P,) of the model with these flat weights on U (algorithms.md §2)."""
+
+    def train(self, weights: Tensor, epochs: int) -> Tensor:
+        """Flat weights after ``epochs`` of the clients' SGD on U, starting from ``weights``."""
+
+    def loss_and_entropy(self, weights: Tensor) -> tuple[float, float]:
+        """Mean cross-entropy and mean predictive entropy of the model on U (eval mode)."""
+
+
+class Regulariser(Protocol):
+    """A client-side loss term added to each mini-batch's cross-entropy (SDFC's FDReg, RSA's L1)."""
+
+    kind: str
+
+    def penalty(self, params: Sequence[Tensor]) -> Tensor:
+        """Scalar added to the loss; ``params`` are the model's parameters in protocol §6 order."""
+
+
+@dataclass
+class ClientPlan:
+    """What a defense asks one client to do differently in its next local training."""
+
+    regulariser: Regulariser | None = None
+    # A client that keeps its own model across rounds (RSA) starts from these weights, not w^t.
+    start_weights: Tensor | None = None
+
+
+@dataclass
+class PlanInput:
+    """What a defense with a client-side part sees before a round's local training starts."""
+
+    round_idx: int
+    global_weights: Tensor
+    client_ids: list[int]
+    # F(D_k; w) computed by client k on its own data at the given weights (a client round trip).
+    client_fisher: Callable[[int, Tensor], Tensor]
+    server_data: ServerData | None = None
+
+
+@dataclass
+class RoundInput:
+    """One round's uploads, as the server receives them."""
+
+    global_weights: Tensor  # (P,)
+    updates: Tensor  # (K, P), w_k - w^t
+    num_samples: Tensor  # (K,), client-reported n_k
+    client_ids: list[int]
+    lr: float = 0.01
+    round_idx: int = 0
+    fisher: Tensor | None = None  # (K, P) or None; a row of NaN marks a missing Fisher
+    server_data: ServerData | None = None
+    num_rounds: int | None = None  # total rounds T, when known (CRFL's last round adds no noise)
+    # Reasons found while assembling the matrices (a client sent the wrong shape or nothing).
+    pre_reasons: list[str | None] | None = None
+
+    @classmethod
+    def from_uploads(cls, global_weights: Tensor, updates: Sequence[Any],
+                     num_samples: Sequence[Any], client_ids: Sequence[int],
+                     fisher: Sequence[Any] | None = None, **kw: Any) -> "RoundInput":
+        """Stack per-client vectors of unknown shape; a malformed row becomes NaN with a reason."""
+        p = int(global_weights.numel())
+        k = len(client_ids)
+        pre: list[str | None] = [None] * k
+
+        def stack(rows: Sequence[Any], missing_reason: str) -> Tensor:
+            out = torch.full((k, p), float("nan"), dtype=global_weights.dtype)
+            for i in range(k):
+                row = rows[i] if i < len(rows) else None
+                if row is None:
+                    pre[i] = pre[i] or missing_reason
+                    continue
+                t = torch.as_tensor(row) if not isinstance(row, torch.Tensor) else row
+                if not t.is_floating_point() or t.numel() != p or t.dim() != 1:
+                    pre[i] = pre[i] or "bad_shape"
+                    continue
+                out[i] = t.to(out.dtype)
+            return out
+
+        upd = stack(updates, "bad_shape")
+        fis = stack(fisher, "missing") if fisher is not None else None
+        counts = torch.tensor([float(n) if _positive_integer(n) else 0.0 for n in num_samples]
+                              + [0.0] * (k - len(num_samples)), dtype=torch.float64)
+        return cls(global_weights=global_weights, updates=upd, num_samples=counts,
+                   client_ids=list(client_ids), fisher=fis, pre_reasons=pre, **kw)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_ids)
+
+    @property
+    def num_params(self) -> int:
+        return int(self.global_weights.numel())
+
+
+@dataclass
+class Aggregate:
+    """A defense's answer for one round."""
+
+    new_weights: Tensor  # (P,) global weights for the next round
+    client_weights: Tensor  # (K,) float64, non-negative; 0 = removed or rejected
+    flagged: Tensor  # (K,) bool
+    reasons: list[str | None]  # per client: None or a reason such as "non_finite", "clustered_out"
+    diagnostics: dict[str, Any] = field(default_factory=dict)  # per-client lists and round scalars
+    # The model to evaluate this round when it differs from new_weights (CRFL evaluates pre-noise).
+    eval_weights: Tensor | None = None
+    status: str = "ok"
+
+
+class Defense:
+    """Base class. Subclasses set the class attributes and implement ``aggregate``."""
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    needs_fisher: ClassVar[bool] = False
+    needs_server_data: ClassVar[bool] = False
+    client_regulariser: ClassVar[str | None] = None
+    # Only the labelled FDCR oracle ablation sets this; the engine then hands it the attacker ids.
+    needs_attacker_ids: ClassVar[bool] = False
+
+    def aggregate(self, round_input: RoundInput) -> Aggregate:
+        raise NotImplementedError
+
+    def plan_clients(self, plan_input: PlanInput) -> dict[int, ClientPlan]:
+        """Client-side instructions for the coming round (none by default)."""
+        return {}
+
+    def fisher_options(self) -> dict[str, Any]:
+        """Keyword options for the clients' Fisher computation (``fisherguard.fisher``)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state)}")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The constructor's arguments as given (for the results file)."""
+        return dict(getattr(self, "_hparams", {}))
+
+
+def check_range(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+                low_open: bool = False, integer: bool = False, allow_none: bool = False) -> None:
+    """Raise DefenseConfigError naming ``name`` and its allowed range when ``value`` is outside it."""
+    if value is None and allow_none:
+        return
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if integer:
+        ok = ok and float(value).is_integer()
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
+        hi = "" if high is None else f"<= {high}"
+        rng = " and ".join(x for x in (lo, hi) if x)
+        raise DefenseConfigError(f"{name} must be {kind}{' ' + rng if rng else ''}, got {value!r}")
+
+
+def validate_uploads(ri: RoundInput, *, require_fisher: bool = False) -> list[str | None]:
+    """Per-client rejection reason or None (algorithms.md §8.1), checked in the spec's order.
+
+    Updates and Fisher rows are treated as hostile input: any shape, dtype or value is possible.
+    """
+    k_clients, p = ri.num_clients, ri.num_params
+    reasons: list[str | None] = list(ri.pre_reasons) if ri.pre_reasons else [None] * k_clients
+    if len(reasons) != k_clients:
+        raise ValueError(f"pre_reasons has {len(reasons)} entries for {k_clients} clients")
+
+    def well_formed(x: Any) -> bool:
+        return (isinstance(x, torch.Tensor) and x.is_floating_point()
+                and tuple(x.shape) == (k_clients, p))
+
+    upd_ok, fis_ok = well_formed(ri.updates), well_formed(ri.fisher)
+    for k in range(k_clients):
+        if reasons[k] is not None:
+            continue
+        if require_fisher and (ri.fisher is None or (fis_ok and bool(torch.isnan(ri.fisher[k]).all()))):
+            reasons[k] = "missing"
+        elif not upd_ok or (require_fisher and not fis_ok):
+            reasons[k] = "bad_shape"
+        elif not bool(torch.isfinite(ri.updates[k]).all()):
+            reasons[k] = "non_finite"
+        elif require_fisher:
+            reasons[k] = _fisher_reason(ri.fisher[k])
+        if reasons[k] is None and not _positive_integer(
+                ri.num_samples[k] if k < len(ri.num_samples) else None):
+            reasons[k] = "no_samples"
+    return reasons
+
+
+def _fisher_reason(f: Tensor) -> str | None:
+    if not bool(torch.isfinite(f).all()):
+        return "non_finite"
+    if bool((f < 0).any()):
+        return "negative"
+    fmax = float(f.max())
+    if fmax == 0.0 or fmax - float(f.min()) <= 1e-6 * float(f.abs().max()):
+        return "constant"
+    return None
+
+
+def _positive_integer(n: Any) -> bool:
+    try:
+        v = float(n)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(v) and v > 0 and v.is_integer()
+
+
+def reject_all(ri: RoundInput, reasons: list[str | None], status: str = "no_valid_clients") -> Aggregate:
+    """The answer when no client passed validation: the global model is returned unchanged."""
+    k = ri.num_clients
+    return Aggregate(
+        new_weights=ri.global_weights.clone(),
+        client_weights=torch.zeros(k, dtype=torch.float64),
+        flagged=torch.ones(k, dtype=torch.bool),
+        reasons=list(reasons),
+        status=status,
+    )
+
+
+def finish(ri: RoundInput, weights: Tensor, new_weights: Tensor, reasons: list[str | None],
+           **extra: Any) -> Aggregate:
+    """Build an Aggregate whose ``flagged`` is exactly "weight 0" (protocol §7.6).
+
+    A client with weight 0 and no reason yet gets ``zero_weight`` so every flag is explained.
+    """
+    weights = weights.to(torch.float64)
+    flagged = weights == 0
+    reasons = list(reasons)
+    for k in range(ri.num_clients):
+        if bool(flagged[k]) and reasons[k] is None:
+            reasons[k] = "zero_weight"
+    return Aggregate(new_weights=new_weights.to(ri.global_weights.dtype), client_weights=weights,
+                     flagged=flagged, reasons=reasons, **extra)
+
+
+def valid_mask(reasons: list[str | None]) -> Tensor:
+    return torch.tensor([r is None for r in reasons], dtype=torch.bool)

@@ -1,0 +1,34 @@
+"""FedAvg ("Vanilla"), McMahan et al., AISTATS 2017: the sample-weighted mean of the uploads."""
+
+from __future__ import annotations
+
+import torch
+
+from fisherguard.defenses.base import (Aggregate, Defense, DefenseConfigError, RoundInput, finish,
+                                       reject_all, valid_mask, validate_uploads)
+
+
+class FedAvg(Defense):
+    """w^{t+1} = w^t + Σ_k α_k Δ_k with α_k = n_k / Σ_j n_j (FedAvg Eq. 1; FDCR Eq. 1)."""
+
+    name = "fedavg"
+    paper = "McMahan et al., AISTATS 2017"
+    summary = "sample-count weighted mean of the client updates; no defense"
+
+    def __init__(self, *, weights: str = "samples") -> None:
+        if weights not in ("samples", "uniform"):
+            raise DefenseConfigError(f"weights must be 'samples' or 'uniform', got {weights!r}")
+        self.weights = weights
+        self._hparams = {"weights": weights}
+
+    def aggregate(self, round_input: RoundInput) -> Aggregate:
+        ri = round_input
+        reasons = validate_uploads(ri)
+        ok = valid_mask(reasons)
+        if not bool(ok.any()):
+            return reject_all(ri, reasons)
+        n = ri.num_samples.to(torch.float64) if self.weights == "samples" else torch.ones(ri.num_clients, dtype=torch.float64)
+        alpha = torch.where(ok, n, torch.zeros_like(n))
+        alpha = alpha / alpha.sum()
+        step = (alpha[ok, None] * ri.updates[ok].to(torch.float64)).sum(0)
+        return finish(ri, alpha, ri.global_weights + step.to(ri.global_weights.dtype), reasons)

@@ -1,0 +1,1 @@
+"""Round loops that drive clients and a defense: the in-process simulator (and later Flower)."""

@@ -1,0 +1,72 @@
+"""The server's clean validation set U behind the ``ServerData`` callables a defense may use."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fisherguard.clients.training import ClientDataset, ClientJob, SequentialTrainer, TrainPlan
+from fisherguard.data.transforms import Pipeline
+from fisherguard.models import load_flat
+from fisherguard.seeding import torch_stream
+
+
+class ValidationSet:
+    """U (protocol §2) with the transform of the preset (§1.3); randomness per round and call."""
+
+    def __init__(self, model_factory: Callable[[], nn.Module], images: torch.Tensor,
+                 labels: torch.Tensor, pipeline: Pipeline, *, transform: str, plan: TrainPlan,
+                 fisher_options: dict[str, Any], seed: int) -> None:
+        self.size = int(labels.numel())
+        self._model = model_factory()
+        self._factory = model_factory
+        self._labels = labels
+        self._images = images
+        self._pipeline = pipeline
+        self._augment = transform == "train"
+        self._fixed = None if self._augment else pipeline.test(images)
+        self._plan = plan
+        self._fisher_options = dict(fisher_options)
+        self._seed = seed
+        self._round = 0
+        self._calls = 0
+
+    def begin_round(self, round_idx: int) -> None:
+        self._round, self._calls = round_idx, 0
+
+    def _stream(self, what: str) -> torch.Generator:
+        self._calls += 1
+        return torch_stream(self._seed, "server", what, self._round, self._calls)
+
+    def _inputs(self, g: torch.Generator) -> torch.Tensor:
+        return self._pipeline.train(self._images, g) if self._augment else self._fixed
+
+    def fisher(self, weights: torch.Tensor) -> torch.Tensor:
+        from fisherguard.fisher import diagonal_fisher
+
+        g = self._stream("fisher")
+        return diagonal_fisher(self._model, weights, self._inputs(g), self._labels,
+                               generator=g, **self._fisher_options)
+
+    def train(self, weights: torch.Tensor, epochs: int) -> torch.Tensor:
+        g = self._stream("train")
+        data = ClientDataset(labels=self._labels, pipeline=self._pipeline,
+                             images=self._images if self._augment else None,
+                             frozen=None if self._augment else self._fixed)
+        plan = TrainPlan(epochs=epochs, batch_size=self._plan.batch_size, lr=self._plan.lr,
+                         momentum=self._plan.momentum, weight_decay=self._plan.weight_decay)
+        trainer = SequentialTrainer(self._factory)
+        return trainer.train_one(ClientJob(-1, weights, data, g), plan).weights
+
+    @torch.no_grad()
+    def loss_and_entropy(self, weights: torch.Tensor) -> tuple[float, float]:
+        model = load_flat(self._model, weights).eval()
+        x = self._fixed if self._fixed is not None else self._pipeline.test(self._images)
+        logits = model(x)
+        loss = float(F.cross_entropy(logits, self._labels))
+        logp = logits.log_softmax(1)
+        entropy = float(-(logp.exp() * logp).sum(1).mean())
+        return loss, entropy

@@ -1,0 +1,297 @@
+"""The in-process simulator: per round, clients train, a defense aggregates, the metrics layer scores.
+
+Data flows one way (architecture.md §1); only this module and ``metrics`` hold the attacker ids,
+and the defense never receives them (the labelled ``fdcr-oracle`` ablation excepted).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+import numpy as np
+import torch
+from torch import nn
+
+from fisherguard import metrics
+from fisherguard.attacks.badnets import poison_draw, trigger_mask
+from fisherguard.clients.training import (ClientDataset, ClientJob, LocalTrainer, SequentialTrainer,
+                                          TrainPlan)
+from fisherguard.config import _defense_options
+from fisherguard.data.datasets import load_raw
+from fisherguard.data.partition import attacker_ids, dirichlet, train_validation_split
+from fisherguard.data.transforms import Pipeline, resize_to_32
+from fisherguard.defenses import registry
+from fisherguard.defenses.base import Defense, PlanInput, RoundInput
+from fisherguard.engine.server_data import ValidationSet
+from fisherguard.models import build_model, flatten
+from fisherguard.results import RunDir
+from fisherguard.seeding import derive_seed, numpy_stream, torch_stream
+
+log = logging.getLogger("fisherguard")
+
+ORACLE_LABEL = "FDCR-oracle (uses ground truth; not a defense)"
+
+
+@dataclass
+class Federation:
+    """Everything a run needs that does not change between rounds."""
+
+    cfg: dict[str, Any]
+    pipeline: Pipeline
+    clients: list[ClientDataset]
+    attackers: list[int]
+    test_x: torch.Tensor  # uint8 (N, C, 32, 32)
+    test_y: np.ndarray
+    trigger: torch.Tensor
+    server_images: torch.Tensor
+    server_labels: torch.Tensor
+    partition_info: dict[str, Any] = field(default_factory=dict)
+
+    def model_factory(self) -> nn.Module:
+        return build_model("simplecnn", self.cfg["data"]["channels"])
+
+
+def prepare(cfg: dict[str, Any]) -> Federation:
+    """Load data, split, partition, choose attackers and poison their data (protocol §1–§5)."""
+    d, exp = cfg["data"], cfg["experiment"]
+    seed = exp["seed"]
+    if d["dataset"] == "synthetic":
+        raw = load_raw("synthetic", n_train=d["synthetic_train"], n_test=d["synthetic_test"])
+    else:
+        raw = load_raw(d["dataset"], root=d["data_dir"])
+    if d["channels"] == 1 and not raw.grey:
+        raise ValueError("data.channels: 1 is only allowed for grey datasets "
+                         "(mnist, fashion-mnist, usps, synthetic)")
+    pipeline = Pipeline(grey=raw.grey, out_channels=d["channels"])
+    train_x = resize_to_32(raw.train_x)
+    test_x = resize_to_32(raw.test_x)
+    test_y = np.asarray(raw.test_y, dtype=np.int64)
+    if d["test_subset"]:
+        test_x, test_y = test_x[:d["test_subset"]], test_y[:d["test_subset"]]
+    train_y = np.asarray(raw.train_y, dtype=np.int64)
+
+    split = train_validation_split(len(train_y), val_size=cfg["server"]["val_size"],
+                                   rng=numpy_stream(seed, "server-set"))
+    pool = split.client_pool[:d["train_subset"]] if d["train_subset"] else split.client_pool
+    fed = cfg["federation"]
+    part = dirichlet(train_y[pool], fed["clients"], cfg["partition"]["beta"],
+                     numpy_stream(seed, "partition"), min_size=cfg["partition"]["min_size"])
+    att = cfg["attack"]
+    frac = att["fraction"] if att["name"] != "none" else 0.0
+    attackers = attacker_ids(fed["clients"], frac, mode=att["attackers"],
+                             rng=numpy_stream(seed, "attackers"))
+    trig = trigger_mask(d["channels"], exp["family"])
+
+    clients = []
+    for k, local in enumerate(part.client_indices):
+        ix = torch.from_numpy(pool[local])
+        images = train_x[ix]
+        labels = torch.from_numpy(train_y[pool[local]])
+        if k not in attackers:
+            clients.append(ClientDataset(labels=labels, pipeline=pipeline, images=images))
+            continue
+        poisoned = torch.from_numpy(poison_draw(len(ix), numpy_stream(seed, "poison", k),
+                                                att["poison_prob"]))
+        labels = torch.where(poisoned, torch.full_like(labels, att["target"]), labels)
+        cd = ClientDataset(labels=labels, pipeline=pipeline, images=images, poisoned=poisoned,
+                           trigger=trig)
+        if att["augmentation"] == "frozen":
+            # the release transforms each attacker sample once and trains on it all run (§5.5)
+            idx = torch.arange(len(ix))
+            frozen = cd.batch(idx, torch_stream(seed, "attacker-augmentation", k))[0]
+            cd = ClientDataset(labels=labels, pipeline=pipeline, frozen=frozen.contiguous())
+        clients.append(cd)
+    sizes = part.sizes
+    small = [k for k, n in enumerate(sizes) if n < fed["batch_size"]]
+    if small:
+        log.warning("clients %s hold fewer than %d samples and get no training step", small,
+                    fed["batch_size"])
+    info = {"sizes": sizes, "attempts": part.attempts,
+            "class_counts": part.class_counts(train_y[pool]).tolist(), "attackers": attackers,
+            "server_set_size": int(len(split.server_set)), "client_pool": int(len(pool))}
+    u = torch.from_numpy(split.server_set)
+    return Federation(cfg=cfg, pipeline=pipeline, clients=clients, attackers=attackers,
+                      test_x=test_x, test_y=test_y, trigger=trig, server_images=train_x[u],
+                      server_labels=torch.from_numpy(train_y[split.server_set]),
+                      partition_info=info)
+
+
+def initial_weights(fed: Federation) -> torch.Tensor:
+    """One PyTorch default initialisation from the run seed (protocol §4)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(derive_seed(fed.cfg["experiment"]["seed"], "model-init"))
+        return flatten(fed.model_factory()).clone()
+
+
+class Progress:
+    """One line per round on a terminal (rewritten in place), plain lines otherwise."""
+
+    def __init__(self, total: int, label: str, stream: TextIO | None = sys.stderr) -> None:
+        self.total, self.label, self.stream = total, label, stream
+        self.tty = bool(stream and stream.isatty())
+
+    def update(self, done: int, text: str) -> None:
+        if self.stream is None:
+            return
+        width = 20
+        bar = "#" * (width * done // self.total) + "." * (width - width * done // self.total)
+        line = f"[{self.label}] [{bar}] round {done}/{self.total}  {text}"
+        self.stream.write(("\r" + line) if self.tty else line + "\n")
+        if self.tty and done == self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def build_defense(cfg: dict[str, Any]) -> Defense:
+    return registry.build(cfg["defense"]["name"], _defense_options(cfg))
+
+
+def run(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False, label: str | None = None,
+        trainer: LocalTrainer | None = None, progress: TextIO | None = sys.stderr,
+        stop_after: int | None = None) -> dict[str, Any]:
+    """Run one experiment into ``out_dir``; return its summary. ``stop_after`` ends early (tests)."""
+    label = label or cfg["experiment"]["name"]
+    if cfg["runtime"]["threads"]:
+        torch.set_num_threads(cfg["runtime"]["threads"])
+    run_dir = RunDir(out_dir)
+    done = run_dir.start(cfg, resume=resume)
+    fed = prepare(cfg)
+    defense = build_defense(cfg)
+    seed = cfg["experiment"]["seed"]
+    fcfg = cfg["federation"]
+    plan = TrainPlan(epochs=fcfg["local_epochs"], batch_size=fcfg["batch_size"], lr=fcfg["lr"],
+                     momentum=fcfg["momentum"], weight_decay=fcfg["weight_decay"])
+    trainer = trainer or SequentialTrainer(fed.model_factory)
+    fisher_model = fed.model_factory()
+    eval_model = fed.model_factory()
+    fisher_opts = defense.fisher_options()
+    server = None
+    if defense.needs_server_data:
+        server = ValidationSet(fed.model_factory, fed.server_images, fed.server_labels, fed.pipeline,
+                               transform=cfg["server"]["transform"], plan=plan,
+                               fisher_options=fisher_opts, seed=seed)
+    oracle = bool(defense.needs_attacker_ids)
+    if oracle:
+        warnings.warn(f"{ORACLE_LABEL}: the engine hands the true attacker ids to the defense",
+                      UserWarning, stacklevel=2)
+        defense.receive_attacker_ids(list(fed.attackers))  # type: ignore[attr-defined]
+
+    ck = run_dir.load_checkpoint() if done else None
+    if ck is not None:
+        weights = ck["weights"]
+        defense.load_state_dict(ck["defense_state"])
+    else:
+        weights = initial_weights(fed)
+        (run_dir.path / "partition.json").write_text(__import__("json").dumps(fed.partition_info))
+    ids = list(range(fcfg["clients"]))
+    total = fcfg["rounds"]
+    bar = Progress(total, label, progress)
+
+    def client_fisher(cid: int, w: torch.Tensor, t: int) -> torch.Tensor:
+        x, y = fed.clients[cid].fisher_data()
+        from fisherguard.fisher import diagonal_fisher
+
+        return diagonal_fisher(fisher_model, w, x, y, generator=torch_stream(seed, "fisher", cid, t),
+                               **fisher_opts)
+
+    for t in range(done, total):
+        if stop_after is not None and t >= stop_after:
+            break
+        t0 = time.perf_counter()
+        if server is not None:
+            server.begin_round(t)
+        plans = {}
+        if defense.client_regulariser:
+            plans = defense.plan_clients(PlanInput(
+                round_idx=t, global_weights=weights, client_ids=ids,
+                client_fisher=lambda cid, w, _t=t: client_fisher(cid, w, -1 - _t),
+                server_data=server))
+        jobs = []
+        for k in ids:
+            p = plans.get(k)
+            start = p.start_weights if p is not None and p.start_weights is not None else weights
+            jobs.append(ClientJob(k, start, fed.clients[k], torch_stream(seed, "client", k, t),
+                                  p.regulariser if p is not None else None))
+        results = trainer.train_round(jobs, plan)
+        updates = torch.stack([r.weights - weights for r in results])
+        fisher = None
+        if defense.needs_fisher:
+            fisher = torch.stack([client_fisher(r.client_id, r.weights, t) for r in results])
+        counts = torch.tensor([len(fed.clients[k]) for k in ids], dtype=torch.float64)
+        ri = RoundInput(global_weights=weights, updates=updates, num_samples=counts, client_ids=ids,
+                        lr=fcfg["lr"], round_idx=t, fisher=fisher, server_data=server,
+                        num_rounds=total)
+        agg = defense.aggregate(ri)
+        weights = agg.new_weights.detach().clone()
+        evaluated = agg.eval_weights if agg.eval_weights is not None else weights
+        m = evaluate(fed, eval_model, evaluated, cfg["eval"]["batch_size"])
+        cw = agg.client_weights.tolist()
+        det = metrics.detection(agg.flagged.tolist(), ids, fed.attackers)
+        det["attacker_share"] = metrics.attacker_weight_share(cw, ids, fed.attackers)
+        record = {"round": t + 1, "metrics": m, "detection": det,
+                  "clients": {"ids": ids, "weights": cw, "flagged": agg.flagged.tolist(),
+                              "reasons": agg.reasons, "num_samples": counts.tolist(),
+                              "train": [r.stats for r in results]},
+                  "diagnostics": agg.diagnostics, "status": agg.status,
+                  "wall_time_s": time.perf_counter() - t0}
+        if oracle:
+            record["label"] = ORACLE_LABEL
+        run_dir.append_round(record)
+        run_dir.save_checkpoint({"rounds_done": t + 1, "weights": weights,
+                                 "defense_state": defense.state_dict()})
+        bar.update(t + 1, f"A={m['A']:.2f} ASR={m['ASR']:.2f} ({record['wall_time_s']:.1f}s)")
+    rounds = run_dir.rounds()
+    summary = {"label": label, "defense": cfg["defense"]["name"], **metrics.summarize(rounds),
+               "dataset": cfg["data"]["dataset"], "seed": seed,
+               "preset": cfg["experiment"]["preset"], "family": cfg["experiment"]["family"],
+               "beta": cfg["partition"]["beta"], "attack_fraction": cfg["attack"]["fraction"]
+               if cfg["attack"]["name"] != "none" else 0.0,
+               "complete": len(rounds) == total}
+    if oracle:
+        summary["defense"] = ORACLE_LABEL
+    run_dir.write_summary(summary)
+    return summary
+
+
+def evaluate(fed: Federation, model: nn.Module, weights: torch.Tensor, batch_size: int) -> dict[str, Any]:
+    """Clean accuracy and backdoor metrics of a global model (protocol §7)."""
+    from fisherguard.models import load_flat
+
+    load_flat(model, weights)
+    target = fed.cfg["attack"]["target"]
+    clean = metrics.predict(model, fed.test_x, batch_size, fed.pipeline.test)
+    trig = metrics.predict(model, fed.test_x, batch_size, fed.pipeline.test, trigger=fed.trigger)
+    return metrics.backdoor_metrics(clean, fed.test_y, trig, target)
+
+
+def slug(label: str) -> str:
+    out = "".join(c.lower() if c.isalnum() else "-" for c in label)
+    while "--" in out:
+        out = out.replace("--", "-")
+    return out.strip("-") or "run"
+
+
+def run_all(variants: list[Any], out_root: str | Path, *, resume: bool = False,
+            progress: TextIO | None = sys.stderr,
+            on_summary: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Run each labelled variant into its own sub-directory; summaries in ``out_root/summary.csv``."""
+    from fisherguard.results import write_csv
+
+    out_root = Path(out_root)
+    summaries = []
+    for v in variants:
+        sub = out_root / slug(v.label) if len(variants) > 1 else out_root
+        s = run(v.config, sub, resume=resume, label=v.label, progress=progress)
+        summaries.append(s)
+        if on_summary:
+            on_summary(s)
+    if len(variants) > 1:
+        out_root.mkdir(parents=True, exist_ok=True)
+        write_csv(out_root / "summary.csv", summaries)
+    return summaries

@@ -1,0 +1,94 @@
+"""The papers' metrics and the project's diagnostics (protocol §7). The only room that knows who attacked."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fisherguard.attacks.badnets import stamp
+
+LAST = 5  # tables average the models of the last five rounds (both papers)
+
+
+def backdoor_metrics(pred_clean: np.ndarray, labels: np.ndarray, pred_triggered: np.ndarray,
+                     target: int = 2, num_classes: int = 10) -> dict[str, float | bool]:
+    """A, ASR_all, R = 100 − ASR_all, standard ASR, V = (A+R)/2, histogram stats, collapse (§7.3–7.4)."""
+    pred_clean, labels, pred_triggered = map(np.asarray, (pred_clean, labels, pred_triggered))
+    if not (len(pred_clean) == len(labels) == len(pred_triggered)) or len(labels) == 0:
+        raise ValueError("predictions and labels must be non-empty and of equal length")
+    acc = 100.0 * float(np.mean(pred_clean == labels))
+    asr_all = 100.0 * float(np.mean(pred_triggered == target))
+    not_target = labels != target
+    asr = 100.0 * float(np.mean(pred_triggered[not_target] == target)) if not_target.any() else float("nan")
+    q = np.bincount(pred_clean, minlength=num_classes) / len(pred_clean)
+    nz = q[q > 0]
+    entropy = float(-(nz * np.log(nz)).sum() / math.log(num_classes))
+    r = 100.0 - asr_all
+    return {"A": acc, "R": r, "ASR": asr, "ASR_all": asr_all, "V": (acc + r) / 2,
+            "q_max": float(q.max()), "entropy": entropy,
+            "collapsed": bool(acc < 2 * 100.0 / num_classes or q.max() >= 0.5)}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000,
+            transform: Any = None, trigger: torch.Tensor | None = None) -> np.ndarray:
+    """Arg-max predictions in eval mode; ``transform`` maps stored uint8 batches to model input."""
+    model.eval()
+    out = []
+    for s in range(0, x.shape[0], batch_size):
+        xb = x[s:s + batch_size]
+        if transform is not None:
+            xb = transform(xb)
+        if trigger is not None:
+            xb = stamp(xb, trigger)
+        out.append(model(xb).argmax(1))
+    return torch.cat(out).numpy()
+
+
+def detection(flagged: Sequence[bool], client_ids: Sequence[int], attackers: Sequence[int]) -> dict[str, float | None]:
+    """TPR and FPR of flagged (weight exactly 0) clients against the true attacker set (§7.6)."""
+    att = set(attackers)
+    is_att = [c in att for c in client_ids]
+    n_att = sum(is_att)
+    n_ben = len(client_ids) - n_att
+    tp = sum(1 for f, a in zip(flagged, is_att) if f and a)
+    fp = sum(1 for f, a in zip(flagged, is_att) if f and not a)
+    return {"TPR": 100.0 * tp / n_att if n_att else None,
+            "FPR": 100.0 * fp / n_ben if n_ben else None,
+            "removed": int(sum(bool(f) for f in flagged))}
+
+
+def attacker_weight_share(weights: Sequence[float], client_ids: Sequence[int], attackers: Sequence[int]) -> float | None:
+    att = set(attackers)
+    total = float(sum(weights))
+    if not att or total <= 0:
+        return None
+    return 100.0 * sum(w for w, c in zip(weights, client_ids) if c in att) / total
+
+
+def _mean(xs: list[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(np.mean(vals)) if vals else None
+
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Run summary: last-5 means, run collapse (≥3 of the last 5), detection over all and last 5."""
+    if not rounds:
+        raise ValueError("no finished rounds to summarise")
+    last = rounds[-LAST:]
+    out: dict[str, Any] = {"rounds": len(rounds)}
+    for m in ("A", "R", "ASR", "V", "ASR_all", "q_max", "entropy"):
+        out[m] = _mean([r["metrics"][m] for r in last])
+    out["collapsed"] = sum(bool(r["metrics"]["collapsed"]) for r in last) >= 3 if len(last) >= 3 else \
+        all(r["metrics"]["collapsed"] for r in last)
+    for m in ("TPR", "FPR"):
+        out[m] = _mean([r["detection"][m] for r in rounds])
+        out[f"{m}_last5"] = _mean([r["detection"][m] for r in last])
+    out["attacker_share"] = _mean([r["detection"].get("attacker_share") for r in rounds])
+    out["removed_per_round"] = _mean([float(r["detection"]["removed"]) for r in rounds])
+    out["wall_time_s"] = float(sum(r.get("wall_time_s", 0.0) for r in rounds))
+    return out

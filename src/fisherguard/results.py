@@ -1,0 +1,151 @@
+"""Run directories: resolved config, one JSON line per round, checkpoint for resume, summary tables.
+
+Reports read run directories only, so they do not care which engine produced them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fisherguard import config as config_mod
+
+
+class ResumeError(RuntimeError):
+    """A run directory cannot be resumed (different config, damaged checkpoint)."""
+
+
+class RunDir:
+    CONFIG, ROUNDS, CHECKPOINT, SUMMARY_CSV, SUMMARY_JSON = (
+        "config.yaml", "rounds.jsonl", "checkpoint.pt", "summary.csv", "summary.json")
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def start(self, cfg: dict[str, Any], *, resume: bool) -> int:
+        """Prepare the directory; return the number of finished rounds to skip (0 unless resuming)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        cfg_text = config_mod.dump(cfg)
+        cfg_file = self.path / self.CONFIG
+        if resume and cfg_file.exists():
+            if cfg_file.read_text() != cfg_text:
+                raise ResumeError(f"{cfg_file} holds a different config; resume needs the same "
+                                  "config and overrides (or choose another --out)")
+            ck = self.load_checkpoint()
+            done = 0 if ck is None else int(ck["rounds_done"])
+            self._truncate_rounds(done)
+            return done
+        if not resume and (self.path / self.ROUNDS).exists():
+            raise ResumeError(f"{self.path} already holds a run; pass --resume to continue it or "
+                              "choose another --out")
+        _atomic_write(cfg_file, cfg_text.encode())
+        (self.path / self.ROUNDS).write_text("")
+        return 0
+
+    def _truncate_rounds(self, done: int) -> None:
+        # A round logged after the last checkpoint (killed in between) is redone, so drop it.
+        kept = [r for r in self.rounds() if r["round"] <= done]
+        _atomic_write(self.path / self.ROUNDS, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+    def append_round(self, record: dict[str, Any]) -> None:
+        with open(self.path / self.ROUNDS, "a") as f:
+            f.write(json.dumps(_jsonable(record)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def rounds(self) -> list[dict[str, Any]]:
+        p = self.path / self.ROUNDS
+        if not p.exists():
+            return []
+        out = []
+        for line in p.read_text().splitlines():
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a line cut short by a kill; the checkpoint decides what is redone
+        return out
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        _atomic_write(self.path / self.CHECKPOINT, buf.getvalue())
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        p = self.path / self.CHECKPOINT
+        if not p.exists():
+            return None
+        try:
+            return torch.load(p, weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
+            raise ResumeError(f"{p} is damaged ({e}); delete the run directory to start over") from None
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        _atomic_write(self.path / self.SUMMARY_JSON, json.dumps(_jsonable(summary), indent=2).encode())
+        write_csv(self.path / self.SUMMARY_CSV, [summary])
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return _jsonable(x.tolist())
+    if hasattr(x, "item") and callable(x.item):
+        return _jsonable(x.item())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+COLUMNS = ("label", "defense", "A", "R", "ASR", "V", "collapsed", "TPR", "FPR", "wall_time_s")
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    cols = list(dict.fromkeys([c for c in COLUMNS if any(c in r for r in rows)]
+                              + [k for r in rows for k in r]))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _jsonable(r.get(k)) for k in cols})
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> str:
+    """A plain-text table of run summaries."""
+    cols = [c for c in columns if any(c in r for r in rows)]
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    head = "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths)))
+    lines = [head, "-" * len(head)]
+    for row in cells:
+        lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
+                               for i, (v, w) in enumerate(zip(row, widths))))
+    return "\n".join(lines)

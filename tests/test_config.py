@@ -1,0 +1,73 @@
+import pytest
+
+from fisherguard import config
+from fisherguard.config import ConfigError
+
+
+def test_defaults_and_presets():
+    cfg = config.resolve({})
+    assert cfg["federation"]["local_epochs"] == 10 and cfg["federation"]["rounds"] == 50
+    assert cfg["server"]["val_size"] == 256 and cfg["server"]["transform"] == "test"
+    code = config.resolve({"experiment": {"preset": "code"}})
+    assert code["server"]["val_size"] is None and code["server"]["transform"] == "train"
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ({"federation": {"epochs": 3}}, "unknown key federation.epochs; allowed in federation: clients"),
+    ({"federaton": {}}, "unknown section 'federaton'"),
+    ({"federation": {"rounds": "ten"}}, "federation.rounds: expected integer"),
+    ({"federation": {"rounds": 0}}, "federation.rounds: must be > 0"),
+    ({"federation": {"lr": True}}, "federation.lr: expected number"),
+    ({"attack": {"fraction": 1.5}}, "attack.fraction: must be in [0, 1)"),
+    ({"data": {"dataset": "imagenet"}}, "data.dataset: 'imagenet' is not allowed; choose one of mnist"),
+    ({"experiment": {"preset": "fast"}}, "choose one of paper, code"),
+    ({"defense": "nodefense"}, "unknown defense 'nodefense'; available:"),
+    ({"defense": {"name": "fedavg", "options": {"bogus": 1}}}, "has no option 'bogus'"),
+    ({"partition": {"beta": float("nan")}}, "partition.beta: must be finite"),
+])
+def test_bad_configs_name_the_key(raw, needle):
+    with pytest.raises(ConfigError) as e:
+        config.resolve(raw)
+    assert needle in str(e.value)
+
+
+def test_overrides_and_variants(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("federation: {rounds: 3}\nvariants:\n  - {label: a, set: {attack.fraction: 0.0}}\n"
+                 "  - {label: b, set: {defense: fedavg, defense.weights: uniform}}\n")
+    vs = config.load(p, ["federation.local_epochs=2"])
+    assert [v.label for v in vs] == ["a", "b"]
+    assert vs[0].config["attack"]["fraction"] == 0.0 and vs[1].config["attack"]["fraction"] == 0.3
+    assert all(v.config["federation"]["local_epochs"] == 2 for v in vs)
+    assert vs[1].config["defense"] == {"name": "fedavg", "options": {"weights": "uniform"}}
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("federation: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(bad)
+    with pytest.raises(ConfigError, match="--set expects"):
+        config.load(_ok(tmp_path), ["rounds"])
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("variants:\n  - {label: a}\n  - {label: a}\n")
+    with pytest.raises(ConfigError, match="unique"):
+        config.load(dup)
+
+
+def _ok(tmp_path):
+    p = tmp_path / "ok.yaml"
+    p.write_text("{}\n")
+    return p
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.glob("*.yaml"))
+    assert files
+    for f in files:
+        assert config.load(f)
