@@ -1,0 +1,44 @@
+"""Datasets: finding, fetching, checking and reading the raw files (spec data.md).
+
+``load_raw(name, root)`` returns uint8 arrays; ``sources.fetch`` / ``sources.verify`` back the
+``fisherguard data`` commands; ``make_synthetic`` is the always-available stand-in.
+"""
+
+from .datasets import CLASS_NAMES, DATASETS, NUM_CLASSES, RawDataset, load_raw
+from .formats import (
+    read_cifar_batch,
+    read_cifar_meta,
+    read_idx,
+    read_usps_libsvm,
+    read_usps_text,
+    write_cifar_batches,
+    write_idx,
+    write_usps_libsvm,
+    write_usps_text,
+)
+from .sources import DatasetCorruptError, DatasetMissingError, data_root, fetch, find_files, verify
+from .synthetic import make_synthetic
+
+__all__ = [
+    "CLASS_NAMES",
+    "DATASETS",
+    "NUM_CLASSES",
+    "RawDataset",
+    "load_raw",
+    "make_synthetic",
+    "DatasetCorruptError",
+    "DatasetMissingError",
+    "data_root",
+    "fetch",
+    "find_files",
+    "verify",
+    "read_idx",
+    "read_usps_text",
+    "read_usps_libsvm",
+    "read_cifar_batch",
+    "read_cifar_meta",
+    "write_idx",
+    "write_usps_text",
+    "write_usps_libsvm",
+    "write_cifar_batches",
+]

@@ -1,0 +1,42 @@
+import pytest
+
+from fisherguard.cli import main
+
+
+def test_defenses_lists_every_registered_defense(capsys):
+    from fisherguard.defenses import registry
+
+    assert main(["defenses"]) == 0
+    out = capsys.readouterr().out
+    for name, cls in registry.available().items():
+        assert name in out and cls.paper in out and cls.summary
+    assert "fedavg" in out
+
+
+def test_bad_config_is_one_clear_line(tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text("federation: {rounds: -1}\n")
+    assert main(["run", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "fisherguard: error: federation.rounds: must be > 0, got -1"
+
+
+def test_run_prints_the_table_and_writes_results(tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text("data: {dataset: synthetic, synthetic_train: 600, synthetic_test: 200}\n"
+                 "federation: {clients: 4, rounds: 2, local_epochs: 1}\nserver: {val_size: 32}\n"
+                 "variants:\n  - {label: clean, set: {attack.fraction: 0.0}}\n"
+                 "  - {label: attacked, set: {attack.fraction: 0.5}}\n")
+    out = tmp_path / "out"
+    assert main(["run", str(p), "--out", str(out), "-q", "--set", "experiment.seed=1"]) == 0
+    text = capsys.readouterr().out
+    assert "label" in text and "clean" in text and "attacked" in text and "ASR" in text
+    assert (out / "clean" / "rounds.jsonl").exists() and (out / "summary.csv").exists()
+
+
+def test_missing_dataset_names_the_fetch_command(tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text(f"data: {{dataset: mnist, data_dir: '{tmp_path / 'empty'}'}}\n")
+    assert main(["run", str(p), "--out", str(tmp_path / 'o')]) == 2
+    err = capsys.readouterr().err
+    assert "fisherguard data fetch mnist" in err and "Traceback" not in err
