@@ -1,0 +1,56 @@
+"""Server-side fine-tuning of the FedAvg model on clean data (baselines.md §3.15)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fisherguard.defenses._robust import check_choice, valid_rows
+from fisherguard.defenses.base import (Aggregate, Defense, RoundInput, check_range, finish,
+                                       reject_all, validate_uploads)
+
+
+class Finetuning(Defense):
+    """w^{t+1} = E_ft epochs of the clients' SGD on U from FedAvg(w_k) (no method paper; both
+    papers cite Quinn et al. 2019 for it, baselines.md §3.15)."""
+
+    name = "finetuning"
+    paper = "no method paper (FDCR/SDFC cite Quinn et al., Dive into Deep Learning, 2019)"
+    summary = "FedAvg, then a few epochs of SGD on the server's clean data"
+    needs_server_data = True
+
+    def __init__(self, *, epochs: int = 20, weights: str = "samples") -> None:
+        check_range("epochs", epochs, low=0, integer=True)
+        check_choice("weights", weights, ("samples", "uniform"))
+        self.epochs, self.weights = int(epochs), weights
+        self._hparams = {"epochs": epochs, "weights": weights}
+
+    def aggregate(self, round_input: RoundInput) -> Aggregate:
+        ri = round_input
+        reasons = validate_uploads(ri)
+        rows = valid_rows(ri, reasons)
+        if rows.n == 0:
+            return reject_all(ri, reasons)
+        alpha = rows.counts if self.weights == "samples" else torch.ones(rows.n,
+                                                                          dtype=torch.float64)
+        alpha = alpha / alpha.sum()
+        w = ri.global_weights
+        averaged = (w.to(torch.float64) + (alpha[:, None] * rows.deltas).sum(0)).to(w.dtype)
+        diag: dict[str, Any] = {"epochs": self.epochs}
+        status = "ok"
+        new = averaged
+        if self.epochs > 0:
+            if ri.server_data is None:
+                raise ValueError("Finetuning needs the server's clean data "
+                                 "(RoundInput.server_data)")
+            tuned = ri.server_data.train(averaged.clone(), self.epochs)
+            if tuned.shape == averaged.shape and bool(torch.isfinite(tuned).all()):
+                new = tuned.to(w.dtype)
+                diag["finetune_shift"] = float((tuned.to(torch.float64)
+                                                - averaged.to(torch.float64)).norm())
+            else:
+                status = "finetune_failed"  # keep the FedAvg model rather than a broken one
+        out = finish(ri, rows.scatter(alpha, ri.num_clients), new, reasons, diagnostics=diag)
+        out.status = status
+        return out

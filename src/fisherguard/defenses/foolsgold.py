@@ -1,0 +1,155 @@
+"""FoolsGold, Fung, Yoon, Beschastnikh, arXiv 1808.04866 / RAID 2020 (baselines.md §3.4)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fisherguard.defenses._robust import (PRESETS, check_choice, check_finite, check_seed,
+                                          load_keys, make_generator, valid_rows)
+from fisherguard.defenses.base import (Aggregate, Defense, RoundInput, check_range, finish,
+                                       reject_all, validate_uploads)
+
+Tensor = torch.Tensor
+
+
+def foolsgold_weights(history: Tensor, kappa: float, eps: float) -> tuple[Tensor, Tensor]:
+    """Per-row FoolsGold weight a_i ∈ [0, 1] and max similarity v_i (Fung et al., Alg. 1).
+
+    As in the original code the diagonal of the cosine matrix is set to 0 rather than removed,
+    so v_i = max(0, max_{j≠i} cs_ij): with a negative v_i the pardoning ratio v_i/v_j would flip
+    the sign of a negative similarity.
+    """
+    n = history.shape[0]
+    norms = history.norm(dim=1, keepdim=True)
+    unit = torch.where(norms > 0, history / norms.clamp_min(1e-300), torch.zeros_like(history))
+    cs = unit @ unit.T
+    cs.fill_diagonal_(0.0)
+    v = cs.max(dim=1).values + eps
+    # Pardoning: an honest client similar to a sybil is scaled down by v_i / v_j.
+    ratio = v[:, None] / v[None, :]
+    pardon = (v[:, None] < v[None, :]) & ~torch.eye(n, dtype=torch.bool)
+    cs = torch.where(pardon, cs * ratio, cs)
+    a = (1.0 - cs.max(dim=1).values).clamp(0.0, 1.0)
+    # Identical histories give cos = 1 only up to rounding; without this guard a ≈ 1e-16 would
+    # be rescaled to the maximum weight below when every client is a sybil.
+    a = torch.where(a < 1e-12, torch.zeros_like(a), a)
+    top = float(a.max()) if n else 0.0
+    if top <= 0.0:
+        return torch.zeros(n, dtype=torch.float64), v - eps
+    a = a / top
+    a = torch.where(a == 1.0, torch.full_like(a, 0.99), a)
+    a = kappa * (torch.log(a / (1.0 - a) + eps) + 0.5)
+    a = torch.where(torch.isinf(a) | (a > 1.0), torch.ones_like(a), a)
+    a = torch.where(torch.isnan(a) | (a < 0.0), torch.zeros_like(a), a)
+    return a, v - eps
+
+
+class FoolsGold(Defense):
+    """Down-weight clients whose accumulated updates are mutually similar (sybils), using
+    cosine similarity of per-client update histories (Fung et al. 2018, Alg. 1)."""
+
+    name = "foolsgold"
+    paper = "Fung, Yoon, Beschastnikh, arXiv 1808.04866 (RAID 2020)"
+    summary = "down-weights clients whose update histories are too similar (sybil detection)"
+
+    def __init__(self, *, kappa: float = 1.0, epsilon: float = 1e-5,
+                 clip_norm: float | None = 1.0, preset: str = "paper", seed: int = 0) -> None:
+        check_range("kappa", kappa, low=0.0, low_open=True)
+        check_range("epsilon", epsilon, low=0.0)
+        check_range("clip_norm", clip_norm, low=0.0, low_open=True, allow_none=True)
+        check_finite("kappa", kappa)
+        check_finite("epsilon", epsilon)
+        check_choice("preset", preset, PRESETS)
+        check_seed(seed)
+        self.kappa, self.epsilon = float(kappa), float(epsilon)
+        self.clip_norm = None if clip_norm is None else float(clip_norm)
+        self.preset = preset
+        self.seed = int(seed)
+        # paper: history keyed by client id. code: MarsFL's positional rows (defect C4).
+        self._history: dict[int, Tensor] = {}
+        self._positional: Tensor | None = None
+        self._gen = make_generator(seed)
+        self._hparams = {"kappa": kappa, "epsilon": epsilon, "clip_norm": clip_norm,
+                         "preset": preset, "seed": seed}
+
+    def aggregate(self, round_input: RoundInput) -> Aggregate:
+        ri = round_input
+        reasons = validate_uploads(ri)
+        rows = valid_rows(ri, reasons)
+        if rows.n == 0:
+            return reject_all(ri, reasons)
+        if self.preset == "code":
+            return self._aggregate_code(ri, rows, reasons)
+
+        deltas = rows.deltas
+        if self.clip_norm is not None:
+            norms = deltas.norm(dim=1, keepdim=True)
+            deltas = deltas * torch.clamp(self.clip_norm / norms.clamp_min(1e-300), max=1.0)
+        hist = []
+        for cid, d in zip(rows.ids, deltas):
+            prev = self._history.get(cid)
+            if prev is not None and prev.shape != d.shape:
+                raise ValueError(f"FoolsGold history of client {cid} has {prev.numel()} "
+                                 f"parameters, the round has {d.numel()}")
+            self._history[cid] = d.clone() if prev is None else prev + d
+            hist.append(self._history[cid])
+        a, v = foolsgold_weights(torch.stack(hist), self.kappa, self.epsilon)
+        return self._finish(ri, rows, reasons, a, v, deltas, normalise=True)
+
+    def _aggregate_code(self, ri: RoundInput, rows: Any, reasons: list[str | None]) -> Aggregate:
+        """MarsFL: unit-normalised deltas, positional history in a seeded shuffled order, the
+        similarity on the first K coordinates only, and an unnormalised weighted sum."""
+        n, p = rows.n, ri.num_params
+        perm = torch.randperm(n, generator=self._gen)
+        unit = rows.deltas / (rows.deltas.norm(dim=1, keepdim=True) + 1e-5)
+        shuffled = unit[perm]
+        if self._positional is None or self._positional.shape[1] != p:
+            self._positional = torch.zeros(0, p, dtype=torch.float64)
+        if self._positional.shape[0] < n:
+            pad = torch.zeros(n - self._positional.shape[0], p, dtype=torch.float64)
+            self._positional = torch.cat([self._positional, pad])
+        self._positional[:n] += shuffled
+        features = self._positional[:n, :min(ri.num_clients, p)]
+        a_pos, v_pos = foolsgold_weights(features, self.kappa, self.epsilon)
+        a = torch.empty(n, dtype=torch.float64)
+        v = torch.empty(n, dtype=torch.float64)
+        a[perm], v[perm] = a_pos, v_pos
+        return self._finish(ri, rows, reasons, a, v, unit, normalise=False)
+
+    def _finish(self, ri: RoundInput, rows: Any, reasons: list[str | None], a: Tensor, v: Tensor,
+                deltas: Tensor, normalise: bool) -> Aggregate:
+        k = ri.num_clients
+        diag: dict[str, Any] = {"foolsgold_weights": rows.per_client(a, k),
+                                "max_similarity": rows.per_client(v, k), "preset": self.preset}
+        total = float(a.sum())
+        if total <= 0.0:
+            # Every client looks like a sybil: leave the model unchanged and flag the round.
+            out = finish(ri, torch.zeros(k, dtype=torch.float64), ri.global_weights.clone(),
+                         [r if r is not None else "sybil_similarity" for r in reasons],
+                         diagnostics=diag)
+            out.status = "all_weights_zero"
+            return out
+        weights = rows.scatter(a / total, k)
+        reasons = [r if (r is not None or weights[p] > 0) else "sybil_similarity"
+                   for p, r in enumerate(reasons)]
+        step = (a[:, None] * deltas).sum(0)
+        if normalise:
+            step = step / total
+        return finish(ri, weights, ri.global_weights.to(torch.float64) + step, reasons,
+                      diagnostics=diag)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": {cid: h.clone() for cid, h in self._history.items()},
+                "positional": None if self._positional is None else self._positional.clone(),
+                "generator": self._gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_keys(state, ["history", "positional", "generator"], "FoolsGold")
+        self._history = {int(c): torch.as_tensor(h, dtype=torch.float64).clone()
+                         for c, h in state.get("history", {}).items()}
+        pos = state.get("positional")
+        self._positional = None if pos is None else torch.as_tensor(pos, dtype=torch.float64)
+        if state.get("generator") is not None:
+            self._gen.set_state(state["generator"])

@@ -1,0 +1,40 @@
+"""Coordinate-wise median, Yin, Chen, Ramchandran, Bartlett, ICML 2018 (baselines.md §3.8)."""
+
+from __future__ import annotations
+
+import torch
+
+from fisherguard.defenses._robust import coordinate_median, share_to_weights, valid_rows
+from fisherguard.defenses.base import (Aggregate, Defense, RoundInput, finish, reject_all,
+                                       validate_uploads)
+
+
+class Median(Defense):
+    """w ← w + median_k Δ_k per coordinate, unweighted; for even K the mean of the two middle
+    values (Yin et al. 2018, Def. 1).
+
+    ``client_weights`` is each client's mean share of the output coordinates (1 where its value
+    is the median, 1/2 where it is one of the two middle values), so it sums to 1 and is 0 only
+    for a client that is never at the centre of any coordinate.
+    """
+
+    name = "median"
+    paper = "Yin, Chen, Ramchandran, Bartlett, ICML 2018"
+    summary = "coordinate-wise median of the updates (unweighted)"
+
+    def __init__(self) -> None:
+        self._hparams = {}
+
+    def aggregate(self, round_input: RoundInput) -> Aggregate:
+        ri = round_input
+        reasons = validate_uploads(ri)
+        rows = valid_rows(ri, reasons)
+        if rows.n == 0:
+            return reject_all(ri, reasons)
+        med, share = coordinate_median(rows.deltas)
+        weights = rows.scatter(share_to_weights(share), ri.num_clients)
+        reasons = [r if (r is not None or weights[p] > 0) else "trimmed"
+                   for p, r in enumerate(reasons)]
+        return finish(ri, weights, ri.global_weights.to(torch.float64) + med, reasons,
+                      diagnostics={"contribution": rows.per_client(share_to_weights(share),
+                                                                   ri.num_clients)})

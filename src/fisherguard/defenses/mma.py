@@ -1,0 +1,93 @@
+"""Multi-Metrics aggregation (MMA), Huang, Li, Chen, Shi, Gao, ICCV 2023 (baselines.md §3.7)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from fisherguard.defenses._robust import check_choice, stable_order, valid_rows
+from fisherguard.defenses.base import (Aggregate, Defense, RoundInput, check_range, finish,
+                                       reject_all, validate_uploads)
+
+Tensor = torch.Tensor
+
+
+def multi_metric_features(x: Tensor) -> Tensor:
+    """t_i = (Σ_j (1 − cos)², Σ_j ‖x_i − x_j‖₁, Σ_j |‖x_i‖₂ − ‖x_j‖₂|) over j ≠ i, (n, 3).
+
+    The third metric is the norm difference of the official code, not the paper's Euclidean
+    distance (baselines.md §3.7).
+    """
+    n = x.shape[0]
+    norms = x.norm(dim=1)
+    unit = torch.where(norms[:, None] > 0, x / norms[:, None].clamp_min(1e-300),
+                       torch.zeros_like(x))
+    cos_term = ((1.0 - unit @ unit.T) ** 2).fill_diagonal_(0.0).sum(1)
+    l1 = torch.stack([(x[i] - x).abs().sum(1) for i in range(n)]).fill_diagonal_(0.0).sum(1)
+    norm_term = (norms[:, None] - norms[None, :]).abs().sum(1)
+    return torch.stack([cos_term, l1, norm_term], dim=1)
+
+
+def mahalanobis_scores(t: Tensor) -> tuple[Tensor, bool]:
+    """score_i = t_i Σ⁻¹ t_iᵀ with Σ the sample covariance of the (uncentred) t_i; a singular Σ
+    falls back to the pseudo-inverse and is reported (the official code would fail)."""
+    cov = torch.cov(t.T)
+    sv = torch.linalg.svdvals(cov)
+    singular = bool(sv.min() <= sv.max() * cov.shape[0] * torch.finfo(torch.float64).eps) \
+        or not bool(torch.isfinite(cov).all())
+    if singular:
+        inv = torch.linalg.pinv(torch.nan_to_num(cov))
+    else:
+        inv = torch.linalg.inv(cov)
+    return ((t @ inv) * t).sum(1), singular
+
+
+class MMA(Defense):
+    """Score each client by the Mahalanobis-type norm of its summed cosine, Manhattan and
+    norm-difference distances to the others; keep the ⌊p·K⌋ lowest (Huang et al. 2023, §4)."""
+
+    name = "mma"
+    paper = "Huang, Li, Chen, Shi, Gao, ICCV 2023"
+    summary = "keeps the p*K clients with the lowest multi-metric (cosine, L1, norm) score"
+
+    def __init__(self, *, p: float = 0.3, vectors: str = "weights") -> None:
+        check_range("p", p, low=0.0, low_open=True, high=1.0)
+        check_choice("vectors", vectors, ("weights", "deltas"))
+        self.p, self.vectors = float(p), vectors
+        self._hparams = {"p": p, "vectors": vectors}
+
+    def aggregate(self, round_input: RoundInput) -> Aggregate:
+        ri = round_input
+        reasons = validate_uploads(ri)
+        rows = valid_rows(ri, reasons)
+        if rows.n == 0:
+            return reject_all(ri, reasons)
+        k, n = ri.num_clients, rows.n
+        x = rows.deltas
+        if self.vectors == "weights":
+            x = x + ri.global_weights.to(torch.float64)
+        # The 1e-9 keeps ⌊0.3·10⌋ = 3 against products such as 0.29·100 = 28.999…
+        keep = max(1, min(n, math.floor(self.p * n + 1e-9)))
+        singular = False
+        if n >= 2:
+            t = multi_metric_features(x)
+            scores, singular = mahalanobis_scores(t)
+        else:
+            scores = torch.zeros(n, dtype=torch.float64)
+        chosen = stable_order(scores)[:keep]
+        w = torch.zeros(n, dtype=torch.float64)
+        w[chosen] = rows.counts[chosen]
+        w = w / w.sum()
+        weights = rows.scatter(w, k)
+        reasons = [r if (r is not None or weights[q] > 0) else "high_score"
+                   for q, r in enumerate(reasons)]
+        step = (w[:, None] * rows.deltas).sum(0)
+        diag: dict[str, Any] = {"mma_scores": rows.per_client(scores, k), "keep": keep,
+                                "singular_covariance": singular}
+        out = finish(ri, weights, ri.global_weights.to(torch.float64) + step, reasons,
+                     diagnostics=diag)
+        if singular:
+            out.status = "singular_covariance"
+        return out
