@@ -193,7 +193,7 @@ def run(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False, label
     total = fcfg["rounds"]
     bar = Progress(total, label, progress)
 
-    def client_fisher(cid: int, w: torch.Tensor, t: int) -> torch.Tensor:
+    def client_fisher(cid: int, w: torch.Tensor, t: int | str) -> torch.Tensor:
         x, y = fed.clients[cid].fisher_data()
         from fisherguard.fisher import diagonal_fisher
 
@@ -210,7 +210,7 @@ def run(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False, label
         if defense.client_regulariser:
             plans = defense.plan_clients(PlanInput(
                 round_idx=t, global_weights=weights, client_ids=ids,
-                client_fisher=lambda cid, w, _t=t: client_fisher(cid, w, -1 - _t),
+                client_fisher=lambda cid, w, _t=t: client_fisher(cid, w, f"plan-{_t}"),
                 server_data=server))
         jobs = []
         for k in ids:

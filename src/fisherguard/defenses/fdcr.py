@@ -1,0 +1,519 @@
+"""FDCR (Huang et al., NeurIPS 2024): Fisher-weighted discrepancy clustering and rescaling.
+
+Server steps per algorithms.md §3.1, degenerate cases §3.2, the separation gate §3.4 and the
+released code's ground-truth oracle as a labelled ablation (§4). Equation numbers refer to the
+FDCR paper. Server statistics are float64.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import warnings
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from fisherguard.defenses.base import (Aggregate, Defense, DefenseConfigError, RoundInput,
+                                       check_range, finish, reject_all, valid_mask,
+                                       validate_uploads)
+
+Tensor = torch.Tensor
+
+PRESETS = ("paper", "code")
+DISCREPANCIES = ("mse", "l2", "cosine")
+CLUSTERINGS = ("finch", "kmeans", "dbscan")
+ORACLE_LABEL = "FDCR-oracle (uses ground truth; not a defense)"
+# The released discrepancy is torch's pairwise_distance, whose eps is added to the difference.
+L2_EPS = 1e-6
+# Scores this close count as equal: all-equal V skips clustering (§3.2); tied cluster means unite.
+EQUAL_V_RTOL = 1e-12
+TIE_RTOL = 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's building blocks, on plain float64 tensors
+# ---------------------------------------------------------------------------------------------
+
+def fisher_importance(fisher: Tensor, layer_sizes: Sequence[int] | None = None) -> Tensor:
+    """Importance I_k = (F_k − min F_k)/(max F_k − min F_k) per row of (K, P) or (P,) (FDCR Eq. 6)."""
+    # With layer_sizes each tensor's slice is normalised on its own (importance_scope = layer); a
+    # slice whose Fisher is constant gets I = 0, since it ranks no parameter above another.
+    f = fisher.to(torch.float64)
+    squeeze = f.dim() == 1
+    if squeeze:
+        f = f.unsqueeze(0)
+    if layer_sizes is None:
+        segments = [f]
+    else:
+        if sum(layer_sizes) != f.shape[1]:
+            raise ValueError(f"layer_sizes sum to {sum(layer_sizes)}, the Fisher has {f.shape[1]} entries")
+        segments = list(torch.split(f, list(layer_sizes), dim=1))
+    out = []
+    for seg in segments:
+        lo = seg.min(dim=1, keepdim=True).values
+        span = seg.max(dim=1, keepdim=True).values - lo
+        safe = torch.where(span > 0, span, torch.ones_like(span))
+        out.append(torch.where(span > 0, (seg - lo) / safe, torch.zeros_like(seg)))
+    res = torch.cat(out, dim=1)
+    return res.squeeze(0) if squeeze else res
+
+
+def importance_weighted_gradient(updates: Tensor, importance: Tensor | None, lr: float) -> Tensor:
+    """g̃_k = I_k ⊙ g_k with pseudo-gradient g_k = (w_k − w^t)/η (FDCR Eqs. 7–8); I = None gives g_k."""
+    g = updates.to(torch.float64) / float(lr)
+    return g if importance is None else g * importance.to(torch.float64)
+
+
+def discrepancy(weighted: Tensor, alpha: Tensor, kind: str = "mse", *,
+                l2_eps: float = L2_EPS) -> tuple[Tensor, Tensor]:
+    """(V, ḡ): reference ḡ = Σ_k α_k g̃_k and discrepancy V_k of kind mse|l2|cosine (FDCR Eqs. 9a, 9b)."""
+    # mse is Eq. 9b's (1/P)·Σ_v (ḡ_v − g̃_{k,v})²; l2 the released ‖g̃_k − ḡ + eps‖₂ (torch's
+    # pairwise_distance); cosine the third-party 1 − cos(g̃_k, ḡ)
+    gt = weighted.to(torch.float64)
+    a = alpha.to(torch.float64)
+    ref = (a.unsqueeze(1) * gt).sum(0)
+    diff = gt - ref
+    if kind == "mse":
+        v = diff.square().mean(1)
+    elif kind == "l2":
+        v = (diff + l2_eps).norm(dim=1)
+    elif kind == "cosine":
+        denom = gt.norm(dim=1) * ref.norm()
+        cos = torch.where(denom > 0, (gt @ ref) / torch.where(denom > 0, denom, torch.ones_like(denom)),
+                          torch.zeros_like(denom))
+        v = 1.0 - cos
+    else:
+        raise ValueError(f"discrepancy must be one of {DISCREPANCIES}, got {kind!r}")
+    return v, ref
+
+
+def finch_level0(points: Tensor | Sequence[float]) -> list[int]:
+    """FINCH level 0 on (n,) or (n, d) points: nearest-neighbour links, connected components (FDCR Eq. 10)."""
+    # Euclidean in float64, a tie for the nearest neighbour goes to the lowest index, labels in
+    # order of first appearance. Not finch-clust: it casts to float32, which changes partitions
+    # of scores that differ only in the 7th significant digit.
+    x = torch.as_tensor(points, dtype=torch.float64)
+    if x.dim() == 1:
+        x = x.unsqueeze(1)
+    n = x.shape[0]
+    if n == 0:
+        return []
+    if n == 1:
+        return [0]
+    dist = torch.cdist(x, x) if x.shape[1] > 1 else (x - x.T).abs()
+    dist.fill_diagonal_(math.inf)
+    first = dist.argmin(dim=1).tolist()  # argmin returns the first (lowest) index on ties
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in enumerate(first):
+        ri, rj = root(i), root(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+    labels: dict[int, int] = {}
+    return [labels.setdefault(root(i), len(labels)) for i in range(n)]
+
+
+def separation_silhouette(scores: Tensor | Sequence[float], flagged: Sequence[bool]) -> float:
+    """Mean silhouette of the split {E, S∖E} of the 1-D scores V (gate of §3.4, after FDCR Eq. 10)."""
+    v = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
+    e = torch.as_tensor(list(flagged), dtype=torch.bool)
+    n = v.numel()
+    if e.numel() != n:
+        raise ValueError(f"{e.numel()} flags for {n} scores")
+    d = (v.unsqueeze(0) - v.unsqueeze(1)).abs()
+    total = 0.0
+    for i in range(n):
+        same = e == e[i]
+        same_others = same.clone()
+        same_others[i] = False
+        other = ~same
+        if not bool(same_others.any()) or not bool(other.any()):
+            continue  # a one-member group scores s_i = 0
+        a = float(d[i, same_others].mean())
+        b = float(d[i, other].mean())
+        m = max(a, b)
+        total += 0.0 if m == 0 else (b - a) / m
+    return total / n
+
+
+def fpra_rescale(updates: Tensor, importance: Tensor) -> Tensor:
+    """Rescaled updates 2σ(I_k) ⊙ Δ_k, i.e. ŵ_k = w^t + 2σ(I_k) ⊙ Δ_k (FDCR Eq. 12, code's sign)."""
+    return 2.0 * torch.sigmoid(importance.to(torch.float64)) * updates.to(torch.float64)
+
+
+def fcdc_reweight(alpha: Tensor, removed: Sequence[int]) -> Tensor:
+    """α̂_k = 0 for removed k, α_k / Σ_{j kept} α_j otherwise (FDCR Eq. 11)."""
+    a = alpha.to(torch.float64).clone()
+    if len(removed):
+        a[list(removed)] = 0.0
+    return a / a.sum()
+
+
+def kmeans_partition(scores: Tensor, seed: int) -> list[int]:
+    """2-means on the scores, 10 seeded starts (FDCR Tab. 1 ablation; settings are the project's)."""
+    from sklearn.cluster import KMeans
+
+    x = scores.to(torch.float64).reshape(-1, 1).numpy()
+    return [int(c) for c in KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(x)]
+
+
+def dbscan_partition(scores: Tensor) -> list[int]:
+    """DBSCAN with eps = 1.4826·MAD(V) (floor 1e-12), min_samples 2, noise as singletons (FDCR Tab. 1 ablation)."""
+    from sklearn.cluster import DBSCAN
+
+    v = scores.to(torch.float64).reshape(-1)
+    med = statistics.median(v.tolist())
+    mad = statistics.median((v - med).abs().tolist())
+    eps = max(1.4826 * mad, 1e-12)
+    raw = DBSCAN(eps=eps, min_samples=2).fit_predict(v.reshape(-1, 1).numpy())
+    nxt = int(raw.max()) + 1 if raw.size else 0
+    out = []
+    for c in raw:
+        if c < 0:  # each noise point is its own cluster
+            out.append(nxt)
+            nxt += 1
+        else:
+            out.append(int(c))
+    return out
+
+
+def top_cluster(scores: Tensor, labels: Sequence[int]) -> list[int]:
+    """Positions in the cluster(s) with the largest mean score; tied clusters are united (§3.1 step 8)."""
+    v = scores.to(torch.float64).reshape(-1)
+    means: dict[int, float] = {}
+    for c in sorted(set(labels)):
+        idx = [i for i, lab in enumerate(labels) if lab == c]
+        means[c] = float(v[idx].mean())
+    best = max(means.values())
+    tol = TIE_RTOL * abs(best)
+    top = {c for c, m in means.items() if m >= best - tol}
+    return [i for i, lab in enumerate(labels) if lab in top]
+
+
+# ---------------------------------------------------------------------------------------------
+# The defense
+# ---------------------------------------------------------------------------------------------
+
+def _choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise DefenseConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise DefenseConfigError(f"{name} must be true or false, got {value!r}")
+
+
+class FDCR(Defense):
+    """FDCR: drop the top FINCH cluster of Fisher-weighted discrepancies V_k, rescale by 2σ(I) (FDCR Alg. 1).
+
+    Hyperparameters (keyword-only; ``None`` means "from the preset"):
+    ``preset`` paper|code; ``discrepancy`` mse|l2|cosine (paper mse, code l2); ``clustering``
+    finch|kmeans|dbscan; ``weight_by_importance`` (Eq. 8 uses I_k); ``use_fcdc`` (cluster and
+    drop); ``use_fpra`` (rescale); ``importance_scope`` global|layer with ``layer_sizes``;
+    ``fpra_when_single_cluster`` (paper true, code false); ``min_silhouette`` (gate threshold,
+    None = published rule); ``hardening`` on|off (gate and spikiness check); ``spiky_ratio``
+    (None disables); ``max_drop_fraction`` (None = no cap); ``param_slice`` [start, stop) of the
+    vectors the discrepancy looks at (None = all); ``fisher_estimator`` per_sample|
+    official_label_mixed (paper / code); ``label_source``; ``seed`` (K-Means starts).
+
+    Round scalars in diagnostics: ``gate_fired`` is true when the separation gate cancelled a
+    drop that clustering proposed; ``num_removed`` counts clients removed by clustering
+    (``clustered_out``), ``num_rejected`` those refused by input or spikiness checks.
+    """
+
+    name = "fdcr"
+    paper = "Huang et al., NeurIPS 2024 (FDCR)"
+    summary = ("Fisher-importance-weighted update discrepancy, FINCH level-0 clustering, top "
+               "cluster removed behind a silhouette gate, kept updates rescaled by 2σ(I)")
+    needs_fisher = True
+
+    def __init__(self, *, preset: str = "paper", discrepancy: str | None = None,
+                 clustering: str = "finch", weight_by_importance: bool = True,
+                 use_fcdc: bool = True, use_fpra: bool = True, importance_scope: str = "global",
+                 layer_sizes: list[int] | None = None,
+                 fpra_when_single_cluster: bool | None = None,
+                 min_silhouette: float | None = 0.75, hardening: str = "on",
+                 spiky_ratio: float | None = 100.0, max_drop_fraction: float | None = None,
+                 param_slice: list[int] | None = None,
+                 fisher_estimator: str | None = None, label_source: str = "dataset",
+                 seed: int = 0) -> None:
+        self._hparams = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        _choice("preset", preset, PRESETS)
+        code = preset == "code"
+        discrepancy = discrepancy if discrepancy is not None else ("l2" if code else "mse")
+        _choice("discrepancy", discrepancy, DISCREPANCIES)
+        _choice("clustering", clustering, CLUSTERINGS)
+        for flag, val in (("weight_by_importance", weight_by_importance), ("use_fcdc", use_fcdc),
+                          ("use_fpra", use_fpra)):
+            _flag(flag, val)
+        _choice("importance_scope", importance_scope, ("global", "layer"))
+        if importance_scope == "layer":
+            if (not isinstance(layer_sizes, (list, tuple)) or not layer_sizes
+                    or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
+                               for s in layer_sizes)):
+                raise DefenseConfigError("layer_sizes must be a non-empty list of positive integers "
+                                         f"when importance_scope is 'layer', got {layer_sizes!r}")
+        fpra_when_single_cluster = (fpra_when_single_cluster if fpra_when_single_cluster is not None
+                                    else not code)
+        _flag("fpra_when_single_cluster", fpra_when_single_cluster)
+        check_range("min_silhouette", min_silhouette, low=-1.0, high=1.0, allow_none=True)
+        _choice("hardening", hardening, ("on", "off"))
+        check_range("spiky_ratio", spiky_ratio, low=1.0, allow_none=True)
+        check_range("max_drop_fraction", max_drop_fraction, low=0.0, high=1.0, low_open=True,
+                    allow_none=True)
+        if param_slice is not None:
+            if (not isinstance(param_slice, (list, tuple)) or len(param_slice) != 2
+                    or not all(isinstance(s, int) and not isinstance(s, bool) for s in param_slice)
+                    or not 0 <= param_slice[0] < param_slice[1]):
+                raise DefenseConfigError(f"param_slice must be [start, stop) with 0 <= start < stop, "
+                                         f"got {param_slice!r}")
+        fisher_estimator = (fisher_estimator if fisher_estimator is not None
+                            else ("official_label_mixed" if code else "per_sample"))
+        _choice("fisher_estimator", fisher_estimator, ("per_sample", "official_label_mixed"))
+        _choice("label_source", label_source, ("dataset", "model_sample", "model_expectation"))
+        if fisher_estimator == "official_label_mixed" and label_source != "dataset":
+            raise DefenseConfigError("label_source must be 'dataset' with fisher_estimator "
+                                     f"'official_label_mixed', got {label_source!r}")
+        check_range("seed", seed, low=0, integer=True)
+
+        self.preset = preset
+        self.discrepancy = discrepancy
+        self.clustering = clustering
+        self.weight_by_importance = weight_by_importance
+        self.use_fcdc = use_fcdc
+        self.use_fpra = use_fpra
+        self.importance_scope = importance_scope
+        self.layer_sizes = list(layer_sizes) if layer_sizes is not None else None
+        self.fpra_when_single_cluster = fpra_when_single_cluster
+        self.min_silhouette = min_silhouette
+        self.hardening = hardening
+        self.spiky_ratio = spiky_ratio
+        self.max_drop_fraction = max_drop_fraction
+        self.param_slice = tuple(param_slice) if param_slice is not None else None
+        self.fisher_estimator = fisher_estimator
+        self.label_source = label_source
+        self.seed = int(seed)
+
+    def fisher_options(self) -> dict[str, Any]:
+        """Options for ``fisherguard.fisher.diagonal_fisher`` on every client (algorithms.md §2.4)."""
+        return {"estimator": self.fisher_estimator, "label_source": self.label_source}
+
+    # The oracle subclass replaces rows here; the honest defense uses the uploads as they are.
+    def _fisher_rows(self, ri: RoundInput, fisher: Tensor, valid: Tensor) -> Tensor:
+        return fisher
+
+    def _label(self, agg: Aggregate) -> Aggregate:
+        return agg
+
+    def aggregate(self, round_input: RoundInput) -> Aggregate:
+        """One FDCR round (algorithms.md §3.1 steps 0–12)."""
+        ri = round_input
+        k_all, p = ri.num_clients, ri.num_params
+        reasons = validate_uploads(ri, require_fisher=True)  # step 0 (§8.1)
+        valid = valid_mask(reasons)
+        diag: dict[str, Any] = {
+            "importance_mass": [None] * k_all, "discrepancy": [None] * k_all,
+            "cluster": [None] * k_all, "silhouette": None, "gate_fired": False,
+            "num_removed": 0, "num_rejected": 0, "num_clusters": None, "fpra_applied": False,
+            "drop_capped": False,
+        }
+        if not bool(valid.any()):
+            diag["num_rejected"] = k_all
+            agg = reject_all(ri, reasons)
+            agg.diagnostics = diag
+            return self._label(agg)
+        assert ri.fisher is not None
+        wt = ri.global_weights.to(torch.float64)
+        fisher = self._fisher_rows(ri, ri.fisher, valid)
+
+        # step 2: importance on every valid client, then the spikiness check (§8.2)
+        idx = [k for k in range(k_all) if reasons[k] is None]
+        layer = self.layer_sizes if self.importance_scope == "layer" else None
+        imp = fisher_importance(fisher[idx], layer)
+        mass = imp.mean(dim=1)
+        if self.hardening == "on" and self.spiky_ratio is not None and len(idx) >= 3:
+            med = statistics.median(mass.tolist())
+            for pos, k in enumerate(idx):
+                if float(mass[pos]) < med / self.spiky_ratio:
+                    reasons[k] = "spiky"
+        for pos, k in enumerate(idx):
+            diag["importance_mass"][k] = float(mass[pos])
+        keep_pos = [pos for pos, k in enumerate(idx) if reasons[k] is None]
+        idx = [idx[pos] for pos in keep_pos]
+        imp = imp[keep_pos]
+        diag["num_rejected"] = sum(r is not None for r in reasons)
+        if not idx:
+            agg = reject_all(ri, reasons)
+            agg.diagnostics = diag
+            return self._label(agg)
+
+        if self.param_slice is not None and self.param_slice[1] > p:
+            raise ValueError(f"param_slice {list(self.param_slice)} exceeds the {p} parameters")
+        sl = slice(*self.param_slice) if self.param_slice is not None else slice(None)
+        while True:
+            # step 1 (after every rejection): data-size weights over the surviving clients
+            n = ri.num_samples.to(torch.float64)[idx]
+            alpha = n / n.sum()
+            upd = ri.updates[idx].to(torch.float64)
+            # steps 3–6: importance-weighted pseudo-gradients and their discrepancy
+            gtilde = importance_weighted_gradient(
+                upd[:, sl], imp[:, sl] if self.weight_by_importance else None, ri.lr)
+            # a finite but astronomically large update can overflow float64 in V: reject its
+            # sender first (its own squared norm overflows), then, as a last resort, any
+            # client whose V is still not finite, rather than cluster NaN
+            finite = torch.isfinite(gtilde.square().sum(1))
+            v = torch.empty(0, dtype=torch.float64)
+            if bool(finite.all()):
+                v, _ = discrepancy(gtilde, alpha, self.discrepancy)
+                finite = torch.isfinite(v)
+                if bool(finite.all()):
+                    break
+            bad = [pos for pos in range(len(idx)) if not bool(finite[pos])]
+            for pos in bad:
+                reasons[idx[pos]] = "non_finite"
+            keep_pos = [pos for pos in range(len(idx)) if bool(finite[pos])]
+            idx, imp = [idx[pos] for pos in keep_pos], imp[keep_pos]
+            diag["num_rejected"] = sum(r is not None for r in reasons)
+            if not idx:
+                agg = reject_all(ri, reasons)
+                agg.diagnostics = diag
+                return self._label(agg)
+        for pos, k in enumerate(idx):
+            diag["discrepancy"][k] = float(v[pos])
+
+        # steps 7–9: cluster, flag the top cluster, gate
+        flagged_pos, info = self.select_flagged(v)
+        single_cluster = info["single_cluster"]
+        for pos, k in enumerate(idx):
+            diag["cluster"][k] = int(info["labels"][pos]) if self.use_fcdc else None
+        for key in ("num_clusters", "silhouette", "gate_fired", "drop_capped"):
+            diag[key] = info[key]
+
+        # step 10: re-weight
+        for pos in flagged_pos:
+            reasons[idx[pos]] = "clustered_out"
+        diag["num_removed"] = len(flagged_pos)
+        ahat = fcdc_reweight(alpha, flagged_pos)
+
+        # steps 11–12: FPRA and aggregation (buffers: none in the flat protocol vector)
+        fpra = self.use_fpra and (self.fpra_when_single_cluster or not single_cluster)
+        diag["fpra_applied"] = bool(fpra)
+        steps = fpra_rescale(upd, imp) if fpra else upd
+        new = wt + (ahat.unsqueeze(1) * steps).sum(0)
+        weights = torch.zeros(k_all, dtype=torch.float64)
+        weights[idx] = ahat
+        agg = finish(ri, weights, new, reasons, diagnostics=diag)
+        return self._label(agg)
+
+    def select_flagged(self, v: Tensor) -> tuple[list[int], dict[str, Any]]:
+        """Positions of ``v`` to remove and the clustering record (§3.1 steps 7–9, §3.2, §3.4).
+
+        The record holds ``labels``, ``num_clusters``, ``silhouette``, ``gate_fired``,
+        ``drop_capped`` and ``single_cluster`` (no partition: FPRA then follows
+        ``fpra_when_single_cluster``).
+        """
+        v = v.to(torch.float64).reshape(-1)
+        kv = v.numel()
+        info: dict[str, Any] = {"labels": [0] * kv, "num_clusters": 1 if kv else 0,
+                                "silhouette": None, "gate_fired": False, "drop_capped": False,
+                                "single_cluster": True}
+        if not self.use_fcdc:
+            info["single_cluster"] = False  # FPRA-only ablation: everyone kept and rescaled
+            info["num_clusters"] = None
+            return [], info
+        if kv == 0:
+            return [], info
+        vmax, vmin = float(v.max()), float(v.min())
+        if kv <= 2 or vmax - vmin <= EQUAL_V_RTOL * max(abs(vmax), abs(vmin)):
+            # K′ ≤ 2 never splits under level 0; equal scores are one cluster, FINCH not called
+            return [], info
+        if self.clustering == "finch":
+            labels = finch_level0(v)
+        elif self.clustering == "kmeans":
+            labels = kmeans_partition(v, self.seed)
+        else:
+            labels = dbscan_partition(v)
+        info["labels"] = labels
+        info["num_clusters"] = len(set(labels))
+        top = top_cluster(v, labels)
+        if len(top) == kv:
+            return [], info  # E holding every valid client means no partition (step 8)
+        info["single_cluster"] = False
+        top_set = set(top)
+        sil = separation_silhouette(v, [pos in top_set for pos in range(kv)])
+        info["silhouette"] = sil
+        if self.hardening == "on" and self.min_silhouette is not None and sil < self.min_silhouette:
+            info["gate_fired"] = True
+            return [], info
+        if self.max_drop_fraction is not None and len(top) > self.max_drop_fraction * kv:
+            info["drop_capped"] = True
+            return [], info
+        return top, info
+
+
+class FDCROracle(FDCR):
+    """The released FDCR server (§4.2): marked clients' Fisher replaced by N(0, 1) noise. Not a defense.
+
+    ``code`` preset, gate and spikiness check off. It refuses to aggregate until
+    ``receive_attacker_ids`` has been called; every result carries the label
+    "FDCR-oracle (uses ground truth; not a defense)".
+    """
+
+    name = "fdcr-oracle"
+    paper = "Huang et al., NeurIPS 2024 (FDCR), released server with ground truth"
+    summary = ORACLE_LABEL
+    needs_attacker_ids = True
+
+    def __init__(self, *, fisher_estimator: str | None = None, seed: int = 0) -> None:
+        super().__init__(preset="code", min_silhouette=None, hardening="off", spiky_ratio=None,
+                         fisher_estimator=fisher_estimator, seed=seed)
+        self._hparams = {"fisher_estimator": fisher_estimator, "seed": seed}
+        self._attacker_ids: frozenset[int] | None = None
+        self._noise = torch.Generator().manual_seed(int(seed))
+
+    def receive_attacker_ids(self, ids: Iterable[int]) -> None:
+        """Hand over the ground-truth attacker ids (the released server's oracle, §4.2 step 1)."""
+        warnings.warn(f"{ORACLE_LABEL}: fdcr-oracle replaces the Fisher of the ground-truth "
+                      "attackers by noise; its results measure the oracle, not FDCR",
+                      UserWarning, stacklevel=2)
+        self._attacker_ids = frozenset(int(i) for i in ids)
+
+    def _fisher_rows(self, ri: RoundInput, fisher: Tensor, valid: Tensor) -> Tensor:
+        assert self._attacker_ids is not None
+        out = fisher.clone()
+        for k, cid in enumerate(ri.client_ids):
+            if int(cid) in self._attacker_ids:
+                # drawn for every marked client, valid or not, so the stream does not depend on validity
+                noise = torch.randn(ri.num_params, generator=self._noise, dtype=torch.float64)
+                if bool(valid[k]):
+                    out[k] = noise.to(out.dtype)
+        return out
+
+    def _label(self, agg: Aggregate) -> Aggregate:
+        agg.diagnostics["label"] = ORACLE_LABEL
+        return agg
+
+    def aggregate(self, round_input: RoundInput) -> Aggregate:
+        """FDCR with the marked clients' Fisher swapped for noise (§4.3); needs the ids first."""
+        if self._attacker_ids is None:
+            raise RuntimeError("fdcr-oracle uses ground-truth attacker ids and refuses to aggregate "
+                               "until receive_attacker_ids(ids) has been called explicitly")
+        return super().aggregate(round_input)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"noise_state": self._noise.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) - {"noise_state"}:
+            raise ValueError(f"unexpected keys {sorted(set(state) - {'noise_state'})}")
+        if "noise_state" in state:
+            self._noise.set_state(state["noise_state"])

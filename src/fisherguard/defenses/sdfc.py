@@ -1,0 +1,278 @@
+"""SDFC (Huang et al., ECCV 2024): Fisher discrepancy regularisation and aggregation.
+
+Server part (FDAgg, SDFC Eq. 10) in ``aggregate``; client part (FDReg, Eq. 9) handed out by
+``plan_clients`` as ``clients.fdreg.FDReg``. algorithms.md §5 and §8.2 (echo check). Equation
+numbers refer to the SDFC paper. Server statistics are float64.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterable
+
+import torch
+
+from fisherguard.clients.fdreg import FDReg
+from fisherguard.defenses.base import (Aggregate, ClientPlan, Defense, DefenseConfigError,
+                                       PlanInput, RoundInput, check_range, finish, reject_all,
+                                       valid_mask, validate_uploads)
+
+Tensor = torch.Tensor
+
+PRESETS = ("paper", "code")
+DIFFERENCES = ("abs_diff", "local_only", "val_only")
+
+
+def fisher_difference(local: Tensor | None, val: Tensor | None, kind: str = "abs_diff") -> Tensor:
+    """H_k = |M_k(D_k) − M_k(U)| (SDFC Eqs. 7a–8b); ``local_only`` / ``val_only`` are the Tab. 4 ablations.
+
+    The Fisher a variant does not use may be None.
+    """
+    if kind not in DIFFERENCES:
+        raise ValueError(f"difference must be one of {DIFFERENCES}, got {kind!r}")
+    if kind != "val_only" and local is None or kind != "local_only" and val is None:
+        raise ValueError(f"difference {kind!r} needs the Fisher it is named after")
+    if kind == "abs_diff":
+        return (local.to(torch.float64) - val.to(torch.float64)).abs()  # type: ignore[union-attr]
+    if kind == "local_only":
+        return local.to(torch.float64)  # type: ignore[union-attr]
+    return val.to(torch.float64)  # type: ignore[union-attr]
+
+
+def echo_ratio(local: Tensor, val: Tensor) -> float:
+    """ρ_k = Σ_v |M_k(D_k) − M_k(U)| / Σ_v (M_k(D_k) + M_k(U)), the echo statistic (§8.2, after SDFC Eq. 8b)."""
+    lo, va = local.to(torch.float64), val.to(torch.float64)
+    denom = float((lo + va).sum())
+    return float((lo - va).abs().sum()) / denom if denom > 0 else 0.0
+
+
+def fdagg_weights(totals: Tensor, kind: str = "sigmoid") -> Tensor:
+    """α_k = σ(−T̂_k)/Σ_j σ(−T̂_j) with T̂ the min-max of T_k = Σ_v H_{k,v} (SDFC Eq. 10); ``softmax``: the code's exp(−T̂).
+
+    Equal totals (one client included) give equal weights, where the code divides 0 by 0.
+    """
+    t = totals.to(torch.float64).reshape(-1)
+    if t.numel() == 0:
+        return t
+    lo, hi = float(t.min()), float(t.max())
+    if not hi > lo:
+        return torch.full_like(t, 1.0 / t.numel())
+    th = (t - lo) / (hi - lo)
+    if kind == "sigmoid":
+        s = torch.sigmoid(-th)
+    elif kind == "softmax":
+        s = torch.exp(-th)
+    else:
+        raise ValueError(f"fdagg_weights must be 'sigmoid' or 'softmax', got {kind!r}")
+    return s / s.sum()
+
+
+def _choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise DefenseConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise DefenseConfigError(f"{name} must be true or false, got {value!r}")
+
+
+class SDFC(Defense):
+    """SDFC: clients train with FDReg (Eq. 9); the server weights uploads by FDAgg (Eq. 10).
+
+    Hyperparameters (keyword-only; ``None`` means "from the preset"): ``preset`` paper|code;
+    ``lambda_reg`` (paper 5, code 1.0); ``fdagg_weights`` sigmoid|softmax (paper / code);
+    ``anchor`` own|global; ``use_fdreg``, ``use_fdagg``; ``difference``
+    abs_diff|local_only|val_only; ``importance_metric`` squared|abs; ``fisher_estimator``
+    per_sample|official_label_mixed (paper / code); ``label_source``; ``hardening`` on|off;
+    ``echo_rtol`` (None disables the echo check, which runs with ``hardening = on`` and
+    ``difference = abs_diff`` only: the other variants have no M(D) − M(U) to echo).
+
+    With ``use_fdagg = false`` the server falls back to FedAvg's data-size weights n_k/Σn (the
+    authors' framework's default aggregation); FDAgg itself ignores n_k.
+    """
+
+    name = "sdfc"
+    paper = "Huang et al., ECCV 2024 (SDFC)"
+    summary = ("clients regularised towards their previous model by the local-vs-validation Fisher "
+               "difference (FDReg); server weights by σ(−normalised Fisher difference) (FDAgg)")
+    needs_fisher = True
+    needs_server_data = True
+    client_regulariser = "fdreg"
+
+    def __init__(self, *, preset: str = "paper", lambda_reg: float | None = None,
+                 fdagg_weights: str | None = None, anchor: str = "own", use_fdreg: bool = True,
+                 use_fdagg: bool = True, difference: str = "abs_diff",
+                 importance_metric: str = "squared", fisher_estimator: str | None = None,
+                 label_source: str = "dataset", hardening: str = "on",
+                 echo_rtol: float | None = 1e-3) -> None:
+        self._hparams = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        _choice("preset", preset, PRESETS)
+        code = preset == "code"
+        lambda_reg = lambda_reg if lambda_reg is not None else (1.0 if code else 5.0)
+        check_range("lambda_reg", lambda_reg, low=0.0)
+        fdagg_weights = fdagg_weights if fdagg_weights is not None else ("softmax" if code else "sigmoid")
+        _choice("fdagg_weights", fdagg_weights, ("sigmoid", "softmax"))
+        _choice("anchor", anchor, ("own", "global"))
+        _flag("use_fdreg", use_fdreg)
+        _flag("use_fdagg", use_fdagg)
+        _choice("difference", difference, DIFFERENCES)
+        _choice("importance_metric", importance_metric, ("squared", "abs"))
+        fisher_estimator = (fisher_estimator if fisher_estimator is not None
+                            else ("official_label_mixed" if code else "per_sample"))
+        _choice("fisher_estimator", fisher_estimator, ("per_sample", "official_label_mixed"))
+        _choice("label_source", label_source, ("dataset", "model_sample", "model_expectation"))
+        if fisher_estimator == "official_label_mixed" and label_source != "dataset":
+            raise DefenseConfigError("label_source must be 'dataset' with fisher_estimator "
+                                     f"'official_label_mixed', got {label_source!r}")
+        _choice("hardening", hardening, ("on", "off"))
+        check_range("echo_rtol", echo_rtol, low=0.0, high=1.0, low_open=True, allow_none=True)
+
+        self.preset = preset
+        self.lambda_reg = float(lambda_reg)
+        self.fdagg_weights = fdagg_weights
+        self.anchor = anchor
+        self.use_fdreg = use_fdreg
+        self.use_fdagg = use_fdagg
+        self.difference = difference
+        self.importance_metric = importance_metric
+        self.fisher_estimator = fisher_estimator
+        self.label_source = label_source
+        self.hardening = hardening
+        self.echo_rtol = echo_rtol
+        # client id → (H_k, anchor w_k, round it was computed in): cross-round state (§5.1 step 4)
+        self._history: dict[int, tuple[Tensor, Tensor, int]] = {}
+
+    def fisher_options(self) -> dict[str, Any]:
+        """Options for ``diagonal_fisher`` on clients and on U (both Fishers alike, algorithms.md §2.4)."""
+        return {"estimator": self.fisher_estimator, "label_source": self.label_source,
+                "importance_metric": self.importance_metric}
+
+    # ------------------------------------------------------------------ client side (FDReg)
+
+    def plan_clients(self, plan_input: PlanInput) -> dict[int, ClientPlan]:
+        """FDReg (Eq. 9) for every client: own H_k and anchor w_k^{t−1}, else H at w^t (§5.5)."""
+        if not self.use_fdreg:
+            return {}
+        pi = plan_input
+        wt = pi.global_weights.detach()
+        val_at_global: Tensor | None = None
+        plans: dict[int, ClientPlan] = {}
+        for cid in pi.client_ids:
+            hist = self._history.get(int(cid))
+            if hist is not None:
+                h, own_anchor, _ = hist
+                anchor = own_anchor if self.anchor == "own" else wt
+            else:
+                # [code] round 0, [project] any client without a valid previous round: anchor w^t
+                if val_at_global is None and self.difference != "local_only":
+                    if pi.server_data is None:
+                        raise RuntimeError("SDFC needs the server's validation set (server_data)")
+                    val_at_global = pi.server_data.fisher(wt).detach().to(torch.float64)
+                local = (pi.client_fisher(int(cid), wt).detach().to(torch.float64)
+                         if self.difference != "val_only" else None)
+                h = fisher_difference(local, val_at_global, self.difference)
+                anchor = wt
+            if (h.numel() != wt.numel() or not bool(torch.isfinite(h).all())
+                    or bool((h < 0).any())):
+                warnings.warn(f"SDFC: client {cid} has no usable Fisher difference this round; "
+                              "it trains without FDReg", RuntimeWarning, stacklevel=2)
+                plans[int(cid)] = ClientPlan(regulariser=None)
+                continue
+            plans[int(cid)] = ClientPlan(regulariser=FDReg(h.to(wt.dtype), anchor.to(wt.dtype),
+                                                           self.lambda_reg))
+        return plans
+
+    # ------------------------------------------------------------------ server side (FDAgg)
+
+    def aggregate(self, round_input: RoundInput) -> Aggregate:
+        """H_k, echo check, FDAgg weights and w^{t+1} = Σ_k α_k w_k (SDFC Eqs. 7–10; algorithms.md §5.1)."""
+        ri = round_input
+        k_all = ri.num_clients
+        reasons = validate_uploads(ri, require_fisher=True)
+        valid = valid_mask(reasons)
+        diag: dict[str, Any] = {"fisher_difference": [None] * k_all, "weight": [0.0] * k_all,
+                                "echo_ratio": [None] * k_all, "num_rejected": 0}
+        wt = ri.global_weights.to(torch.float64)
+        h_rows: dict[int, Tensor] = {}
+        if bool(valid.any()):
+            assert ri.fisher is not None
+            need_val = self.difference != "local_only"
+            if need_val and ri.server_data is None:
+                raise RuntimeError("SDFC needs the server's validation set (RoundInput.server_data)")
+            for k in range(k_all):
+                if reasons[k] is not None:
+                    continue
+                wk = wt + ri.updates[k].to(torch.float64)
+                local = ri.fisher[k].to(torch.float64)
+                val = (ri.server_data.fisher(wk.to(ri.global_weights.dtype)).detach().to(torch.float64)  # type: ignore[union-attr]
+                       if need_val else None)
+                if val is not None and (val.numel() != local.numel()
+                                        or not bool(torch.isfinite(val).all())):
+                    reasons[k] = "non_finite"  # the uploaded model breaks the server's Fisher
+                    continue
+                if val is not None:
+                    rho = echo_ratio(local, val)
+                    diag["echo_ratio"][k] = rho
+                    if (self.hardening == "on" and self.echo_rtol is not None
+                            and self.difference == "abs_diff" and rho < self.echo_rtol):
+                        reasons[k] = "echo"
+                        continue
+                h = fisher_difference(local, val, self.difference)
+                if not bool(torch.isfinite(h.sum())):
+                    reasons[k] = "non_finite"  # T_k overflows float64; min-max would give NaN
+                    continue
+                h_rows[k] = h
+        diag["num_rejected"] = sum(r is not None for r in reasons)
+        # a client rejected this round has no valid history for the next (§5.5)
+        for k in range(k_all):
+            if reasons[k] is not None:
+                self._history.pop(int(ri.client_ids[k]), None)
+        idx = sorted(h_rows)
+        if not idx:
+            agg = reject_all(ri, reasons)
+            agg.diagnostics = diag
+            return agg
+
+        totals = torch.stack([h_rows[k].sum() for k in idx])
+        if self.use_fdagg:
+            alpha = fdagg_weights(totals, self.fdagg_weights)
+        else:
+            n = ri.num_samples.to(torch.float64)[idx]
+            alpha = n / n.sum()
+        upd = ri.updates[idx].to(torch.float64)
+        new = wt + (alpha.unsqueeze(1) * upd).sum(0)
+        weights = torch.zeros(k_all, dtype=torch.float64)
+        weights[idx] = alpha
+        for pos, k in enumerate(idx):
+            diag["fisher_difference"][k] = float(totals[pos])
+            diag["weight"][k] = float(alpha[pos])
+            cid = int(ri.client_ids[k])
+            self._history[cid] = (h_rows[k].to(torch.float32).clone(),
+                                  (wt + upd[pos]).to(ri.global_weights.dtype).clone(),
+                                  int(ri.round_idx))
+        return finish(ri, weights, new, reasons, diagnostics=diag)
+
+    # ------------------------------------------------------------------ cross-round state
+
+    def state_dict(self) -> dict[str, Any]:
+        """H_k and anchors per client as plain tensors and lists (``torch.save``-able)."""
+        ids = sorted(self._history)
+        return {"client_ids": ids,
+                "fisher_difference": [self._history[c][0] for c in ids],
+                "anchors": [self._history[c][1] for c in ids],
+                "rounds": [self._history[c][2] for c in ids]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            self._history = {}
+            return
+        keys = {"client_ids", "fisher_difference", "anchors", "rounds"}
+        if set(state) != keys:
+            raise ValueError(f"SDFC state needs keys {sorted(keys)}, got {sorted(state)}")
+        ids, hs, ws, rs = (state[k] for k in ("client_ids", "fisher_difference", "anchors", "rounds"))
+        if not len(ids) == len(hs) == len(ws) == len(rs):
+            raise ValueError("SDFC state lists differ in length")
+        self._history = {int(c): (torch.as_tensor(h).clone(), torch.as_tensor(w).clone(), int(r))
+                         for c, h, w, r in zip(ids, hs, ws, rs)}
