@@ -8,7 +8,7 @@ export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
-.PHONY: demo test data install clean-runs
+.PHONY: demo test data install clean-runs table-defenses table-fisher
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -30,6 +30,13 @@ demo: data
 
 test: data
 	$(PY) -m pytest -q
+
+# Long experiments (not part of the tests). Both resume where a killed run stopped.
+table-defenses: data
+	$(FG) run configs/fmnist-reduced.yaml --out runs/fmnist-reduced --resume
+
+table-fisher: data
+	$(FG) run configs/fisher-reduced.yaml --seeds 0,1,2 --out runs/fisher-reduced --resume
 
 clean-runs:
 	rm -rf runs

@@ -40,3 +40,27 @@ def test_missing_dataset_names_the_fetch_command(tmp_path, capsys):
     assert main(["run", str(p), "--out", str(tmp_path / 'o')]) == 2
     err = capsys.readouterr().err
     assert "fisherguard data fetch mnist" in err and "Traceback" not in err
+
+
+def test_seeds_give_mean_and_std_and_table_rereads_run_dirs(tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text("data: {dataset: synthetic, synthetic_train: 600, synthetic_test: 200}\n"
+                 "federation: {clients: 4, rounds: 1, local_epochs: 1}\nserver: {val_size: 32}\n")
+    out = tmp_path / "out"
+    assert main(["run", str(p), "--out", str(out), "-q", "--seeds", "0,1"]) == 0
+    text = capsys.readouterr().out
+    assert "±" in text and "0,1" in text
+    assert (out / "seed-0" / "summary.json").exists() and (out / "seed-1" / "summary.json").exists()
+    assert main(["table", str(out)]) == 0
+    assert "±" in capsys.readouterr().out
+    assert main(["run", str(p), "--seeds", "0,x"]) == 2
+    assert "--seeds expects" in capsys.readouterr().err
+
+
+def test_aggregate_seeds_uses_sample_std_and_marks_collapse():
+    from fisherguard.results import aggregate_seeds
+
+    rows = aggregate_seeds([{"label": "m", "seed": s, "A": a, "R": 0.0, "ASR": 1.0, "V": 1.0,
+                             "TPR": None, "FPR": 0.0, "collapsed": c}
+                            for s, a, c in ((0, 1.0, False), (1, 2.0, True), (2, 3.0, False))])
+    assert rows[0]["A"] == "2.00 ± 1.00" and rows[0]["collapsed"] == "†1/3" and rows[0]["TPR"] is None

@@ -15,12 +15,42 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from fisherguard.engine.simulator import run_all
     from fisherguard.results import format_table
 
+    from fisherguard.results import aggregate_seeds
+
     variants = config.load(args.config, args.set)
+    if args.only:
+        wanted = [x.strip() for x in ",".join(args.only).split(",") if x.strip()]
+        labels = [v.label for v in variants]
+        missing = [w for w in wanted if w not in labels]
+        if missing:
+            raise config.ConfigError(f"--only: no variant labelled {missing[0]!r}; labels: {', '.join(labels)}")
+        variants = [v for v in variants if v.label in wanted]
+    seeds = _parse_seeds(args.seeds) if args.seeds else None
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    summaries = run_all(variants, out, resume=args.resume,
+    summaries = run_all(variants, out, resume=args.resume, seeds=seeds,
                         progress=None if args.quiet else sys.stderr)
-    print(format_table(summaries))
+    print(format_table(aggregate_seeds(summaries) if seeds else summaries))
     print(f"\nresults: {out}")
+    return 0
+
+
+def _parse_seeds(text: str) -> list[int]:
+    from fisherguard.config import ConfigError
+
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds expects comma-separated non-negative integers, got {text!r}") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds expects distinct non-negative integers, got {text!r}")
+    return seeds
+
+
+def _cmd_table(args: argparse.Namespace) -> int:
+    from fisherguard.results import aggregate_seeds, collect_summaries, format_table
+
+    summaries = collect_summaries(args.dir)
+    print(format_table(aggregate_seeds(summaries)))
     return 0
 
 
@@ -67,8 +97,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a config value, e.g. --set federation.rounds=5 (repeatable)")
     p.add_argument("--out", help="results directory (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last round")
+    p.add_argument("--only", action="append", metavar="LABEL",
+                   help="run only these variants (comma-separated labels; repeatable)")
+    p.add_argument("--seeds", help="run every variant once per seed, e.g. 0,1,2; the table shows "
+                   "mean ± std over seeds")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("table", help="print the table of the run summaries below a directory")
+    p.add_argument("dir")
+    p.set_defaults(func=_cmd_table)
 
     p = sub.add_parser("defenses", help="list every available defense")
     p.set_defaults(func=_cmd_defenses)

@@ -265,6 +265,7 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | list[tuple[
 class Variant:
     label: str
     config: dict[str, dict[str, Any]]
+    nested: bool = False  # one of a config's labelled variants: results go to a sub-directory
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> list[Variant]:
@@ -301,7 +302,7 @@ def variants_of(raw: dict[str, Any], overrides: list[tuple[str, Any]] | None = N
             cfg = resolve(apply_overrides(apply_overrides(base, sets), overrides or []))
         except ConfigError as e:
             raise ConfigError(f"variants[{i}] ({spec['label']}): {e}") from None
-        out.append(Variant(str(spec["label"]), cfg))
+        out.append(Variant(str(spec["label"]), cfg, nested=True))
     labels = [v.label for v in out]
     if len(set(labels)) != len(labels):
         raise ConfigError("variants: labels must be unique")

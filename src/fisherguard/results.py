@@ -115,7 +115,7 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-COLUMNS = ("label", "defense", "A", "R", "ASR", "V", "collapsed", "TPR", "FPR", "wall_time_s")
+COLUMNS = ("label", "defense", "seeds", "A", "R", "ASR", "V", "collapsed", "TPR", "FPR", "wall_time_s")
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -149,3 +149,42 @@ def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS)
         lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
                                for i, (v, w) in enumerate(zip(row, widths))))
     return "\n".join(lines)
+
+
+SEED_METRICS = ("A", "R", "ASR", "V", "TPR", "FPR")
+
+
+def aggregate_seeds(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per label: mean ± sample std (ddof = 1) over seeds; collapse as †k/n (protocol §7.4–7.5)."""
+    import numpy as np
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for s in summaries:
+        groups.setdefault(str(s["label"]), []).append(s)
+    rows = []
+    for label, runs in groups.items():
+        row: dict[str, Any] = {"label": label, "defense": runs[0].get("defense"),
+                               "seeds": ",".join(str(r.get("seed")) for r in runs)}
+        for m in SEED_METRICS:
+            vals = [float(r[m]) for r in runs if r.get(m) is not None]
+            if not vals:
+                row[m] = None
+            elif len(vals) == 1:
+                row[m] = f"{vals[0]:.2f}"
+            else:
+                row[m] = f"{np.mean(vals):.2f} ± {np.std(vals, ddof=1):.2f}"
+        k = sum(bool(r.get("collapsed")) for r in runs)
+        row["collapsed"] = f"†{k}/{len(runs)}" if k else "no"
+        row["wall_time_s"] = float(sum(float(r.get("wall_time_s") or 0.0) for r in runs))
+        rows.append(row)
+    return rows
+
+
+def collect_summaries(root: str | Path) -> list[dict[str, Any]]:
+    """Every run summary below ``root`` (any engine), in directory order."""
+    out = []
+    for p in sorted(Path(root).rglob(RunDir.SUMMARY_JSON)):
+        out.append(json.loads(p.read_text()))
+    if not out:
+        raise FileNotFoundError(f"no {RunDir.SUMMARY_JSON} below {root}")
+    return out

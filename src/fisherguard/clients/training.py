@@ -103,15 +103,17 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[t
 
 
 def make_optimizer(params: list[nn.Parameter], plan: TrainPlan) -> torch.optim.Optimizer:
+    # fused SGD is the same update rule as the default, ≈15 % faster here (performance.md §3)
     return torch.optim.SGD(params, lr=plan.lr, momentum=plan.momentum,
-                           weight_decay=plan.weight_decay)
+                           weight_decay=plan.weight_decay, fused=True)
 
 
 class SequentialTrainer:
     """Reference path: each client trains its own model copy in turn (protocol §4)."""
 
     def __init__(self, model_factory: Callable[[], nn.Module]) -> None:
-        self.model = model_factory()
+        # channels_last vectorises the small convolutions better on CPU (performance.md §3)
+        self.model = model_factory().to(memory_format=torch.channels_last)
 
     def train_one(self, job: ClientJob, plan: TrainPlan) -> ClientResult:
         model = load_flat(self.model, job.start_weights)
@@ -122,6 +124,7 @@ class SequentialTrainer:
         for _ in range(plan.epochs):
             for idx in epoch_batches(len(job.data), plan.batch_size, job.generator):
                 x, y = job.data.batch(idx, job.generator)
+                x = x.contiguous(memory_format=torch.channels_last)
                 opt.zero_grad(set_to_none=True)
                 ce = F.cross_entropy(model(x), y)
                 loss = ce

@@ -278,20 +278,28 @@ def slug(label: str) -> str:
 
 
 def run_all(variants: list[Any], out_root: str | Path, *, resume: bool = False,
-            progress: TextIO | None = sys.stderr,
+            progress: TextIO | None = sys.stderr, seeds: list[int] | None = None,
             on_summary: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Run each labelled variant into its own sub-directory; summaries in ``out_root/summary.csv``."""
+    """Run each labelled variant (each seed) into its own sub-directory; ``out_root/summary.csv``."""
+    import copy
+
     from fisherguard.results import write_csv
 
     out_root = Path(out_root)
     summaries = []
     for v in variants:
-        sub = out_root / slug(v.label) if len(variants) > 1 else out_root
-        s = run(v.config, sub, resume=resume, label=v.label, progress=progress)
-        summaries.append(s)
-        if on_summary:
-            on_summary(s)
-    if len(variants) > 1:
+        sub = out_root / slug(v.label) if getattr(v, "nested", False) else out_root
+        for seed in seeds if seeds is not None else [None]:
+            cfg, where = v.config, sub
+            if seed is not None:
+                cfg = copy.deepcopy(v.config)
+                cfg["experiment"]["seed"] = seed
+                where = sub / f"seed-{seed}"
+            s = run(cfg, where, resume=resume, label=v.label, progress=progress)
+            summaries.append(s)
+            if on_summary:
+                on_summary(s)
+    if len(summaries) > 1:
         out_root.mkdir(parents=True, exist_ok=True)
         write_csv(out_root / "summary.csv", summaries)
     return summaries
