@@ -24,6 +24,7 @@ def test_defaults_and_presets():
     ({"defense": "nodefense"}, "unknown defense 'nodefense'; available:"),
     ({"defense": {"name": "fedavg", "options": {"bogus": 1}}}, "has no option 'bogus'"),
     ({"partition": {"beta": float("nan")}}, "partition.beta: must be finite"),
+    ({"defense": {"name": "krum", "f": 4}}, "defense: "),  # K = 10 needs K >= 2f + 3
 ])
 def test_bad_configs_name_the_key(raw, needle):
     with pytest.raises(ConfigError) as e:

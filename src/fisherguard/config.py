@@ -200,7 +200,7 @@ def _check_defense(cfg: dict[str, dict[str, Any]]) -> None:
 
     name = cfg["defense"]["name"]
     try:
-        registry.build(name, _defense_options(cfg))
+        registry.build(name, _defense_options(cfg)).check_clients(cfg["federation"]["clients"])
     except DefenseConfigError as e:
         raise ConfigError(f"defense: {e}") from None
 

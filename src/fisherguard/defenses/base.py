@@ -155,6 +155,9 @@ class Defense:
     def aggregate(self, round_input: RoundInput) -> Aggregate:
         raise NotImplementedError
 
+    def check_clients(self, num_clients: int) -> None:
+        """Raise DefenseConfigError when the options cannot work with this many clients."""
+
     def plan_clients(self, plan_input: PlanInput) -> dict[int, ClientPlan]:
         """Client-side instructions for the coming round (none by default)."""
         return {}
