@@ -1,5 +1,3 @@
-import pytest
-
 from fisherguard.cli import main
 
 

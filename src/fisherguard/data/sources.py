@@ -493,7 +493,6 @@ def check_checksums(
     spec = _spec(name)
     fmt = _format_of(spec, files)
     contents = contents or {}
-    entries: dict[str, dict] = {}
     stats = {p.name: p.stat() for p in files.values()}
     if use_stamp:
         stamp = _read_stamp(directory)

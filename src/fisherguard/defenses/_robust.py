@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 import torch
 
-from fisherguard.defenses.base import DefenseConfigError, RoundInput, check_range, valid_mask
+from fisherguard.defenses.base import (DefenseConfigError, RoundInput, check_choice,  # noqa: F401
+                                       check_range, valid_mask)
 
 Tensor = torch.Tensor
 
@@ -184,13 +185,6 @@ def share_to_weights(share: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # Options shared by several defenses
-
-
-def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
-    """Raise DefenseConfigError naming ``name`` when ``value`` is not one of ``allowed``."""
-    if value not in allowed:
-        raise DefenseConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, "
-                                 f"got {value!r}")
 
 
 def check_finite(name: str, value: Any) -> None:

@@ -198,6 +198,20 @@ def check_range(name: str, value: Any, *, low: float | None = None, high: float 
         raise DefenseConfigError(f"{name} must be {kind}{' ' + rng if rng else ''}, got {value!r}")
 
 
+def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    """Raise DefenseConfigError naming ``name`` when ``value`` is not one of ``allowed``."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise DefenseConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, "
+                                 f"got {value!r}")
+
+
+def check_flag(name: str, value: Any) -> None:
+    """Raise DefenseConfigError naming ``name`` when ``value`` is not a boolean."""
+    if not isinstance(value, bool):
+        raise DefenseConfigError(f"{name} must be true or false, got {value!r}")
+
+
 def validate_uploads(ri: RoundInput, *, require_fisher: bool = False) -> list[str | None]:
     """Per-client rejection reason or None (algorithms.md §8.1), checked in the spec's order.
 

@@ -15,8 +15,8 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from fisherguard.defenses.base import (Aggregate, Defense, DefenseConfigError, RoundInput,
-                                       check_range, finish, reject_all, valid_mask,
-                                       validate_uploads)
+                                       check_choice, check_flag, check_range, finish, reject_all,
+                                       valid_mask, validate_uploads)
 
 Tensor = torch.Tensor
 
@@ -201,17 +201,6 @@ def top_cluster(scores: Tensor, labels: Sequence[int]) -> list[int]:
 # The defense
 # ---------------------------------------------------------------------------------------------
 
-def _choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
-    allowed = tuple(allowed)
-    if value not in allowed:
-        raise DefenseConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-
-
-def _flag(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise DefenseConfigError(f"{name} must be true or false, got {value!r}")
-
-
 class FDCR(Defense):
     """FDCR: drop the top FINCH cluster of Fisher-weighted discrepancies V_k, rescale by 2σ(I) (FDCR Alg. 1).
 
@@ -247,15 +236,15 @@ class FDCR(Defense):
                  fisher_estimator: str | None = None, label_source: str = "dataset",
                  seed: int = 0) -> None:
         self._hparams = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        _choice("preset", preset, PRESETS)
+        check_choice("preset", preset, PRESETS)
         code = preset == "code"
         discrepancy = discrepancy if discrepancy is not None else ("l2" if code else "mse")
-        _choice("discrepancy", discrepancy, DISCREPANCIES)
-        _choice("clustering", clustering, CLUSTERINGS)
+        check_choice("discrepancy", discrepancy, DISCREPANCIES)
+        check_choice("clustering", clustering, CLUSTERINGS)
         for flag, val in (("weight_by_importance", weight_by_importance), ("use_fcdc", use_fcdc),
                           ("use_fpra", use_fpra)):
-            _flag(flag, val)
-        _choice("importance_scope", importance_scope, ("global", "layer"))
+            check_flag(flag, val)
+        check_choice("importance_scope", importance_scope, ("global", "layer"))
         if importance_scope == "layer":
             if (not isinstance(layer_sizes, (list, tuple)) or not layer_sizes
                     or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
@@ -264,9 +253,9 @@ class FDCR(Defense):
                                          f"when importance_scope is 'layer', got {layer_sizes!r}")
         fpra_when_single_cluster = (fpra_when_single_cluster if fpra_when_single_cluster is not None
                                     else not code)
-        _flag("fpra_when_single_cluster", fpra_when_single_cluster)
+        check_flag("fpra_when_single_cluster", fpra_when_single_cluster)
         check_range("min_silhouette", min_silhouette, low=-1.0, high=1.0, allow_none=True)
-        _choice("hardening", hardening, ("on", "off"))
+        check_choice("hardening", hardening, ("on", "off"))
         check_range("spiky_ratio", spiky_ratio, low=1.0, allow_none=True)
         check_range("max_drop_fraction", max_drop_fraction, low=0.0, high=1.0, low_open=True,
                     allow_none=True)
@@ -278,8 +267,8 @@ class FDCR(Defense):
                                          f"got {param_slice!r}")
         fisher_estimator = (fisher_estimator if fisher_estimator is not None
                             else ("official_label_mixed" if code else "per_sample"))
-        _choice("fisher_estimator", fisher_estimator, ("per_sample", "official_label_mixed"))
-        _choice("label_source", label_source, ("dataset", "model_sample", "model_expectation"))
+        check_choice("fisher_estimator", fisher_estimator, ("per_sample", "official_label_mixed"))
+        check_choice("label_source", label_source, ("dataset", "model_sample", "model_expectation"))
         if fisher_estimator == "official_label_mixed" and label_source != "dataset":
             raise DefenseConfigError("label_source must be 'dataset' with fisher_estimator "
                                      f"'official_label_mixed', got {label_source!r}")

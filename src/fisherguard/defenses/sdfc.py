@@ -8,14 +8,15 @@ numbers refer to the SDFC paper. Server statistics are float64.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from fisherguard.clients.fdreg import FDReg
 from fisherguard.defenses.base import (Aggregate, ClientPlan, Defense, DefenseConfigError,
-                                       PlanInput, RoundInput, check_range, finish, reject_all,
-                                       valid_mask, validate_uploads)
+                                       PlanInput, RoundInput, check_choice, check_flag,
+                                       check_range, finish, reject_all, valid_mask,
+                                       validate_uploads)
 
 Tensor = torch.Tensor
 
@@ -67,17 +68,6 @@ def fdagg_weights(totals: Tensor, kind: str = "sigmoid") -> Tensor:
     return s / s.sum()
 
 
-def _choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
-    allowed = tuple(allowed)
-    if value not in allowed:
-        raise DefenseConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-
-
-def _flag(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise DefenseConfigError(f"{name} must be true or false, got {value!r}")
-
-
 class SDFC(Defense):
     """SDFC: clients train with FDReg (Eq. 9); the server weights uploads by FDAgg (Eq. 10).
 
@@ -108,25 +98,25 @@ class SDFC(Defense):
                  label_source: str = "dataset", hardening: str = "on",
                  echo_rtol: float | None = 1e-3) -> None:
         self._hparams = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        _choice("preset", preset, PRESETS)
+        check_choice("preset", preset, PRESETS)
         code = preset == "code"
         lambda_reg = lambda_reg if lambda_reg is not None else (1.0 if code else 5.0)
         check_range("lambda_reg", lambda_reg, low=0.0)
         fdagg_weights = fdagg_weights if fdagg_weights is not None else ("softmax" if code else "sigmoid")
-        _choice("fdagg_weights", fdagg_weights, ("sigmoid", "softmax"))
-        _choice("anchor", anchor, ("own", "global"))
-        _flag("use_fdreg", use_fdreg)
-        _flag("use_fdagg", use_fdagg)
-        _choice("difference", difference, DIFFERENCES)
-        _choice("importance_metric", importance_metric, ("squared", "abs"))
+        check_choice("fdagg_weights", fdagg_weights, ("sigmoid", "softmax"))
+        check_choice("anchor", anchor, ("own", "global"))
+        check_flag("use_fdreg", use_fdreg)
+        check_flag("use_fdagg", use_fdagg)
+        check_choice("difference", difference, DIFFERENCES)
+        check_choice("importance_metric", importance_metric, ("squared", "abs"))
         fisher_estimator = (fisher_estimator if fisher_estimator is not None
                             else ("official_label_mixed" if code else "per_sample"))
-        _choice("fisher_estimator", fisher_estimator, ("per_sample", "official_label_mixed"))
-        _choice("label_source", label_source, ("dataset", "model_sample", "model_expectation"))
+        check_choice("fisher_estimator", fisher_estimator, ("per_sample", "official_label_mixed"))
+        check_choice("label_source", label_source, ("dataset", "model_sample", "model_expectation"))
         if fisher_estimator == "official_label_mixed" and label_source != "dataset":
             raise DefenseConfigError("label_source must be 'dataset' with fisher_estimator "
                                      f"'official_label_mixed', got {label_source!r}")
-        _choice("hardening", hardening, ("on", "off"))
+        check_choice("hardening", hardening, ("on", "off"))
         check_range("echo_rtol", echo_rtol, low=0.0, high=1.0, low_open=True, allow_none=True)
 
         self.preset = preset
