@@ -24,7 +24,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         missing = [w for w in wanted if w not in labels]
         if missing:
             raise config.ConfigError(f"--only: no variant labelled {missing[0]!r}; labels: {', '.join(labels)}")
-        variants = [v for v in variants if v.label in wanted]
+        by_label = {v.label: v for v in variants}
+        variants = [by_label[w] for w in dict.fromkeys(wanted)]  # in the order asked
     seeds = _parse_seeds(args.seeds) if args.seeds else None
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     summaries = run_all(variants, out, resume=args.resume, seeds=seeds,
