@@ -161,6 +161,9 @@ def run(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False, label
         torch.set_num_threads(cfg["runtime"]["threads"])
     run_dir = RunDir(out_dir)
     done = run_dir.start(cfg, resume=resume)
+    total = cfg["federation"]["rounds"]
+    if done >= total:  # a finished run: nothing to load or train
+        return _summarise(run_dir, cfg, label, total)
     fed = prepare(cfg)
     defense = build_defense(cfg)
     seed = cfg["experiment"]["seed"]
@@ -190,7 +193,6 @@ def run(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False, label
         weights = initial_weights(fed)
         (run_dir.path / "partition.json").write_text(__import__("json").dumps(fed.partition_info))
     ids = list(range(fcfg["clients"]))
-    total = fcfg["rounds"]
     bar = Progress(total, label, progress)
 
     def client_fisher(cid: int, w: torch.Tensor, t: int | str) -> torch.Tensor:
@@ -246,14 +248,18 @@ def run(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False, label
         run_dir.save_checkpoint({"rounds_done": t + 1, "weights": weights,
                                  "defense_state": defense.state_dict()})
         bar.update(t + 1, f"A={m['A']:.2f} ASR={m['ASR']:.2f} ({record['wall_time_s']:.1f}s)")
+    return _summarise(run_dir, cfg, label, total)
+
+
+def _summarise(run_dir: RunDir, cfg: dict[str, Any], label: str, total: int) -> dict[str, Any]:
     rounds = run_dir.rounds()
     summary = {"label": label, "defense": cfg["defense"]["name"], **metrics.summarize(rounds),
-               "dataset": cfg["data"]["dataset"], "seed": seed,
+               "dataset": cfg["data"]["dataset"], "seed": cfg["experiment"]["seed"],
                "preset": cfg["experiment"]["preset"], "family": cfg["experiment"]["family"],
                "beta": cfg["partition"]["beta"], "attack_fraction": cfg["attack"]["fraction"]
                if cfg["attack"]["name"] != "none" else 0.0,
                "complete": len(rounds) == total}
-    if oracle:
+    if registry.get(cfg["defense"]["name"]).needs_attacker_ids:
         summary["defense"] = ORACLE_LABEL
     run_dir.write_summary(summary)
     return summary
