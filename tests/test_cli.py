@@ -30,6 +30,7 @@ def test_run_prints_the_table_and_writes_results(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "label" in text and "clean" in text and "attacked" in text and "ASR" in text
     assert (out / "clean" / "rounds.jsonl").exists() and (out / "summary.csv").exists()
+    assert "attacked" in (out / "summary.txt").read_text()
 
 
 def test_missing_dataset_names_the_fetch_command(tmp_path, capsys):

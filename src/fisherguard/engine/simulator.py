@@ -306,6 +306,10 @@ def run_all(variants: list[Any], out_root: str | Path, *, resume: bool = False,
             if on_summary:
                 on_summary(s)
     if len(summaries) > 1:
+        from fisherguard.results import aggregate_seeds, format_table
+
         out_root.mkdir(parents=True, exist_ok=True)
         write_csv(out_root / "summary.csv", summaries)
+        table = format_table(aggregate_seeds(summaries) if seeds else summaries)
+        (out_root / "summary.txt").write_text(table + "\n")
     return summaries
