@@ -72,3 +72,18 @@ def test_shipped_configs_are_valid():
     assert files
     for f in files:
         assert config.load(f)
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ({"experiment": {"preset": [1]}}, "experiment.preset: expected string"),
+    ({"experiment": ["x"]}, "experiment: expected a mapping"),
+    ({"variants": [{"label": "FDCR (honest)"}, {"label": "fdcr-honest"}]}, "unique, also as directory names"),
+])
+def test_malformed_structures_are_config_errors(raw, needle):
+    with pytest.raises(ConfigError) as e:
+        config.variants_of(raw)
+    assert needle in str(e.value)
+
+
+def test_iid_alias():
+    assert config.resolve({"partition": {"beta": "iid"}})["partition"]["beta"] == 0.0

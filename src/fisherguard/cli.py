@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     from fisherguard.results import ResumeError
 
     known: tuple[type[BaseException], ...] = (ConfigError, DefenseConfigError, PartitionError,
-                                              ResumeError, FileNotFoundError, ValueError)
+                                              ResumeError, OSError, ValueError)
     try:
         return int(args.func(args))
     except known as e:

@@ -170,9 +170,15 @@ def resolve(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     unknown = sorted(set(raw) - set(SCHEMA) - {"variants"})
     if unknown:
         raise ConfigError(f"unknown section {unknown[0]!r}; allowed: {', '.join(SCHEMA)}, variants")
+    for sec, values in raw.items():
+        if sec != "variants" and values is not None and not isinstance(values, dict):
+            raise ConfigError(f"{sec}: expected a mapping of keys, got {values!r}")
+    part = raw.get("partition") or {}
+    if part.get("beta") == "iid":  # protocol §3 alias
+        part["beta"] = 0.0
     cfg = defaults()
     preset = (raw.get("experiment") or {}).get("preset", "paper")
-    if preset in PRESETS:
+    if isinstance(preset, str) and preset in PRESETS:
         for dotted, v in PRESETS[preset].items():
             sec, k = dotted.split(".")
             cfg[sec][k] = v
@@ -303,9 +309,12 @@ def variants_of(raw: dict[str, Any], overrides: list[tuple[str, Any]] | None = N
         except ConfigError as e:
             raise ConfigError(f"variants[{i}] ({spec['label']}): {e}") from None
         out.append(Variant(str(spec["label"]), cfg, nested=True))
-    labels = [v.label for v in out]
-    if len(set(labels)) != len(labels):
-        raise ConfigError("variants: labels must be unique")
+    from fisherguard.engine.simulator import slug
+
+    slugs = [slug(v.label) for v in out]
+    if len(set(slugs)) != len(slugs):
+        raise ConfigError("variants: labels must be unique, also as directory names "
+                          f"({', '.join(slugs)})")
     return out
 
 

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from fisherguard.defenses.base import (DefenseConfigError, RoundInput, check_choice,  # noqa: F401
-                                       check_range, valid_mask)
+                                       check_flag, check_range, valid_mask)
 
 Tensor = torch.Tensor
 
@@ -193,9 +193,7 @@ def check_finite(name: str, value: Any) -> None:
         raise DefenseConfigError(f"{name} must be a finite number, got {value!r}")
 
 
-def check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise DefenseConfigError(f"{name} must be true or false, got {value!r}")
+check_bool = check_flag
 
 
 def check_seed(value: Any) -> None:

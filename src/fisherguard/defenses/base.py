@@ -103,7 +103,11 @@ class RoundInput:
                 if row is None:
                     pre[i] = pre[i] or missing_reason
                     continue
-                t = torch.as_tensor(row) if not isinstance(row, torch.Tensor) else row
+                try:
+                    t = torch.as_tensor(row) if not isinstance(row, torch.Tensor) else row
+                except (TypeError, ValueError, RuntimeError, OverflowError):
+                    pre[i] = pre[i] or "bad_shape"
+                    continue
                 if not t.is_floating_point() or t.numel() != p or t.dim() != 1:
                     pre[i] = pre[i] or "bad_shape"
                     continue
@@ -234,7 +238,7 @@ def validate_uploads(ri: RoundInput, *, require_fisher: bool = False) -> list[st
             reasons[k] = "missing"
         elif not upd_ok or (require_fisher and not fis_ok):
             reasons[k] = "bad_shape"
-        elif not bool(torch.isfinite(ri.updates[k]).all()):
+        elif not _finite_model(ri.global_weights, ri.updates[k]):
             reasons[k] = "non_finite"
         elif require_fisher:
             reasons[k] = _fisher_reason(ri.fisher[k])
@@ -242,6 +246,14 @@ def validate_uploads(ri: RoundInput, *, require_fisher: bool = False) -> list[st
                 ri.num_samples[k] if k < len(ri.num_samples) else None):
             reasons[k] = "no_samples"
     return reasons
+
+
+def _finite_model(global_weights: Tensor, update: Tensor) -> bool:
+    """w_k = w^t + Δ_k is finite in the model's own dtype (a float64 Δ can overflow float32 weights)."""
+    if not bool(torch.isfinite(update).all()):
+        return False
+    wk = (global_weights.to(torch.float64) + update.to(torch.float64)).to(global_weights.dtype)
+    return bool(torch.isfinite(wk).all())
 
 
 def _fisher_reason(f: Tensor) -> str | None:
@@ -255,12 +267,16 @@ def _fisher_reason(f: Tensor) -> str | None:
     return None
 
 
+MAX_SAMPLES = 2 ** 53  # the largest count float64 holds exactly; larger claims cannot be checked
+
+
 def _positive_integer(n: Any) -> bool:
+    """A sample count must be a positive integer that float64 holds exactly (so Σn stays finite)."""
     try:
         v = float(n)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return False
-    return math.isfinite(v) and v > 0 and v.is_integer()
+    return math.isfinite(v) and 0 < v <= MAX_SAMPLES and v.is_integer()
 
 
 def reject_all(ri: RoundInput, reasons: list[str | None], status: str = "no_valid_clients") -> Aggregate:
@@ -282,13 +298,17 @@ def finish(ri: RoundInput, weights: Tensor, new_weights: Tensor, reasons: list[s
     A client with weight 0 and no reason yet gets ``zero_weight`` so every flag is explained.
     """
     weights = weights.to(torch.float64)
+    status = extra.pop("status", "ok")
+    if not bool(torch.isfinite(new_weights).all()):
+        # a safety net behind validation: keep w^t rather than spread NaN/inf to every client
+        new_weights, status = ri.global_weights.clone(), "non_finite_result"
     flagged = weights == 0
     reasons = list(reasons)
     for k in range(ri.num_clients):
         if bool(flagged[k]) and reasons[k] is None:
             reasons[k] = "zero_weight"
     return Aggregate(new_weights=new_weights.to(ri.global_weights.dtype), client_weights=weights,
-                     flagged=flagged, reasons=reasons, **extra)
+                     flagged=flagged, reasons=reasons, status=status, **extra)
 
 
 def valid_mask(reasons: list[str | None]) -> Tensor:

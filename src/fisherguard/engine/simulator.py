@@ -28,6 +28,7 @@ from fisherguard.data.partition import attacker_ids, dirichlet, train_validation
 from fisherguard.data.transforms import Pipeline, resize_to_32
 from fisherguard.defenses import registry
 from fisherguard.defenses.base import Defense, PlanInput, RoundInput
+from fisherguard.defenses.fdcr import ORACLE_LABEL
 from fisherguard.engine.server_data import ValidationSet
 from fisherguard.models import build_model, flatten
 from fisherguard.results import RunDir
@@ -35,7 +36,6 @@ from fisherguard.seeding import derive_seed, numpy_stream, torch_stream
 
 log = logging.getLogger("fisherguard")
 
-ORACLE_LABEL = "FDCR-oracle (uses ground truth; not a defense)"
 
 
 @dataclass
