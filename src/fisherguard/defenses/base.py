@@ -216,6 +216,18 @@ def check_flag(name: str, value: Any) -> None:
         raise DefenseConfigError(f"{name} must be true or false, got {value!r}")
 
 
+def fisher_estimator_option(fisher_estimator: str | None, label_source: str, *, code: bool) -> str:
+    """The Fisher estimator a Fisher-based defense uses: the preset's default unless given (algorithms.md §2.4)."""
+    estimator = fisher_estimator if fisher_estimator is not None else (
+        "official_label_mixed" if code else "per_sample")
+    check_choice("fisher_estimator", estimator, ("per_sample", "official_label_mixed"))
+    check_choice("label_source", label_source, ("dataset", "model_sample", "model_expectation"))
+    if estimator == "official_label_mixed" and label_source != "dataset":
+        raise DefenseConfigError("label_source must be 'dataset' with fisher_estimator "
+                                 f"'official_label_mixed', got {label_source!r}")
+    return estimator
+
+
 def validate_uploads(ri: RoundInput, *, require_fisher: bool = False) -> list[str | None]:
     """Per-client rejection reason or None (algorithms.md §8.1), checked in the spec's order.
 

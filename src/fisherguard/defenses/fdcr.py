@@ -15,8 +15,9 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from fisherguard.defenses.base import (Aggregate, Defense, DefenseConfigError, RoundInput,
-                                       check_choice, check_flag, check_range, finish, reject_all,
-                                       valid_mask, validate_uploads)
+                                       check_choice, check_flag, check_range, finish,
+                                       fisher_estimator_option, reject_all, valid_mask,
+                                       validate_uploads)
 
 Tensor = torch.Tensor
 
@@ -265,13 +266,7 @@ class FDCR(Defense):
                     or not 0 <= param_slice[0] < param_slice[1]):
                 raise DefenseConfigError(f"param_slice must be [start, stop) with 0 <= start < stop, "
                                          f"got {param_slice!r}")
-        fisher_estimator = (fisher_estimator if fisher_estimator is not None
-                            else ("official_label_mixed" if code else "per_sample"))
-        check_choice("fisher_estimator", fisher_estimator, ("per_sample", "official_label_mixed"))
-        check_choice("label_source", label_source, ("dataset", "model_sample", "model_expectation"))
-        if fisher_estimator == "official_label_mixed" and label_source != "dataset":
-            raise DefenseConfigError("label_source must be 'dataset' with fisher_estimator "
-                                     f"'official_label_mixed', got {label_source!r}")
+        fisher_estimator = fisher_estimator_option(fisher_estimator, label_source, code=code)
         check_range("seed", seed, low=0, integer=True)
 
         self.preset = preset

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from fisherguard.clients.fdreg import FDReg
-from fisherguard.defenses.base import (Aggregate, ClientPlan, Defense, DefenseConfigError,
-                                       PlanInput, RoundInput, check_choice, check_flag,
-                                       check_range, finish, reject_all, valid_mask,
+from fisherguard.defenses.base import (Aggregate, ClientPlan, Defense, PlanInput, RoundInput,
+                                       check_choice, check_flag, check_range, finish,
+                                       fisher_estimator_option, reject_all, valid_mask,
                                        validate_uploads)
 
 Tensor = torch.Tensor
@@ -109,13 +109,7 @@ class SDFC(Defense):
         check_flag("use_fdagg", use_fdagg)
         check_choice("difference", difference, DIFFERENCES)
         check_choice("importance_metric", importance_metric, ("squared", "abs"))
-        fisher_estimator = (fisher_estimator if fisher_estimator is not None
-                            else ("official_label_mixed" if code else "per_sample"))
-        check_choice("fisher_estimator", fisher_estimator, ("per_sample", "official_label_mixed"))
-        check_choice("label_source", label_source, ("dataset", "model_sample", "model_expectation"))
-        if fisher_estimator == "official_label_mixed" and label_source != "dataset":
-            raise DefenseConfigError("label_source must be 'dataset' with fisher_estimator "
-                                     f"'official_label_mixed', got {label_source!r}")
+        fisher_estimator = fisher_estimator_option(fisher_estimator, label_source, code=code)
         check_choice("hardening", hardening, ("on", "off"))
         check_range("echo_rtol", echo_rtol, low=0.0, high=1.0, low_open=True, allow_none=True)
 
