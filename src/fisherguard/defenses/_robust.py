@@ -297,3 +297,18 @@ def load_keys(state: dict[str, Any], allowed: Sequence[str], owner: str) -> None
     if unknown:
         raise ValueError(f"{owner} state has unknown keys {unknown}; expected {sorted(allowed)}")
 
+
+
+class CodeMomentumState:
+    """state_dict/load_state_dict for rules whose `code` preset keeps MarsFL's server momentum."""
+
+    preset: str
+    _momentum: ServerMomentum
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._momentum.state_dict() if self.preset == "code" else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_keys(state, ["velocity"] if self.preset == "code" else [], type(self).__name__)
+        if state:
+            self._momentum.load_state_dict(state)

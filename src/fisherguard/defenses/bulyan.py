@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from fisherguard.defenses._robust import (PRESETS, AssumedAttackers, ServerMomentum, check_choice,
+from fisherguard.defenses._robust import (PRESETS, AssumedAttackers, CodeMomentumState, ServerMomentum, check_choice,
                                           closest_to_centre_mean, coordinate_median, krum_scores,
-                                          load_keys, marsfl_corrupted_count, pairwise_sq_dists,
+                                          marsfl_corrupted_count, pairwise_sq_dists,
                                           share_to_weights, stable_order, valid_rows)
 from fisherguard.defenses.base import (Aggregate, Defense, RoundInput, finish, reject_all,
                                        validate_uploads)
@@ -16,7 +16,7 @@ from fisherguard.defenses.base import (Aggregate, Defense, RoundInput, finish, r
 Tensor = torch.Tensor
 
 
-class Bulyan(AssumedAttackers, Defense):
+class Bulyan(CodeMomentumState, AssumedAttackers, Defense):
     """Iterated Krum selects θ = K−2f updates; per coordinate, average the β = θ−2f values
     closest to their median (El Mhamdi et al. 2018, Alg. 1).
 
@@ -96,10 +96,3 @@ class Bulyan(AssumedAttackers, Defense):
         return finish(ri, weights, ri.global_weights.to(torch.float64) + step, reasons,
                       diagnostics=diag)
 
-    def state_dict(self) -> dict[str, Any]:
-        return self._momentum.state_dict() if self.preset == "code" else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_keys(state, ["velocity"] if self.preset == "code" else [], type(self).__name__)
-        if state:
-            self._momentum.load_state_dict(state)

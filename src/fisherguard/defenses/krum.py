@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from fisherguard.defenses._robust import (PRESETS, AssumedAttackers, Rows, ServerMomentum,
-                                          check_bool, check_choice, krum_select, load_keys,
+from fisherguard.defenses._robust import (PRESETS, AssumedAttackers, CodeMomentumState, Rows, ServerMomentum,
+                                          check_bool, check_choice, krum_select,
                                           marsfl_corrupted_count, pairwise_sq_dists, valid_rows)
 from fisherguard.defenses.base import (Aggregate, Defense, DefenseConfigError, RoundInput,
                                        check_range, finish, reject_all, validate_uploads)
@@ -15,7 +15,7 @@ from fisherguard.defenses.base import (Aggregate, Defense, DefenseConfigError, R
 Tensor = torch.Tensor
 
 
-class _KrumBase(AssumedAttackers, Defense):
+class _KrumBase(CodeMomentumState, AssumedAttackers, Defense):
     """Shared f handling, scoring and the `code` preset's momentum for Krum and Multi-Krum."""
 
     def _init_common(self, f: int | None, assumed_attackers: int, on_violation: str,
@@ -54,14 +54,6 @@ class _KrumBase(AssumedAttackers, Defense):
 
     def _step(self, agg: Tensor) -> Tensor:
         return agg if self.preset == "paper" else self._momentum.step(agg)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._momentum.state_dict() if self.preset == "code" else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_keys(state, ["velocity"] if self.preset == "code" else [], type(self).__name__)
-        if state:
-            self._momentum.load_state_dict(state)
 
 
 class Krum(_KrumBase):

@@ -6,14 +6,14 @@ from typing import Any
 
 import torch
 
-from fisherguard.defenses._robust import (PRESETS, AssumedAttackers, ServerMomentum, check_choice,
-                                          closest_to_centre_mean, coordinate_median, load_keys,
+from fisherguard.defenses._robust import (PRESETS, AssumedAttackers, CodeMomentumState, ServerMomentum, check_choice,
+                                          closest_to_centre_mean, coordinate_median,
                                           share_to_weights, trimmed_mean, valid_rows)
 from fisherguard.defenses.base import (Aggregate, Defense, DefenseConfigError, RoundInput,
                                        check_range, finish, reject_all, validate_uploads)
 
 
-class TrimmedMean(AssumedAttackers, Defense):
+class TrimmedMean(CodeMomentumState, AssumedAttackers, Defense):
     """Per coordinate drop the ⌊βK⌋ smallest and largest values and average the rest
     (Yin et al. 2018, Def. 2); default ⌊βK⌋ = f.
 
@@ -80,10 +80,3 @@ class TrimmedMean(AssumedAttackers, Defense):
         return finish(ri, weights, ri.global_weights.to(torch.float64) + step, reasons,
                       diagnostics=diag)
 
-    def state_dict(self) -> dict[str, Any]:
-        return self._momentum.state_dict() if self.preset == "code" else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_keys(state, ["velocity"] if self.preset == "code" else [], type(self).__name__)
-        if state:
-            self._momentum.load_state_dict(state)
