@@ -111,6 +111,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "runtime": {
         "threads": Key(INT, None, nullable=True, check=_positive),
         "engine": Key(STR, "inprocess", choices=("inprocess",)),
+        # the grouped fast path is the default; sequential is the readable reference
+        "trainer": Key(STR, "auto", choices=("auto", "grouped", "sequential")),
+        "workers": Key(INT, 1, check=_positive),
+        "group_size": Key(INT, 10, check=_positive),
     },
 }
 

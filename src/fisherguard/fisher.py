@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from fisherguard.models import trainable
+from fisherguard.models import SimpleCNN, fold_input_channels, trainable, unfold_input_channels
 
 Tensor = torch.Tensor
 
@@ -59,6 +59,13 @@ def diagonal_fisher(model: nn.Module, weights: Tensor, x: Tensor, y: Tensor, *,
         if label_source != "dataset":
             raise ValueError("official_label_mixed mixes the dataset labels; label_source must be 'dataset'")
         return _official_label_mixed(model, weights, x, y, importance_metric, batch_size, generator)
+    folded = _fold_identical_channels(model, weights, x)
+    if folded is not None:
+        small, w1, x1 = folded
+        f1 = diagonal_fisher(small, w1, x1, y, estimator=estimator, label_source=label_source,
+                             importance_metric=importance_metric, chunk_size=chunk_size,
+                             batch_size=batch_size, generator=generator, backend=backend)
+        return unfold_input_channels(f1, int(x.shape[1]))
     if backend == "hooks" or (backend == "auto" and _hooks_supported(model)):
         if not _hooks_supported(model):
             raise ValueError("backend='hooks' needs every trainable parameter in an nn.Linear or a "
@@ -67,6 +74,30 @@ def diagonal_fisher(model: nn.Module, weights: Tensor, x: Tensor, y: Tensor, *,
                                  chunk_size, generator)
     return _per_sample_vmap(model, weights, x, y, label_source, importance_metric, chunk_size,
                             generator)
+
+
+_FOLDED: dict[int, SimpleCNN] = {}
+
+
+def _fold_identical_channels(model: nn.Module, weights: Tensor, x: Tensor
+                             ) -> tuple[nn.Module, Tensor, Tensor] | None:
+    """For a 3-channel SimpleCNN on inputs whose channels are all equal, the exact 1-channel twin.
+
+    Every per-sample gradient of conv1's kernel is the same for each input channel, so the Fisher
+    is computed on one channel and copied to the others; about a third less work per sample.
+    """
+    if type(model) is not SimpleCNN or model.conv1.in_channels == 1 or x.dim() != 4:
+        return None
+    if x.shape[1] != model.conv1.in_channels or not all(
+            torch.equal(x[:, 0], x[:, c]) for c in range(1, x.shape[1])):
+        return None
+    if weights.dim() != 1 or weights.numel() != sum(p.numel() for p in trainable(model)):
+        return None  # the full path raises the clear shape error
+    classes = model.cls.out_features
+    if classes not in _FOLDED:
+        with torch.random.fork_rng():  # its initial weights are overwritten; keep the global RNG
+            _FOLDED[classes] = SimpleCNN(1, classes)
+    return _FOLDED[classes], fold_input_channels(weights.detach(), x.shape[1]), x[:, :1]
 
 
 def _check_options(estimator: str, label_source: str, importance_metric: str) -> None:

@@ -45,6 +45,26 @@ def build_model(name: str = "simplecnn", in_channels: int = 3, num_classes: int 
     return SimpleCNN(in_channels, num_classes)
 
 
+def fold_input_channels(weights: torch.Tensor, channels: int = 3) -> torch.Tensor:
+    """SimpleCNN weights for C identical input channels → the 1-channel model computing the same function.
+
+    conv1 sees x_c = x_0 for every c, so Σ_c W_c * x_c = (Σ_c W_c) * x_0 (performance.md §8 lever).
+    """
+    k = 6 * channels * 25  # conv1.weight is the first parameter: (6, C, 5, 5)
+    w1 = weights[:k].view(6, channels, 5, 5).sum(1)
+    return torch.cat([w1.reshape(-1), weights[k:]])
+
+
+def unfold_input_channels(per_param: torch.Tensor, channels: int = 3) -> torch.Tensor:
+    """A 1-channel SimpleCNN per-parameter vector (e.g. a Fisher) → the C-channel layout.
+
+    With identical channels every W_c gets the gradient of the summed kernel, per sample, so each
+    channel's entry equals the folded one.
+    """
+    w1 = per_param[:150].view(6, 1, 5, 5).expand(6, channels, 5, 5)
+    return torch.cat([w1.reshape(-1), per_param[150:]])
+
+
 def trainable(model: nn.Module) -> list[nn.Parameter]:
     """Trainable parameters in registration order, which is protocol §6's vector order."""
     return [p for p in model.parameters() if p.requires_grad]

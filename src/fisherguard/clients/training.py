@@ -7,8 +7,9 @@ as long as it returns the same weights.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +36,33 @@ class ClientDataset:
     frozen: torch.Tensor | None = None  # float32 (n, C', 32, 32), normalised and stamped
     poisoned: torch.Tensor | None = None  # bool (n,), stamp these after the transform
     trigger: torch.Tensor | None = None  # bool (C', 32, 32)
+    _replicated: bool | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.labels.numel())
+
+    @property
+    def replicated_channels(self) -> bool:
+        """True when every sample this client trains on has identical channels (grey data, 3 channels).
+
+        Then a 3-channel first convolution equals a 1-channel one with its kernel summed over the
+        input channels (performance.md §8, lever for target 4); an ``sdfc``-family trigger on
+        channel 0 alone breaks it.
+        """
+        if self._replicated is None:
+            self._replicated = self._channels_identical()
+        return self._replicated
+
+    def _channels_identical(self) -> bool:
+        if self.frozen is not None:
+            f = self.frozen
+            return f.shape[1] > 1 and all(torch.equal(f[:, 0], f[:, c]) for c in range(1, f.shape[1]))
+        if not (self.pipeline.grey and self.pipeline.out_channels > 1):
+            return False
+        if self.trigger is None or self.poisoned is None or not bool(self.poisoned.any()):
+            return True
+        t = self.trigger
+        return all(torch.equal(t[0], t[c]) for c in range(1, t.shape[0]))
 
     def batch(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         if self.frozen is not None:
@@ -76,12 +101,21 @@ class TrainPlan:
 
 
 @dataclass
+class FisherRequest:
+    """Ask the client for its diagonal Fisher at its trained weights (``fisher.diagonal_fisher`` options)."""
+
+    options: dict[str, Any]
+    generator: torch.Generator  # the client's Fisher stream for this round
+
+
+@dataclass
 class ClientJob:
     client_id: int
     start_weights: torch.Tensor  # (P,)
     data: ClientDataset
     generator: torch.Generator  # this client's stream for this round
     regulariser: Regulariser | None = None
+    fisher: FisherRequest | None = None
 
 
 @dataclass
@@ -90,6 +124,43 @@ class ClientResult:
     weights: torch.Tensor  # (P,)
     steps: int
     stats: dict[str, float] = field(default_factory=dict)
+    fisher: torch.Tensor | None = None  # (P,), when the job asked for it
+    timing: dict[str, float] = field(default_factory=dict)  # seconds; not part of the results
+
+
+def client_fisher(model: nn.Module, data: ClientDataset, weights: torch.Tensor,
+                  request: FisherRequest) -> torch.Tensor:
+    """The client's diagonal Fisher over all its samples without augmentation (algorithms.md §2.4)."""
+    from fisherguard.fisher import diagonal_fisher
+
+    x, y = data.fisher_data()
+    return diagonal_fisher(model, weights, x, y, generator=request.generator, **request.options)
+
+
+def finish_job(job: ClientJob, weights: torch.Tensor, steps: int, stats: dict[str, float],
+               fisher_model: nn.Module, train_s: float) -> ClientResult:
+    """Attach the requested Fisher (and the times spent) to a trained client's result."""
+    fisher, timing = None, {"train_s": train_s}
+    if job.fisher is not None:
+        t0 = time.perf_counter()
+        fisher = client_fisher(fisher_model, job.data, weights, job.fisher)
+        timing["fisher_s"] = time.perf_counter() - t0
+    return ClientResult(job.client_id, weights, steps, stats, fisher, timing)
+
+
+def client_batches(job: ClientJob, plan: TrainPlan) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The client's mini-batches in training order, drawing from its own generator only.
+
+    Every trainer consumes a client's stream in this order (epoch permutation, then each batch's
+    augmentation), so batched and per-client training see identical batches.
+    """
+    for _ in range(plan.epochs):
+        for idx in epoch_batches(len(job.data), plan.batch_size, job.generator):
+            yield job.data.batch(idx, job.generator)
+
+
+def num_steps(n: int, plan: TrainPlan) -> int:
+    return plan.epochs * (n // plan.batch_size)
 
 
 class LocalTrainer(Protocol):
@@ -111,35 +182,38 @@ def make_optimizer(params: list[nn.Parameter], plan: TrainPlan) -> torch.optim.O
 class SequentialTrainer:
     """Reference path: each client trains its own model copy in turn (protocol §4)."""
 
+    name = "sequential"
+
     def __init__(self, model_factory: Callable[[], nn.Module]) -> None:
         # channels_last vectorises the small convolutions better on CPU (performance.md §3)
         self.model = model_factory().to(memory_format=torch.channels_last)
+        self.fisher_model = model_factory()
 
     def train_one(self, job: ClientJob, plan: TrainPlan) -> ClientResult:
+        t0 = time.perf_counter()
         model = load_flat(self.model, job.start_weights)
         model.train()
         params = trainable(model)
         opt = make_optimizer(params, plan)
         steps, ce_last, pen_last = 0, float("nan"), 0.0
-        for _ in range(plan.epochs):
-            for idx in epoch_batches(len(job.data), plan.batch_size, job.generator):
-                x, y = job.data.batch(idx, job.generator)
-                x = x.contiguous(memory_format=torch.channels_last)
-                opt.zero_grad(set_to_none=True)
-                ce = F.cross_entropy(model(x), y)
-                loss = ce
-                if job.regulariser is not None:
-                    pen = job.regulariser.penalty(params)
-                    loss = ce + pen
-                    pen_last = float(pen.detach())
-                loss.backward()
-                opt.step()
-                steps += 1
-                ce_last = float(ce.detach())
+        for x, y in client_batches(job, plan):
+            x = x.contiguous(memory_format=torch.channels_last)
+            opt.zero_grad(set_to_none=True)
+            ce = F.cross_entropy(model(x), y)
+            loss = ce
+            if job.regulariser is not None:
+                pen = job.regulariser.penalty(params)
+                loss = ce + pen
+                pen_last = float(pen.detach())
+            loss.backward()
+            opt.step()
+            steps += 1
+            ce_last = float(ce.detach())
         stats = {"loss": ce_last}
         if job.regulariser is not None:
             stats["penalty"] = pen_last
-        return ClientResult(job.client_id, flatten(model).clone(), steps, stats)
+        return finish_job(job, flatten(model).clone(), steps, stats, self.fisher_model,
+                          time.perf_counter() - t0)
 
     def train_round(self, jobs: list[ClientJob], plan: TrainPlan) -> list[ClientResult]:
         return [self.train_one(job, plan) for job in jobs]

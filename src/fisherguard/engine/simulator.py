@@ -20,8 +20,9 @@ from torch import nn
 
 from fisherguard import metrics
 from fisherguard.attacks.badnets import poison_draw, trigger_mask
-from fisherguard.clients.training import (ClientDataset, ClientJob, LocalTrainer, SequentialTrainer,
-                                          TrainPlan)
+from fisherguard.clients.trainers import build_trainer
+from fisherguard.clients.training import (ClientDataset, ClientJob, FisherRequest, LocalTrainer,
+                                          TrainPlan, client_fisher)
 from fisherguard.config import _defense_options
 from fisherguard.data.datasets import load_raw
 from fisherguard.data.partition import attacker_ids, dirichlet, train_validation_split
@@ -166,11 +167,28 @@ def run(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False, label
         return _summarise(run_dir, cfg, label, total)
     fed = prepare(cfg)
     defense = build_defense(cfg)
-    seed = cfg["experiment"]["seed"]
     fcfg = cfg["federation"]
     plan = TrainPlan(epochs=fcfg["local_epochs"], batch_size=fcfg["batch_size"], lr=fcfg["lr"],
                      momentum=fcfg["momentum"], weight_decay=fcfg["weight_decay"])
-    trainer = trainer or SequentialTrainer(fed.model_factory)
+    own_trainer = trainer is None
+    rt = cfg["runtime"]
+    trainer = trainer or build_trainer(fed.model_factory, fed.clients, kind=rt["trainer"],
+                                       workers=rt["workers"], group_size=rt["group_size"])
+    log.info("trainer: %s%s", getattr(trainer, "name", type(trainer).__name__),
+             f" × {rt['workers']} workers" if rt["workers"] > 1 else "")
+    try:
+        return _rounds(cfg, run_dir, done, total, fed, defense, plan, trainer, label, progress,
+                       stop_after)
+    finally:
+        if own_trainer and hasattr(trainer, "close"):
+            trainer.close()
+
+
+def _rounds(cfg: dict[str, Any], run_dir: RunDir, done: int, total: int, fed: Federation,
+            defense: Defense, plan: TrainPlan, trainer: LocalTrainer, label: str,
+            progress: TextIO | None, stop_after: int | None) -> dict[str, Any]:
+    seed = cfg["experiment"]["seed"]
+    fcfg = cfg["federation"]
     fisher_model = fed.model_factory()
     eval_model = fed.model_factory()
     fisher_opts = defense.fisher_options()
@@ -195,12 +213,8 @@ def run(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False, label
     ids = list(range(fcfg["clients"]))
     bar = Progress(total, label, progress)
 
-    def client_fisher(cid: int, w: torch.Tensor, t: int | str) -> torch.Tensor:
-        x, y = fed.clients[cid].fisher_data()
-        from fisherguard.fisher import diagonal_fisher
-
-        return diagonal_fisher(fisher_model, w, x, y, generator=torch_stream(seed, "fisher", cid, t),
-                               **fisher_opts)
+    def fisher_request(cid: int, t: int | str) -> FisherRequest:
+        return FisherRequest(fisher_opts, torch_stream(seed, "fisher", cid, t))
 
     for t in range(done, total):
         if stop_after is not None and t >= stop_after:
@@ -212,27 +226,37 @@ def run(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False, label
         if defense.client_regulariser:
             plans = defense.plan_clients(PlanInput(
                 round_idx=t, global_weights=weights, client_ids=ids,
-                client_fisher=lambda cid, w, _t=t: client_fisher(cid, w, f"plan-{_t}"),
+                client_fisher=lambda cid, w, _t=t: client_fisher(
+                    fisher_model, fed.clients[cid], w, fisher_request(cid, f"plan-{_t}")),
                 server_data=server))
         jobs = []
         for k in ids:
             p = plans.get(k)
             start = p.start_weights if p is not None and p.start_weights is not None else weights
             jobs.append(ClientJob(k, start, fed.clients[k], torch_stream(seed, "client", k, t),
-                                  p.regulariser if p is not None else None))
+                                  p.regulariser if p is not None else None,
+                                  fisher_request(k, t) if defense.needs_fisher else None))
+        t_train = time.perf_counter()
         results = trainer.train_round(jobs, plan)
+        t_train = time.perf_counter() - t_train
         updates = torch.stack([r.weights - weights for r in results])
         fisher = None
         if defense.needs_fisher:
-            fisher = torch.stack([client_fisher(r.client_id, r.weights, t) for r in results])
+            fisher = torch.stack([r.fisher for r in results])  # type: ignore[misc]
         counts = torch.tensor([len(fed.clients[k]) for k in ids], dtype=torch.float64)
         ri = RoundInput(global_weights=weights, updates=updates, num_samples=counts, client_ids=ids,
                         lr=fcfg["lr"], round_idx=t, fisher=fisher, server_data=server,
                         num_rounds=total)
+        t_agg = time.perf_counter()
         agg = defense.aggregate(ri)
         weights = agg.new_weights.detach().clone()
         evaluated = agg.eval_weights if agg.eval_weights is not None else weights
+        t_eval = time.perf_counter()
         m = evaluate(fed, eval_model, evaluated, cfg["eval"]["batch_size"])
+        t_done = time.perf_counter()
+        fisher_s = sum(r.timing.get("fisher_s", 0.0) for r in results)
+        timing = {"train_and_fisher_s": t_train, "fisher_s_summed": fisher_s,
+                  "aggregate_s": t_eval - t_agg, "eval_s": t_done - t_eval}
         cw = agg.client_weights.tolist()
         det = metrics.detection(agg.flagged.tolist(), ids, fed.attackers)
         det["attacker_share"] = metrics.attacker_weight_share(cw, ids, fed.attackers)
@@ -241,7 +265,7 @@ def run(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False, label
                               "reasons": agg.reasons, "num_samples": counts.tolist(),
                               "train": [r.stats for r in results]},
                   "diagnostics": agg.diagnostics, "status": agg.status,
-                  "wall_time_s": time.perf_counter() - t0}
+                  "wall_time_s": time.perf_counter() - t0, "timing": timing}
         if oracle:
             record["label"] = ORACLE_LABEL
         run_dir.append_round(record)

@@ -1,0 +1,161 @@
+"""The fast path: a round's clients trained together as one grouped-convolution ensemble.
+
+K SimpleCNNs with stacked parameters run as a single network: convolutions as one ``groups=K``
+convolution in channels_last, linear layers as one batched matmul, and the loss is the sum of the
+clients' mean cross-entropies so each client's gradient stays its own. SGD's momentum and weight
+decay are element-wise, so one optimiser over the stacked tensors equals K separate ones; a client
+that has run all its steps leaves the group (its slice and momentum are dropped), so no compute
+is wasted on finished clients (performance.md §3). The result equals ``SequentialTrainer`` to
+float rounding; ``tests/test_grouped.py`` proves it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fisherguard.clients.training import (ClientJob, ClientResult, TrainPlan, client_batches,
+                                          finish_job, make_optimizer, num_steps)
+from fisherguard.models import SimpleCNN, flatten, trainable
+
+Tensor = torch.Tensor
+
+
+def supports(model: nn.Module) -> bool:
+    """The grouped path knows the protocol SimpleCNN's layer sequence, nothing else."""
+    return type(model) is SimpleCNN
+
+
+def grouped_forward(params: list[Tensor], x: Tensor, *, summed_conv1: bool) -> Tensor:
+    """Logits (G, B, 10) of G SimpleCNNs with stacked parameters on x (B, G·C, 32, 32).
+
+    ``summed_conv1``: x carries one channel per client and conv1's kernel is summed over its input
+    channels, which equals the 3-channel convolution when the three channels are identical.
+    """
+    (w1, b1, w2, b2, *linear) = params
+    g = w1.shape[0]
+    if summed_conv1:
+        w1 = w1.sum(2, keepdim=True)
+    h = F.conv2d(x, w1.reshape(g * w1.shape[1], *w1.shape[2:]), b1.reshape(-1), groups=g)
+    h = F.relu(F.max_pool2d(h, 2))  # pool before ReLU: identical, cheaper (performance.md §3)
+    h = F.conv2d(h, w2.reshape(g * w2.shape[1], *w2.shape[2:]), b2.reshape(-1), groups=g)
+    h = F.relu(F.max_pool2d(h, 2))
+    batch = h.shape[0]
+    h = h.reshape(batch, g, -1).transpose(0, 1)  # (G, B, 400) in each model's flatten order
+    n_lin = len(linear) // 2
+    for i in range(n_lin):
+        w, b = linear[2 * i], linear[2 * i + 1]
+        h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+        if i < n_lin - 2:  # SimpleCNN: ReLU after fc1, fc2, l1; none after l2 and cls
+            h = F.relu(h)
+    return h
+
+
+class GroupedTrainer:
+    """Default trainer for SimpleCNN: clients of a round trained as one shrinking group."""
+
+    name = "grouped"
+
+    def __init__(self, model_factory: Callable[[], nn.Module], group_size: int = 10) -> None:
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        template = model_factory()
+        if not supports(template):
+            raise ValueError(f"the grouped trainer supports SimpleCNN only, not {type(template).__name__}")
+        self.template = template
+        self.shapes = [p.shape for p in trainable(template)]
+        self.group_size = group_size
+        self.fisher_model = model_factory()
+
+    def train_round(self, jobs: list[ClientJob], plan: TrainPlan) -> list[ClientResult]:
+        # largest first, so each group's active clients are always a prefix and shrinking is a slice
+        order = sorted(range(len(jobs)), key=lambda i: -num_steps(len(jobs[i].data), plan))
+        out: dict[int, ClientResult] = {}
+        for s in range(0, len(order), self.group_size):
+            group = [jobs[i] for i in order[s:s + self.group_size]]
+            for i, r in zip(order[s:s + self.group_size], self._train_group(group, plan)):
+                out[i] = r
+        return [out[i] for i in range(len(jobs))]
+
+    def _stack(self, jobs: list[ClientJob]) -> list[Tensor]:
+        flat = torch.stack([j.start_weights.detach().to(torch.float32) for j in jobs])
+        sizes = [s.numel() for s in self.shapes]
+        return [piece.reshape(len(jobs), *shape).clone().requires_grad_(True)
+                for piece, shape in zip(torch.split(flat, sizes, dim=1), self.shapes)]
+
+    def _train_group(self, jobs: list[ClientJob], plan: TrainPlan) -> list[ClientResult]:
+        t0 = time.perf_counter()
+        steps = [num_steps(len(j.data), plan) for j in jobs]
+        summed = self.shapes[0][1] > 1 and all(j.data.replicated_channels for j in jobs)
+        active = sum(1 for n in steps if n > 0)  # a prefix: jobs arrive largest first
+        params = self._stack(jobs[:active]) if active else []
+        opt = make_optimizer(params, plan) if active else None
+        streams = [client_batches(j, plan) for j in jobs]
+        finals: list[Tensor | None] = [None] * len(jobs)
+        stats: list[dict[str, float]] = [{"loss": float("nan")} for _ in jobs]
+        for i, j in enumerate(jobs):
+            if j.regulariser is not None:
+                stats[i]["penalty"] = 0.0
+        for i in range(active, len(jobs)):  # no full batch: the client returns its start weights
+            finals[i] = jobs[i].start_weights.detach().to(torch.float32).clone()
+        step = 0
+        while active > 0:
+            xs, ys = [], []
+            for i in range(active):
+                x, y = next(streams[i])
+                xs.append(x[:, :1] if summed else x)
+                ys.append(y)
+            # (B, G·C, H, W) in channels_last: each client's channels side by side per pixel
+            xg = torch.stack(xs, 1).flatten(1, 2).contiguous(memory_format=torch.channels_last)
+            yg = torch.stack(ys)  # (G, B)
+            assert opt is not None
+            opt.zero_grad(set_to_none=True)
+            logits = grouped_forward(params, xg, summed_conv1=summed)
+            ce = F.cross_entropy(logits.flatten(0, 1), yg.flatten(), reduction="none")
+            ce = ce.view(active, -1).mean(1)
+            loss = ce.sum()
+            pens = []
+            for i in range(active):
+                if jobs[i].regulariser is not None:
+                    pen = jobs[i].regulariser.penalty([p[i] for p in params])
+                    pens.append((i, pen))
+                    loss = loss + pen
+            loss.backward()
+            opt.step()
+            step += 1
+            ce_d = ce.detach()
+            for i in range(active):
+                stats[i]["loss"] = float(ce_d[i])
+            for i, pen in pens:
+                stats[i]["penalty"] = float(pen.detach())
+            remaining = sum(1 for i in range(active) if steps[i] > step)
+            if remaining < active:
+                for i in range(remaining, active):
+                    finals[i] = flatten([p[i] for p in params]).clone()
+                params, opt = self._shrink(params, opt, remaining, plan)
+                active = remaining
+        elapsed = time.perf_counter() - t0
+        results = []
+        for i, j in enumerate(jobs):
+            w = finals[i]
+            assert w is not None
+            results.append(finish_job(j, w, steps[i], stats[i], self.fisher_model, elapsed))
+        return results
+
+    @staticmethod
+    def _shrink(params: list[Tensor], opt: torch.optim.Optimizer, keep: int, plan: TrainPlan
+                ) -> tuple[list[Tensor], torch.optim.Optimizer | None]:
+        """Drop the finished clients' slices from the parameters and the momentum buffers (exact)."""
+        if keep == 0:
+            return [], None
+        new = [p.detach()[:keep].clone().requires_grad_(True) for p in params]
+        new_opt = make_optimizer(new, plan)
+        for old, p in zip(params, new):
+            buf = opt.state.get(old, {}).get("momentum_buffer")
+            if buf is not None:
+                new_opt.state[p]["momentum_buffer"] = buf[:keep].clone()
+        return new, new_opt

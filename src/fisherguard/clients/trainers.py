@@ -1,0 +1,153 @@
+"""Choosing a round's trainer, and running it in forked one-thread worker processes.
+
+Workers split the clients (largest total work first, each to the least-loaded worker), train
+their share with the same trainer class and return weights and Fisher; every client draws from
+its own named stream, so the result does not depend on the split. Fork shares the clients' data
+copy-on-write (performance.md §3, §6).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from fisherguard.clients.grouped import GroupedTrainer, supports
+from fisherguard.clients.training import (ClientDataset, ClientJob, ClientResult, FisherRequest,
+                                          LocalTrainer, SequentialTrainer, TrainPlan, num_steps)
+from fisherguard.defenses.base import Regulariser
+
+log = logging.getLogger("fisherguard")
+
+TRAINERS = ("auto", "grouped", "sequential")
+
+
+def build_trainer(model_factory: Callable[[], nn.Module], datasets: list[ClientDataset], *,
+                  kind: str = "auto", workers: int = 1, group_size: int = 10) -> LocalTrainer:
+    """``auto``: the grouped fast path when it covers the model, else the per-client reference (logged)."""
+    if kind not in TRAINERS:
+        raise ValueError(f"trainer must be one of {TRAINERS}, got {kind!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if kind == "auto":
+        kind = "grouped" if supports(model_factory()) else "sequential"
+        if kind == "sequential":
+            log.info("the grouped trainer does not cover this model; using the sequential trainer")
+
+    def make() -> LocalTrainer:
+        if kind == "grouped":
+            return GroupedTrainer(model_factory, group_size)
+        return SequentialTrainer(model_factory)
+
+    if workers == 1:
+        return make()
+    return ParallelTrainer(make, datasets, workers)
+
+
+@dataclass
+class _Spec:
+    """What a worker needs for one client: everything but the data, which it already holds."""
+
+    client_id: int
+    start_weights: torch.Tensor
+    generator_state: torch.Tensor
+    regulariser: Regulariser | None
+    fisher_options: dict[str, Any] | None
+    fisher_state: torch.Tensor | None
+
+
+def _generator(state: torch.Tensor) -> torch.Generator:
+    g = torch.Generator()
+    g.set_state(state)
+    return g
+
+
+# set in the parent just before forking; the children inherit it and never pickle the data
+_SHARED: dict[str, Any] = {}
+
+
+def _init_worker() -> None:
+    # Ctrl-C reaches the whole process group: let the parent decide, then terminate us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    _SHARED["trainer"] = _SHARED["make"]()
+
+
+def _work(task: tuple[list[_Spec], TrainPlan]) -> list[ClientResult]:
+    specs, plan = task
+    data: list[ClientDataset] = _SHARED["datasets"]
+    jobs = [ClientJob(s.client_id, s.start_weights, data[s.client_id], _generator(s.generator_state),
+                      s.regulariser,
+                      FisherRequest(s.fisher_options, _generator(s.fisher_state))
+                      if s.fisher_options is not None and s.fisher_state is not None else None)
+            for s in specs]
+    return _SHARED["trainer"].train_round(jobs, plan)
+
+
+def split_work(jobs: list[ClientJob], plan: TrainPlan, workers: int) -> list[list[int]]:
+    """Longest-processing-time-first assignment of job indices to workers by local steps."""
+    loads = [0] * workers
+    parts: list[list[int]] = [[] for _ in range(workers)]
+    for i in sorted(range(len(jobs)), key=lambda i: -num_steps(len(jobs[i].data), plan)):
+        w = loads.index(min(loads))
+        parts[w].append(i)
+        loads[w] += num_steps(len(jobs[i].data), plan) + 1
+    return parts
+
+
+class ParallelTrainer:
+    """N forked one-thread processes, each running the inner trainer on its share of the clients."""
+
+    name = "parallel"
+
+    def __init__(self, make: Callable[[], LocalTrainer], datasets: list[ClientDataset],
+                 workers: int) -> None:
+        if "fork" not in mp.get_all_start_methods():
+            raise RuntimeError("workers > 1 needs the 'fork' start method (Linux/macOS)")
+        self.workers = workers
+        self.inner_name = getattr(make(), "name", "trainer")
+        _SHARED.clear()
+        _SHARED.update(make=make, datasets=datasets)
+        self._pool = mp.get_context("fork").Pool(workers, initializer=_init_worker)
+        self._parent = os.getpid()
+
+    def train_round(self, jobs: list[ClientJob], plan: TrainPlan) -> list[ClientResult]:
+        if self._pool is None:
+            raise RuntimeError("this ParallelTrainer has been closed")
+        for j in jobs:
+            if _SHARED["datasets"][j.client_id] is not j.data:
+                raise ValueError(f"client {j.client_id}: workers only train the datasets they were "
+                                 "started with")
+        specs = [_Spec(j.client_id, j.start_weights, j.generator.get_state(), j.regulariser,
+                       j.fisher.options if j.fisher else None,
+                       j.fisher.generator.get_state() if j.fisher else None) for j in jobs]
+        parts = [p for p in split_work(jobs, plan, self.workers) if p]
+        try:
+            outs = self._pool.map(_work, [([specs[i] for i in p], plan) for p in parts], chunksize=1)
+        except BaseException:
+            self.close()
+            raise
+        results: dict[int, ClientResult] = {}
+        for p, out in zip(parts, outs):
+            for i, r in zip(p, out):
+                results[i] = r
+        return [results[i] for i in range(len(jobs))]
+
+    def close(self) -> None:
+        """Stop the workers (idempotent); called by the engine on success, error and Ctrl-C."""
+        if self._pool is not None and os.getpid() == self._parent:
+            self._pool.terminate()
+            self._pool.join()
+        self._pool = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
