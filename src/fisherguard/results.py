@@ -22,6 +22,15 @@ class ResumeError(RuntimeError):
     """A run directory cannot be resumed (different config, damaged checkpoint)."""
 
 
+def _results_part(cfg_text: str) -> Any:
+    """The config without its ``runtime`` section (threads, workers, trainer), which never changes results."""
+    import yaml
+
+    cfg = yaml.safe_load(cfg_text) or {}
+    cfg.pop("runtime", None)
+    return cfg
+
+
 class RunDir:
     CONFIG, ROUNDS, CHECKPOINT, SUMMARY_CSV, SUMMARY_JSON = (
         "config.yaml", "rounds.jsonl", "checkpoint.pt", "summary.csv", "summary.json")
@@ -35,9 +44,11 @@ class RunDir:
         cfg_text = config_mod.dump(cfg)
         cfg_file = self.path / self.CONFIG
         if resume and cfg_file.exists():
-            if cfg_file.read_text() != cfg_text:
+            if _results_part(cfg_file.read_text()) != _results_part(cfg_text):
                 raise ResumeError(f"{cfg_file} holds a different config; resume needs the same "
-                                  "config and overrides (or choose another --out)")
+                                  "config and overrides (or choose another --out); only the "
+                                  "runtime section may change")
+            _atomic_write(cfg_file, cfg_text.encode())
             ck = self.load_checkpoint()
             done = 0 if ck is None else int(ck["rounds_done"])
             self._truncate_rounds(done)
