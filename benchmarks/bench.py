@@ -1,0 +1,709 @@
+#!/usr/bin/env python
+"""fisherguard's engine benchmark (fast-engine issue; performance.md §8 targets, §9 rules).
+
+    python benchmarks/bench.py --quick      # `make bench`: targets 1 and 2, E = 2 (labelled quick mode)
+    python benchmarks/bench.py              # the same at E = 10, 5 repetitions
+    python benchmarks/bench.py --full       # `make bench-full`: the 50-round paper run (targets 3–5)
+
+Issue target 1: the engine's client round (local training plus the exact Fisher of every client)
+against the sequential reference loop of performance.md §8 Definition 1, with the same Fisher
+routine; a naive line with the per-sample-loop Fisher is printed for information. Issue target 2:
+the exact Fisher of one 5 400-sample client in multiples of one local epoch, 1 and 2 threads.
+``--full`` runs the Fashion-MNIST paper configuration (FDCR, seed 0) once end to end and reports
+wall time, peak summed PSS of the process tree and the wall time over the compute bound.
+
+Every ratio comes from this run's own numbers. Variants run round-robin after one untimed warm-up
+round each; a repetition disturbed by foreign processes (> 6 % of the machine) is redone within a
+bounded budget. The ratio of target 1 is refused when the engine's first-round client weights
+differ from the reference's by more than 1e-4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import benchlib
+
+# Threads are pinned before torch loads (performance.md §9); each variant then sets its own count.
+CORES = benchlib.cores()
+benchlib.pin_threads(CORES)
+
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import yaml  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, Dataset, Sampler  # noqa: E402
+
+from fisherguard import config  # noqa: E402
+from fisherguard.clients.grouped import GroupedTrainer  # noqa: E402
+from fisherguard.clients.trainers import build_trainer  # noqa: E402
+from fisherguard.clients.training import (ClientDataset, ClientJob, ClientResult,  # noqa: E402
+                                          FisherRequest, LocalTrainer, TrainPlan)
+from fisherguard.data.sources import DatasetMissingError  # noqa: E402
+from fisherguard.engine import simulator  # noqa: E402
+from fisherguard.fisher import diagonal_fisher, per_sample_loop_fisher  # noqa: E402
+from fisherguard.models import build_model, flatten, load_flat, num_params  # noqa: E402
+from fisherguard.seeding import torch_stream  # noqa: E402
+
+Tensor = torch.Tensor
+ROOT = Path(__file__).resolve().parent.parent
+PAPER_CONFIG = ROOT / "configs" / "fmnist-paper.yaml"
+SEED = 0
+TRAIN_FLOPS_SPEC = 3.386e6  # protocol SimpleCNN on 3×32×32, performance.md §1
+# Assumption for the compute bound: one exact per-sample Fisher costs about one training pass
+# per sample (forward, output gradients and per-sample weight-gradient products).
+FISHER_FLOPS_FACTOR = 1.0
+WEIGHT_TOL = 1e-4  # performance.md §9: agreement after the first round
+FULL_WALL_TARGET_S = 20 * 60
+FULL_PEAK_TARGET_B = 2 * 1024**3
+FULL_BOUND_TARGET = 2.4
+# `make bench-full` default: measured fastest by `make bench` on the reference 2-core machine
+DEFAULT_FULL_WORKERS = 2
+
+
+# ---------------------------------------------------------------------------------------------
+# workload
+
+
+def paper_config(*, epochs: int, rounds: int | None = None, train_subset: int | None = None,
+                 synthetic: bool = False, workers: int = 1, threads: int | None = None
+                 ) -> dict[str, Any]:
+    """The Fashion-MNIST paper configuration with FDCR, seed 0, and the given overrides."""
+    raw = yaml.safe_load(PAPER_CONFIG.read_text())
+    sets: dict[str, Any] = {"defense": "fdcr", "experiment.seed": SEED,
+                            "federation.local_epochs": epochs, "data.train_subset": train_subset,
+                            "runtime.workers": workers, "runtime.threads": threads}
+    if rounds is not None:
+        sets["federation.rounds"] = rounds
+    if synthetic:  # the same size as Fashion-MNIST: 60 000 training and 10 000 test images
+        sets.update({"data.dataset": "synthetic", "data.synthetic_train": 60000,
+                     "data.synthetic_test": 10000})
+    return config.resolve(config.apply_overrides(raw, sets))
+
+
+def plan_of(cfg: dict[str, Any], epochs: int | None = None) -> TrainPlan:
+    f = cfg["federation"]
+    return TrainPlan(epochs=f["local_epochs"] if epochs is None else epochs,
+                     batch_size=f["batch_size"], lr=f["lr"], momentum=f["momentum"],
+                     weight_decay=f["weight_decay"])
+
+
+def training_flops_per_sample(model: nn.Module, shape: tuple[int, ...]) -> float:
+    """Training FLOPs of one sample, counted from the layers as specified (performance.md §1).
+
+    Forward, input gradient and weight gradient of every Conv2d/Linear, one multiply-add = 2
+    FLOPs; the first layer needs no input gradient. Independent of any shortcut the engine takes.
+    """
+    macs: list[float] = []
+
+    def hook(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
+        if isinstance(mod, nn.Conv2d):
+            k = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+            macs.append(out[0].numel() * k)
+        else:
+            macs.append(mod.in_features * mod.out_features)
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *shape))
+    finally:
+        for h in handles:
+            h.remove()
+    return 2 * (3 * sum(macs) - macs[0])
+
+
+def fed_jobs(fed: simulator.Federation, w0: Tensor, fisher_opts: dict[str, Any], t: int = 0
+             ) -> list[ClientJob]:
+    """The round's jobs exactly as the simulator builds them for FDCR (no regulariser)."""
+    return [ClientJob(k, w0, data, torch_stream(SEED, "client", k, t), None,
+                      FisherRequest(fisher_opts, torch_stream(SEED, "fisher", k, t)))
+            for k, data in enumerate(fed.clients)]
+
+
+@dataclass
+class RoundOut:
+    weights: list[Tensor]
+    fisher: list[Tensor]
+    train_s: float = float("nan")  # reference only: time in training and in the Fisher
+    fisher_s: float = float("nan")
+
+
+def engine_round(trainer: LocalTrainer, threads: int, fed: simulator.Federation, w0: Tensor,
+                 plan: TrainPlan, fisher_opts: dict[str, Any]) -> RoundOut:
+    torch.set_num_threads(threads)
+    results: list[ClientResult] = trainer.train_round(fed_jobs(fed, w0, fisher_opts), plan)
+    assert all(r.fisher is not None for r in results), "the engine returned no Fisher"
+    return RoundOut([r.weights for r in results], [r.fisher for r in results],  # type: ignore[misc]
+                    fisher_s=sum(r.timing.get("fisher_s", 0.0) for r in results))
+
+
+# --- the reference loop of performance.md §8 Definition 1 ------------------------------------
+
+
+class ReplaySampler(Sampler[int]):
+    """One epoch of the engine's permutation of a client, drawn from the client's stream.
+
+    The permutation is drawn when an epoch starts and the batches' augmentation is drawn when
+    each batch is fetched, the order in which ``client_batches`` consumes the same stream.
+    """
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.n, self.generator = n, generator
+
+    def __iter__(self):  # type: ignore[override]
+        return iter(torch.randperm(self.n, generator=self.generator).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class ClientSamples(Dataset):
+    """A client's samples; the DataLoader fetches a batch at once through the engine's
+    augmentation function (``ClientDataset.batch``), which draws from the client's stream."""
+
+    def __init__(self, data: ClientDataset, generator: torch.Generator) -> None:
+        self.data, self.generator = data, generator
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        x, y = self.__getitems__([i])
+        return x[0], y[0]
+
+    def __getitems__(self, idx: list[int]) -> tuple[Tensor, Tensor]:
+        return self.data.batch(torch.tensor(idx, dtype=torch.long), self.generator)
+
+
+def _as_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    return batch  # __getitems__ already returns the collated batch
+
+
+def reference_round(fed: simulator.Federation, w0: Tensor, plan: TrainPlan,
+                    fisher_opts: dict[str, Any], threads: int) -> RoundOut:
+    """One nn.Module per client trained in turn: DataLoader replaying the engine's batches, NCHW,
+    default SGD, then the engine's Fisher routine (``diagonal_fisher``, same options and stream)."""
+    torch.set_num_threads(threads)
+    out = RoundOut([], [], 0.0, 0.0)
+    for k, data in enumerate(fed.clients):
+        t0 = time.perf_counter()
+        model = load_flat(fed.model_factory(), w0)
+        model.train()
+        gen = torch_stream(SEED, "client", k, 0)
+        loader = DataLoader(ClientSamples(data, gen), batch_size=plan.batch_size,
+                            sampler=ReplaySampler(len(data), gen), drop_last=True,
+                            collate_fn=_as_batch)
+        opt = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=plan.momentum,
+                              weight_decay=plan.weight_decay)
+        for _ in range(plan.epochs):
+            for x, y in loader:
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+        w = flatten(model).clone()
+        t1 = time.perf_counter()
+        fx, fy = data.fisher_data()
+        fisher = diagonal_fisher(model, w, fx, fy, generator=torch_stream(SEED, "fisher", k, 0),
+                                 **fisher_opts)
+        t2 = time.perf_counter()
+        out.weights.append(w)
+        out.fisher.append(fisher)
+        out.train_s += t1 - t0
+        out.fisher_s += t2 - t1
+    return out
+
+
+def compare(ref: RoundOut, got: RoundOut, w0: Tensor, sizes: list[int]) -> dict[str, float]:
+    """Max-abs differences of client weights, the FedAvg global and the Fisher (also relative)."""
+    dw = max(float((a - b).abs().max()) for a, b in zip(ref.weights, got.weights))
+    moved = max(float((a - w0).abs().max()) for a in ref.weights)
+    n = torch.tensor(sizes, dtype=torch.float64)
+
+    def avg(ws: list[Tensor]) -> Tensor:
+        return (torch.stack(ws).double() * n[:, None]).sum(0) / n.sum()
+
+    dg = float((avg(ref.weights) - avg(got.weights)).abs().max())
+    df = max(float((a - b).abs().max()) for a, b in zip(ref.fisher, got.fisher))
+    dfr = max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
+              for a, b in zip(ref.fisher, got.fisher))
+    fmax = max(float(a.abs().max()) for a in ref.fisher)
+    return {"weights": dw, "global": dg, "fisher": df, "fisher_rel": dfr, "fisher_max": fmax,
+            "moved": moved}
+
+
+def agrees(d: dict[str, float]) -> bool:
+    # Fisher entries are squared gradients of arbitrary scale: 1e-4 absolute below 1, relative above
+    return d["weights"] <= WEIGHT_TOL and d["fisher"] <= WEIGHT_TOL * max(1.0, d["fisher_max"])
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements
+
+
+def sgemm(rep: benchlib.Repeater, threads_list: list[int], reps: int, n: int = 2048
+          ) -> dict[int, benchlib.Stats]:
+    """Throughput (GFLOP/s) of an n×n float32 matrix product; blocks of ≈0.5 s, round-robin."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    c = torch.empty(n, n)
+    flop = 2.0 * n**3
+    count: dict[int, int] = {}
+    for th in threads_list:  # warm-up, and size a block to ≈0.5 s
+        torch.set_num_threads(th)
+        torch.mm(a, b, out=c)
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=c)
+        count[th] = max(1, int(0.5 / max(time.perf_counter() - t0, 1e-4)))
+    out = {th: benchlib.Stats() for th in threads_list}
+    for _ in range(reps):
+        for th in threads_list:
+            def block(th: int = th) -> None:
+                torch.set_num_threads(th)
+                for _ in range(count[th]):
+                    torch.mm(a, b, out=c)
+            s = rep.measure(f"sgemm {th} thr", block)
+            # store GFLOP/s in place of seconds
+            out[th].add(benchlib.Sample(flop * count[th] / s.seconds / 1e9, s.foreign, s.busy))
+    return out
+
+
+def benign_client(fed: simulator.Federation, n: int) -> ClientDataset:
+    """A benign client of n samples (the first n of the benign clients' pool, fewer only on a
+    development subset), through the engine's pipeline."""
+    benign = [c for c in fed.clients if c.images is not None and c.poisoned is None]
+    images = torch.cat([c.images for c in benign])[:n]  # type: ignore[misc]
+    labels = torch.cat([c.labels for c in benign])[:n]
+    return ClientDataset(labels=labels.clone(), pipeline=fed.pipeline, images=images.clone())
+
+
+def fisher_vs_epoch(fed: simulator.Federation, w0: Tensor, plan: TrainPlan,
+                    fisher_opts: dict[str, Any], rep: benchlib.Repeater, reps: int,
+                    threads_list: list[int], n: int = 5400
+                    ) -> tuple[dict[str, benchlib.Stats], int]:
+    """One local epoch of the engine's trainer vs its exact Fisher (hooks; vmap for information)."""
+    data = benign_client(fed, n)
+    print(f"  client: {len(data)} benign samples, 3×32×32 through the engine's pipeline; epoch = "
+          f"the engine's GroupedTrainer, E = 1; Fisher = diagonal_fisher {fisher_opts}, at the "
+          "epoch's weights, fisher_data() included", flush=True)
+    one = TrainPlan(epochs=1, batch_size=plan.batch_size, lr=plan.lr, momentum=plan.momentum,
+                    weight_decay=plan.weight_decay)
+    trainer = GroupedTrainer(fed.model_factory, group_size=1)
+    model = fed.model_factory()
+    holder: dict[str, Tensor] = {}
+
+    def epoch() -> None:
+        job = ClientJob(0, w0, data, torch_stream(SEED, "client", "target2", 0))
+        holder["w"] = trainer.train_round([job], one)[0].weights
+
+    def fisher(backend: str) -> Callable[[], Tensor]:
+        def go() -> Tensor:  # as client_fisher does: all samples without augmentation
+            x, y = data.fisher_data()
+            return diagonal_fisher(model, holder["w"], x, y, backend=backend,
+                                   generator=torch_stream(SEED, "fisher", "target2", 0),
+                                   **fisher_opts)
+        return go
+
+    tasks = [("epoch", epoch), ("hooks", fisher("auto")), ("vmap", fisher("vmap"))]
+    out = {f"{name}@{th}": benchlib.Stats() for th in threads_list for name, _ in tasks}
+    for th in threads_list:  # warm-up
+        torch.set_num_threads(th)
+        for _, fn in tasks:
+            fn()
+    for r in range(reps):
+        for th in threads_list:
+            for name, fn in tasks:
+                def go(th: int = th, fn: Callable[[], Any] = fn) -> Any:
+                    torch.set_num_threads(th)
+                    return fn()
+                out[f"{name}@{th}"].add(rep.measure(f"target 2 {name} {th} thr", go))
+        print(f"  repetition {r + 1}/{reps} done", flush=True)
+    return out, len(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# the quick / standard benchmark (targets 1 and 2)
+
+
+def run_bench(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) -> int:
+    epochs = args.epochs or (2 if args.quick else 10)
+    reps = args.reps or (3 if args.quick else 5)
+    max_attempts = args.max_attempts
+    labels = []
+    if epochs != 10:
+        labels.append(f"E = {epochs} (labelled quick mode, performance.md §8 def. 1; targets are set at E = 10)")
+    if reps < 5:
+        labels.append(f"{reps} repetitions (§9 asks for at least 5)")
+    if args.train_subset:
+        labels.append(f"SUBSET: only the first {args.train_subset} images of the client pool")
+
+    synthetic = False
+    cfg = paper_config(epochs=epochs, train_subset=args.train_subset)
+    t0 = time.perf_counter()
+    try:
+        fed = simulator.prepare(cfg)
+    except DatasetMissingError:
+        synthetic = True
+        labels.append("SYNTHETIC data of Fashion-MNIST's size (real Fashion-MNIST not found; "
+                      "fetch it with `fisherguard data fetch fashion-mnist`)")
+        cfg = paper_config(epochs=epochs, train_subset=args.train_subset, synthetic=True)
+        fed = simulator.prepare(cfg)
+    prep_s = time.perf_counter() - t0
+    plan = plan_of(cfg)
+    w0 = simulator.initial_weights(fed)
+    fisher_opts = simulator.build_defense(cfg).fisher_options()
+    sizes = [len(c) for c in fed.clients]
+    total_n = sum(sizes)
+    settings = {"dataset": "synthetic" if synthetic else cfg["data"]["dataset"], "epochs": epochs,
+                "clients": len(sizes), "beta": cfg["partition"]["beta"], "seed": SEED,
+                "batch_size": plan.batch_size, "defense": "fdcr", "fisher_options": fisher_opts,
+                "repetitions": reps, "train_subset": args.train_subset}
+
+    print()
+    print("== Target 1: engine vs sequential reference loop, one client round "
+          "(all clients' training + exact Fisher)")
+    print(f"  workload: {settings['dataset']}, protocol SimpleCNN 3×32×32 ({num_params(fed.model_factory())} "
+          f"parameters), K = {len(sizes)}, Dirichlet β = {cfg['partition']['beta']}, seed {SEED}, "
+          f"E = {epochs}, batch {plan.batch_size}, FDCR exact Fisher {fisher_opts}")
+    print(f"  client sizes {sizes} (Σ = {total_n}), attackers {fed.attackers}; data prepared in {prep_s:.1f} s")
+    for text in labels:
+        print(f"  NOTE: {text}")
+
+    # engine variants: workers × threads = cores (performance.md §9); forked before any timing
+    shapes = [(1, CORES)] + ([(CORES, 1)] if CORES > 1 else [])
+    engines: list[tuple[str, LocalTrainer, int]] = []
+    for workers, threads in shapes:
+        trainer = build_trainer(fed.model_factory, fed.clients, kind="auto", workers=workers)
+        inner = getattr(trainer, "inner_name", getattr(trainer, "name", "?"))
+        engines.append((f"engine {workers} worker{'s' if workers > 1 else ''} × {threads} "
+                        f"thread{'s' if threads > 1 else ''} ({inner})", trainer, threads))
+    variants: list[tuple[str, Callable[[], RoundOut]]] = [
+        (name, lambda tr=tr, th=th: engine_round(tr, th, fed, w0, plan, fisher_opts))
+        for name, tr, th in engines]
+    ref_name = f"reference (sequential, DataLoader, NCHW, default SGD, {CORES} threads)"
+    variants.append((ref_name, lambda: reference_round(fed, w0, plan, fisher_opts, CORES)))
+
+    rep = benchlib.Repeater(max_attempts=max_attempts, redo_budget=reps * len(variants))
+    try:
+        first: dict[str, RoundOut] = {}
+        for name, fn in variants:
+            t0 = time.perf_counter()
+            first[name] = fn()
+            print(f"  warm-up (untimed): {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+
+        # correctness gate: the first round's client weights (and Fisher) must agree
+        ok_names = []
+        print("  first-round agreement with the reference (max-abs; gate 1e-4):")
+        for name, _, _ in engines:
+            d = compare(first[ref_name], first[name], w0, sizes)
+            good = agrees(d)
+            if good:
+                ok_names.append(name)
+            print(f"    {name}: weights {d['weights']:.2e}, FedAvg global {d['global']:.2e}, "
+                  f"Fisher {d['fisher']:.2e} (relative {d['fisher_rel']:.2e}); training moved "
+                  f"weights by up to {d['moved']:.2e} -> {'OK' if good else 'DISAGREE'}")
+            jl.write(f"agreement/{name}", d["weights"], "max-abs", target="<= 1e-4", ok=good,
+                     settings=settings, detail=d)
+            if not good:
+                print(f"  ERROR: {name} computes different weights or Fisher than the reference; "
+                      "its ratio is not reported", flush=True)
+
+        stats = {name: benchlib.Stats() for name, _ in variants}
+        ref_parts = {"train": benchlib.Stats(), "fisher": benchlib.Stats()}
+        eng_fisher = {name: benchlib.Stats() for name, _, _ in engines}
+        for r in range(reps):
+            for name, fn in variants:
+                s = rep.measure(name, fn)
+                stats[name].add(s)
+                out: RoundOut = s.result
+                if name == ref_name:
+                    ref_parts["train"].values.append(out.train_s)
+                    ref_parts["fisher"].values.append(out.fisher_s)
+                else:
+                    eng_fisher[name].values.append(out.fisher_s)
+            print(f"  repetition {r + 1}/{reps}: " + ", ".join(
+                f"{name.split(' (')[0]} {stats[name].values[-1]:.1f} s" for name, _ in variants),
+                flush=True)
+    finally:
+        for _, tr, _ in engines:
+            if hasattr(tr, "close"):
+                tr.close()
+
+    print(f"  busy check: {rep.dropped} repetition(s) dropped and redone, {rep.kept_busy} kept "
+          f"busy after retries (threshold {benchlib.BUSY_THRESHOLD:.0%} foreign load)")
+    print("  per-round wall time, median (min, max) of the timed repetitions:")
+    for name, _ in variants:
+        print(f"    {name}: {stats[name].text()}")
+        jl.write(f"round_time/{name}", stats[name].median, "s", settings=settings,
+                 min=stats[name].min, max=stats[name].max, n=len(stats[name].values),
+                 busy=stats[name].busy)
+    print(f"      reference split: training {ref_parts['train'].median:.2f} s, "
+          f"Fisher {ref_parts['fisher'].median:.2f} s")
+    for name, _, _ in engines:
+        print(f"      {name.split(' (')[0]}: Fisher {eng_fisher[name].median:.2f} s summed "
+              "over clients (across workers)")
+
+    # naive line, information only: the reference with the per-sample-loop Fisher, extrapolated
+    naive_clients = [0, len(sizes) - 1]  # a benign client and an attacker
+    m = args.naive_samples
+    model = fed.model_factory()
+    fx = {k: fed.clients[k].fisher_data() for k in naive_clients}
+    wk = {k: first[ref_name].weights[k] for k in naive_clients}
+
+    def loop() -> None:
+        torch.set_num_threads(CORES)
+        for k in naive_clients:
+            per_sample_loop_fisher(model, wk[k], fx[k][0][:m], fx[k][1][:m])
+
+    loop_s = rep.measure("naive per-sample loop", loop)
+    counted = sum(min(m, sizes[k]) for k in naive_clients)
+    per_sample = loop_s.seconds / counted
+    check_k = naive_clients[0]
+    ref_f = diagonal_fisher(model, wk[check_k], fx[check_k][0][:m], fx[check_k][1][:m], **fisher_opts)
+    loop_f = per_sample_loop_fisher(model, wk[check_k], fx[check_k][0][:m], fx[check_k][1][:m])
+    loop_rel = float((ref_f - loop_f).abs().max() / ref_f.abs().max())
+    naive_round = ref_parts["train"].median + per_sample * total_n
+
+    # target 2
+    print()
+    print("== Target 2: exact Fisher of one client (5 400 samples) in local epochs")
+    threads_list = sorted({1, min(2, CORES)})
+    t2, n2 = fisher_vs_epoch(fed, w0, plan, fisher_opts, rep, reps, threads_list)
+    if n2 < 5400:
+        labels.append(f"target 2 on {n2} samples instead of 5 400 (development subset)")
+
+    # report
+    print()
+    print("== Results (ratios from this run's own numbers)")
+    exit_code = 0
+    ref_med = stats[ref_name].median
+    good_engines = [n for n in ok_names]
+    if not good_engines:
+        print("  ERROR: no engine variant agreed with the reference after the first round; "
+              "refusing to report the target 1 ratio")
+        jl.write("target1/engine_vs_reference", None, "x", target=">= 1.5", ok=False,
+                 settings=settings, error="weights disagree")
+        exit_code = 2
+    else:
+        best = min(good_engines, key=lambda n: stats[n].median)
+        for name in good_engines:
+            ratio = ref_med / stats[name].median
+            tag = " <- engine (fastest)" if name == best else ""
+            print(f"  target 1  {name}: {ratio:.2f}x the reference{tag}")
+        ratio = ref_med / stats[best].median
+        ok = ratio >= 1.5
+        stretch = " (stretch 2x reached)" if ratio >= 2.0 else ""
+        print(f"  target 1  engine vs reference: {ratio:.2f}x  target >= 1.5x (stretch 2x)  "
+              f"{benchlib.verdict(ok)}{stretch}" + (f"  [E = {epochs}]" if epochs != 10 else ""))
+        jl.write("target1/engine_vs_reference", ratio, "x", target=">= 1.5 (stretch 2)", ok=ok,
+                 settings={**settings, "engine": best}, engine_s=stats[best].median,
+                 reference_s=ref_med, quick=epochs != 10)
+        naive_ratio = naive_round / stats[best].median
+        print(f"  info      naive (reference + per-sample-loop Fisher) vs engine: {naive_ratio:.1f}x; "
+              f"naive round ≈ {naive_round:.1f} s, EXTRAPOLATED from the loop timed on "
+              f"{counted} samples of clients {naive_clients} ({per_sample * 1e3:.2f} ms/sample"
+              f"{', busy' if loop_s.busy else ''}) to Σn = {total_n}; the loop agrees with "
+              f"the engine's estimator to {loop_rel:.1e} (relative)")
+        jl.write("info/naive_vs_engine", naive_ratio, "x", settings=settings,
+                 naive_round_s=naive_round, extrapolated_from_samples=counted,
+                 loop_ms_per_sample=per_sample * 1e3)
+        bound = (epochs + FISHER_FLOPS_FACTOR) * total_n * TRAIN_FLOPS_SPEC / (gflops2 * 1e9)
+        print(f"  info      engine round / its compute bound ({bound:.2f} s at {gflops2:.0f} "
+              f"GFLOP/s): {stats[best].median / bound:.2f}x")
+        jl.write("info/round_over_compute_bound", stats[best].median / bound, "x",
+                 settings=settings, bound_s=bound, sgemm_gflops_2thr=gflops2)
+
+    for th in threads_list:
+        e = t2[f"epoch@{th}"].median
+        for backend in ("hooks", "vmap"):
+            r = t2[f"{backend}@{th}"].median / e
+            is_target = backend == "hooks"
+            ok2 = r <= 2.5 if is_target else None
+            what = "target 2" if is_target else "info    "
+            label = "default (hooks)" if is_target else "vmap"
+            print(f"  {what}  Fisher {label}, {th} thread{'s' if th > 1 else ''}: {r:.2f} epochs "
+                  f"(Fisher {t2[f'{backend}@{th}'].text()}; epoch {t2[f'epoch@{th}'].text()})"
+                  + (f"  target <= 2.5  {benchlib.verdict(ok2)}" if is_target else ""))
+            jl.write(f"target2/fisher_{backend}_epochs@{th}thr", r, "epochs",
+                     target="<= 2.5" if is_target else None, ok=ok2,
+                     settings={"samples": n2, "threads": th, "backend": backend,
+                               "dataset": settings["dataset"]},
+                     fisher_s=t2[f"{backend}@{th}"].median, epoch_s=e)
+    print(f"  busy check (all sections): {rep.dropped} repetition(s) dropped, {rep.kept_busy} kept busy")
+    jl.write("busy/dropped", rep.dropped, "repetitions", settings={"kept_busy": rep.kept_busy})
+    for text in labels:
+        print(f"  NOTE: {text}")
+    return exit_code
+
+
+# ---------------------------------------------------------------------------------------------
+# the full paper run (issue target 3; performance.md §8 rows 4 and 5)
+
+
+def run_full(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) -> int:
+    workers = args.workers
+    threads = args.threads or max(1, CORES // workers)
+    epochs = args.epochs or 10
+    deviations = []
+    if epochs != 10:
+        deviations.append(f"E = {epochs}")
+    if args.rounds:
+        deviations.append(f"T = {args.rounds}")
+    if args.train_subset:
+        deviations.append(f"train_subset = {args.train_subset}")
+    cfg = paper_config(epochs=epochs, rounds=args.rounds, train_subset=args.train_subset,
+                       workers=workers, threads=threads)
+    f = cfg["federation"]
+    net = build_model("simplecnn", cfg["data"]["channels"])
+    shape = (cfg["data"]["channels"], 32, 32)
+    flops = training_flops_per_sample(net, shape)
+    print()
+    print("== Target 3: the full Fashion-MNIST paper run (FDCR, seed 0), once, start-up included")
+    print(f"  model SimpleCNN, input {shape[0]}×{shape[1]}×{shape[2]}, {num_params(net)} parameters, "
+          f"{flops / 1e6:.3f} MFLOP training per sample")
+    print(f"  K = {f['clients']}, E = {f['local_epochs']}, T = {f['rounds']}, batch {f['batch_size']}, "
+          f"eval every round; runtime: trainer {cfg['runtime']['trainer']}, workers {workers} × "
+          f"threads {threads}")
+    if deviations:
+        print(f"  NOTE: not the target configuration ({', '.join(deviations)}); no PASS/MISS")
+    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="fisherguard-bench-full-"))
+    print(f"  run directory: {out_dir}", flush=True)
+    try:
+        with benchlib.PssSampler(0.25) as mem:
+            t0 = time.perf_counter()
+            summary = simulator.run(cfg, out_dir, label="bench-full", progress=sys.stderr)
+            wall = time.perf_counter() - t0
+        partition = json.loads((out_dir / "partition.json").read_text())
+    finally:
+        if not args.out:
+            shutil.rmtree(out_dir, ignore_errors=True)
+    n = summary.get("rounds", f["rounds"])
+    # training and Fisher FLOPs of the model as specified, whatever shortcuts the engine takes;
+    # counted on the client pool (Σ n_k) as performance.md §8 states it
+    total_n = int(sum(partition["sizes"]))
+    bound = n * (f["local_epochs"] + FISHER_FLOPS_FACTOR) * total_n * flops / (gflops2 * 1e9)
+    ratio = wall / bound
+    target = not deviations
+    ok_wall = wall <= FULL_WALL_TARGET_S if target else None
+    ok_mem = mem.peak_bytes <= FULL_PEAK_TARGET_B if target else None
+    ok_ratio = ratio <= FULL_BOUND_TARGET if target else None
+    print()
+    print("== Results")
+    print(f"  final A = {summary.get('A', float('nan')):.3f}, ASR = {summary.get('ASR', float('nan')):.3f} "
+          f"(last-5 means, {n} rounds)")
+    print(f"  wall time          {wall / 60:.1f} min ({wall:.0f} s)  target <= 20 min  "
+          f"{benchlib.verdict(ok_wall)}")
+    print(f"  peak summed PSS    {mem.peak_bytes / 2**30:.2f} GiB ({mem.samples} samples, every "
+          f"0.25 s, process tree)  target <= 2 GiB  {benchlib.verdict(ok_mem)}")
+    print(f"  compute bound      {bound / 60:.1f} min = {n} rounds × (E + {FISHER_FLOPS_FACTOR:g} "
+          f"Fisher pass) × Σn {total_n} × {flops / 1e6:.3f} MFLOP / {gflops2:.0f} GFLOP/s")
+    print(f"                     (assumption: the exact Fisher costs one training pass per sample)")
+    print(f"  wall / bound       {ratio:.2f}x  target <= 2.4x (stretch 1.5x)  {benchlib.verdict(ok_ratio)}")
+    s = {"epochs": f["local_epochs"], "rounds": n, "clients": f["clients"], "workers": workers,
+         "threads": threads, "defense": "fdcr", "seed": SEED, "deviations": deviations,
+         "input": list(shape), "params": num_params(net)}
+    jl.write("target3/wall", wall, "s", target="<= 1200", ok=ok_wall, settings=s)
+    jl.write("target3/peak_pss", mem.peak_bytes, "bytes", target="<= 2 GiB", ok=ok_mem, settings=s)
+    jl.write("target3/wall_over_compute_bound", ratio, "x", target="<= 2.4 (stretch 1.5)",
+             ok=ok_ratio, settings=s, bound_s=bound, sgemm_gflops_2thr=gflops2,
+             fisher_flops_factor=FISHER_FLOPS_FACTOR, train_flops_per_sample=flops)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="labelled quick mode: E = 2 and 3 repetitions (`make bench`)")
+    p.add_argument("--full", action="store_true",
+                   help="run the full paper configuration once (`make bench-full`)")
+    p.add_argument("--reps", type=int, help="timed repetitions (default 5, quick 3)")
+    p.add_argument("--json", type=Path, help="JSON-lines output (default benchmarks/results/)")
+    p.add_argument("--workers", type=int, default=DEFAULT_FULL_WORKERS,
+                   help=f"--full: runtime.workers (default {DEFAULT_FULL_WORKERS})")
+    p.add_argument("--threads", type=int, help="--full: runtime.threads (default cores / workers)")
+    p.add_argument("--out", help="--full: keep the run directory here (default: a removed temp dir)")
+    p.add_argument("--epochs", type=int, help="override E (development; labelled in the output)")
+    p.add_argument("--rounds", type=int, help="--full: override T (development; no PASS/MISS)")
+    p.add_argument("--train-subset", type=int,
+                   help="use only the first N pool images (development; labelled in the output)")
+    p.add_argument("--max-attempts", type=int, default=3,
+                   help="attempts per repetition when the machine is busy (default 3)")
+    p.add_argument("--naive-samples", type=int, default=256,
+                   help="samples per client the per-sample-loop Fisher is timed on (default 256)")
+    a = p.parse_args(argv)
+    if a.quick and a.full:
+        p.error("--quick and --full exclude each other")
+    for name in ("reps", "workers", "threads", "epochs", "rounds", "train_subset", "max_attempts",
+                 "naive_samples"):
+        v = getattr(a, name)
+        if v is not None and v < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if a.full and a.workers * (a.threads or 1) > CORES:
+        p.error(f"workers × threads = {a.workers * (a.threads or 1)} exceeds the {CORES} cores")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    mode = "full" if args.full else ("quick" if args.quick else "standard")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = args.json or (Path(__file__).resolve().parent / "results" /
+                         f"bench{'-full' if args.full else ''}-{stamp}.jsonl")
+    info = benchlib.system_info()
+    jl = benchlib.JsonLines(path, {"id": stamp, "mode": mode})
+    print(f"fisherguard benchmark ({mode} mode), {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    benchlib.print_system(info)
+    jl.write("system", None, "", settings=info)
+    code = 0
+    try:
+        with benchlib.PssSampler(0.25) as mem:
+            print()
+            print("== sgemm throughput (2048×2048 float32), for the compute bound")
+            rep = benchlib.Repeater(max_attempts=args.max_attempts, redo_budget=10)
+            two = min(2, CORES)
+            threads_list = sorted({1, two})
+            g = sgemm(rep, threads_list, reps=5)
+            for th in threads_list:
+                print(f"  {th} thread{'s' if th > 1 else ''}: {g[th].text('GFLOP/s', 0)}")
+                jl.write(f"sgemm@{th}thr", g[th].max, "GFLOP/s", settings={"n": 2048, "threads": th},
+                         median=g[th].median, min=g[th].min, busy=g[th].busy)
+            gflops2 = g[two].max
+            print(f"  compute bounds use the best {two}-thread figure, {gflops2:.0f} GFLOP/s "
+                  f"(busy check: {rep.dropped} dropped)")
+            net = build_model("simplecnn", 3)
+            flops = training_flops_per_sample(net, (3, 32, 32))
+            if abs(flops / TRAIN_FLOPS_SPEC - 1) > 1e-3:
+                raise RuntimeError(f"counted {flops:.0f} training FLOPs per sample, performance.md §1 "
+                                   f"says {TRAIN_FLOPS_SPEC:.0f}: the model changed")
+            if args.full:
+                code = run_full(args, jl, gflops2)
+            else:
+                code = run_bench(args, jl, gflops2)
+        if not args.full:
+            print(f"  peak memory: {mem.peak_bytes / 2**30:.2f} GiB summed PSS over the benchmark's "
+                  "process tree (both engine variants and workers alive; information, target 5 is "
+                  "`make bench-full`)")
+            jl.write("info/bench_peak_pss", mem.peak_bytes, "bytes", settings={"mode": mode})
+        print(f"  load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    finally:
+        jl.close()
+    print(f"JSON lines: {os.path.relpath(path)}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
