@@ -254,3 +254,50 @@ def test_engine_runs_agree_across_trainers_and_workers(tmp_path):
         finals[name] = torch.load(tmp_path / name / "checkpoint.pt")["weights"]
     for name in ("grouped", "workers"):
         assert float((finals[name] - finals["sequential"]).abs().max()) < 1e-4, name
+
+
+def test_ctrl_c_stops_the_run_and_its_workers(tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fisherguard.cli", "run", "configs/synthetic-quick.yaml",
+           "--set", "runtime.workers=2", "--set", "runtime.threads=1",
+           "--set", "federation.rounds=200", "--out", str(out), "-q"]
+    proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(__file__)),
+                            stderr=subprocess.PIPE, text=True)
+    children: list[int] = []
+    try:
+        deadline = time.time() + 120
+        # wait for the workers and for at least one finished round
+        while time.time() < deadline:
+            children = _children(proc.pid)
+            rounds = out / "rounds.jsonl"
+            if len(children) >= 2 and rounds.exists() and rounds.read_text().strip():
+                break
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        assert len(children) >= 2, "the workers never started"
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 130, proc.stderr.read()
+    assert "--resume" in proc.stderr.read()
+    time.sleep(0.5)
+    assert not [c for c in children if _alive(c)]
+    lines = (out / "rounds.jsonl").read_text().splitlines()
+    assert lines and all(json.loads(x)["round"] == i + 1 for i, x in enumerate(lines))
+
+
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except FileNotFoundError:
+        return []
