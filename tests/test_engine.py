@@ -94,10 +94,10 @@ def test_resume_refuses_a_different_config(tmp_path):
         run(cfg(**{"federation.rounds": 1}), out, progress=None)
 
 
-def test_resume_may_change_only_the_runtime_section(tmp_path):
+def test_resume_may_change_only_the_runtime_section_and_the_name(tmp_path):
     out = tmp_path / "r"
     run(cfg(**{"federation.rounds": 2}), out, progress=None, stop_after=1)
-    done = run(cfg(**{"federation.rounds": 2, "runtime.workers": 2, "runtime.threads": 1}), out,
-               resume=True, progress=None)
+    done = run(cfg(**{"federation.rounds": 2, "runtime.workers": 2, "runtime.threads": 1,
+                      "experiment.name": "renamed"}), out, resume=True, progress=None)
     assert done["complete"]
     assert "workers: 2" in (out / "config.yaml").read_text()

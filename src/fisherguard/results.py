@@ -23,11 +23,13 @@ class ResumeError(RuntimeError):
 
 
 def _results_part(cfg_text: str) -> Any:
-    """The config without its ``runtime`` section (threads, workers, trainer), which never changes results."""
+    """The config without what never changes results: the ``runtime`` section and the run's name."""
     import yaml
 
     cfg = yaml.safe_load(cfg_text) or {}
     cfg.pop("runtime", None)
+    if isinstance(cfg.get("experiment"), dict):
+        cfg["experiment"].pop("name", None)
     return cfg
 
 
@@ -47,7 +49,7 @@ class RunDir:
             if _results_part(cfg_file.read_text()) != _results_part(cfg_text):
                 raise ResumeError(f"{cfg_file} holds a different config; resume needs the same "
                                   "config and overrides (or choose another --out); only the "
-                                  "runtime section may change")
+                                  "runtime section and experiment.name may change")
             _atomic_write(cfg_file, cfg_text.encode())
             ck = self.load_checkpoint()
             done = 0 if ck is None else int(ck["rounds_done"])
