@@ -110,7 +110,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "runtime": {
         "threads": Key(INT, None, nullable=True, check=_positive),
-        "engine": Key(STR, "inprocess", choices=("inprocess",)),
+        "engine": Key(STR, "inprocess", choices=("inprocess", "flower-sim", "flower-deployment"),
+                      help="inprocess: this process; flower-sim: Flower's simulation engine; "
+                           "flower-deployment: set by a `flwr run` against SuperNodes"),
     },
 }
 
