@@ -165,9 +165,9 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
-def tagged(tag: str) -> set[int]:
+def tagged(tag: str, var: str = TAG_VAR) -> set[int]:
     """PIDs whose environment carries this run's tag (started by us, possibly re-parented)."""
-    needle = f"{TAG_VAR}={tag}".encode()
+    needle = f"{var}={tag}".encode()
     out = set()
     for d in os.listdir("/proc"):
         if d.isdigit() and int(d) != os.getpid():
