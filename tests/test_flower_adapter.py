@@ -230,3 +230,14 @@ def test_flower_deployment_is_not_started_by_fisherguard_run(tmp_path):
     c = cfg(**{"runtime.engine": "flower-deployment"})
     with pytest.raises(config.ConfigError, match="flwr run"):
         simulator.run(c, tmp_path / "x", progress=None)
+
+
+def test_cli_checks_the_flower_flags(tmp_path, capsys):
+    from fisherguard.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(config.dump(cfg()))
+    assert main(["run", str(path), "--engine", "flower-sim", "--min-replies", "0",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--min-replies must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
