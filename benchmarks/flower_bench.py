@@ -129,9 +129,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="at least this many pairs (default 3)")
     ap.add_argument("--budget", type=float, default=300.0,
                     help="add pairs while the elapsed time stays under this many seconds")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                    help="torch threads of the in-process engine (default: all cores, as the "
-                    "Flower simulation runs one 1-thread actor per core)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of the in-process engine (default 1: with any other "
+                    "CPU-heavy process on a 2-core box, 2 threads run 3-5× slower, flower.md §8.2; "
+                    "pass the core count on an idle machine)")
     ap.add_argument("--deployment", action="store_true",
                     help="also compare in-process, simulation and deployment on 3 clients")
     ap.add_argument("--json", type=Path, help="append one JSON line per measurement here")
