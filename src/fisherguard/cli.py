@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from fisherguard import __version__
 
@@ -17,7 +19,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from fisherguard.results import aggregate_seeds
 
-    variants = config.load(args.config, args.set)
+    sets = list(args.set) + ([f"runtime.engine={args.engine}"] if args.engine else [])
+    variants = config.load(args.config, sets)
     if args.only:
         wanted = [x.strip() for x in ",".join(args.only).split(",") if x.strip()]
         labels = [v.label for v in variants]
@@ -28,11 +31,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
         variants = [by_label[w] for w in dict.fromkeys(wanted)]  # in the order asked
     seeds = _parse_seeds(args.seeds) if args.seeds else None
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    summaries = run_all(variants, out, resume=args.resume, seeds=seeds,
-                        progress=None if args.quiet else sys.stderr)
+    with _engine_options(args):
+        summaries = run_all(variants, out, resume=args.resume, seeds=seeds,
+                            progress=None if args.quiet else sys.stderr)
     print(format_table(aggregate_seeds(summaries) if seeds else summaries))
     print(f"\nresults: {out}")
     return 0
+
+
+def _engine_options(args: argparse.Namespace) -> Any:
+    """Flower runtime settings from the flags (a no-op context for the in-process engine)."""
+    from fisherguard.config import ConfigError
+
+    flower = (args.min_replies, args.round_timeout)
+    if all(v is None for v in flower):
+        return contextlib.nullcontext()
+    if args.min_replies is not None and args.min_replies < 1:
+        raise ConfigError(f"--min-replies must be >= 1, got {args.min_replies}")
+    if args.round_timeout is not None and not args.round_timeout > 0:
+        raise ConfigError(f"--round-timeout must be > 0 seconds, got {args.round_timeout}")
+    from fisherguard.engine.flower.launch import options
+
+    return options(min_replies=args.min_replies, round_timeout=args.round_timeout)
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -102,6 +122,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="run only these variants (comma-separated labels; repeatable)")
     p.add_argument("--seeds", help="run every variant once per seed, e.g. 0,1,2; the table shows "
                    "mean ± std over seeds")
+    p.add_argument("--engine", choices=("inprocess", "flower-sim"),
+                   help="inprocess (default) or Flower's simulation engine (needs "
+                   "fisherguard[flower]); sets runtime.engine")
+    p.add_argument("--min-replies", type=int, metavar="N",
+                   help="Flower: stop with a clear message when fewer clients reply in a round "
+                   "(default 1)")
+    p.add_argument("--round-timeout", type=float, metavar="S",
+                   help="Flower: seconds a round waits for replies (default 600)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_run)
 
@@ -130,8 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     from fisherguard.defenses.base import DefenseConfigError
     from fisherguard.results import ResumeError
 
+    from fisherguard.engine.flower import FlowerMissing
+    from fisherguard.engine.flower.launch import FlowerRunError
+
     known: tuple[type[BaseException], ...] = (ConfigError, DefenseConfigError, PartitionError,
-                                              ResumeError, OSError, ValueError)
+                                              ResumeError, OSError, ValueError, FlowerMissing,
+                                              FlowerRunError)
     try:
         return int(args.func(args))
     except known as e:

@@ -110,7 +110,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "runtime": {
         "threads": Key(INT, None, nullable=True, check=_positive),
-        "engine": Key(STR, "inprocess", choices=("inprocess",)),
+        "engine": Key(STR, "inprocess", choices=("inprocess", "flower-sim", "flower-deployment"),
+                      help="inprocess: this process; flower-sim: Flower's simulation engine; "
+                           "flower-deployment: set by a `flwr run` against SuperNodes"),
         # the grouped fast path is the default; sequential is the readable reference
         "trainer": Key(STR, "auto", choices=("auto", "grouped", "sequential")),
         "workers": Key(INT, 1, check=_positive),

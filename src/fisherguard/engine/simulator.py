@@ -28,7 +28,7 @@ from fisherguard.data.datasets import load_raw
 from fisherguard.data.partition import attacker_ids, dirichlet, train_validation_split
 from fisherguard.data.transforms import Pipeline, resize_to_32
 from fisherguard.defenses import registry
-from fisherguard.defenses.base import Defense, PlanInput, RoundInput
+from fisherguard.defenses.base import ClientPlan, Defense, PlanInput, RoundInput
 from fisherguard.defenses.fdcr import ORACLE_LABEL
 from fisherguard.engine.server_data import ValidationSet
 from fisherguard.models import build_model, flatten
@@ -158,6 +158,10 @@ def run(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False, label
         stop_after: int | None = None) -> dict[str, Any]:
     """Run one experiment into ``out_dir``; return its summary. ``stop_after`` ends early (tests)."""
     label = label or cfg["experiment"]["name"]
+    if cfg["runtime"]["engine"] != "inprocess":  # the same round on Flower (engine/flower/)
+        from fisherguard.engine.flower.launch import run_engine
+
+        return run_engine(cfg, out_dir, resume=resume, label=label, progress=progress)
     if cfg["runtime"]["threads"]:
         torch.set_num_threads(cfg["runtime"]["threads"])
     run_dir = RunDir(out_dir)
@@ -167,9 +171,7 @@ def run(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False, label
         return _summarise(run_dir, cfg, label, total)
     fed = prepare(cfg)
     defense = build_defense(cfg)
-    fcfg = cfg["federation"]
-    plan = TrainPlan(epochs=fcfg["local_epochs"], batch_size=fcfg["batch_size"], lr=fcfg["lr"],
-                     momentum=fcfg["momentum"], weight_decay=fcfg["weight_decay"])
+    plan = train_plan(cfg)
     own_trainer = trainer is None
     rt = cfg["runtime"]
     trainer = trainer or build_trainer(fed.model_factory, fed.clients, kind=rt["trainer"],
@@ -192,11 +194,7 @@ def _rounds(cfg: dict[str, Any], run_dir: RunDir, done: int, total: int, fed: Fe
     fisher_model = fed.model_factory()
     eval_model = fed.model_factory()
     fisher_opts = defense.fisher_options()
-    server = None
-    if defense.needs_server_data:
-        server = ValidationSet(fed.model_factory, fed.server_images, fed.server_labels, fed.pipeline,
-                               transform=cfg["server"]["transform"], plan=plan,
-                               fisher_options=fisher_opts, seed=seed)
+    server = server_data(fed, defense, plan)
     oracle = bool(defense.needs_attacker_ids)
     if oracle:
         warnings.warn(f"{ORACLE_LABEL}: the engine hands the true attacker ids to the defense",
@@ -226,16 +224,13 @@ def _rounds(cfg: dict[str, Any], run_dir: RunDir, done: int, total: int, fed: Fe
         if defense.client_regulariser:
             plans = defense.plan_clients(PlanInput(
                 round_idx=t, global_weights=weights, client_ids=ids,
-                client_fisher=lambda cid, w, _t=t: client_fisher(
-                    fisher_model, fed.clients[cid], w, fisher_request(cid, f"plan-{_t}")),
+                client_fisher=lambda cid, w, _t=t: local_fisher(fed, fisher_model, cid, w,
+                                                                f"plan-{_t}", fisher_opts),
                 server_data=server))
         jobs = []
         for k in ids:
-            p = plans.get(k)
-            start = p.start_weights if p is not None and p.start_weights is not None else weights
-            jobs.append(ClientJob(k, start, fed.clients[k], torch_stream(seed, "client", k, t),
-                                  p.regulariser if p is not None else None,
-                                  fisher_request(k, t) if defense.needs_fisher else None))
+            jobs.append(client_job(fed, k, t, weights, plans.get(k),
+                                   fisher_request(k, t) if defense.needs_fisher else None))
         t_train = time.perf_counter()
         results = trainer.train_round(jobs, plan)
         t_train = time.perf_counter() - t_train
@@ -257,17 +252,9 @@ def _rounds(cfg: dict[str, Any], run_dir: RunDir, done: int, total: int, fed: Fe
         fisher_s = sum(r.timing.get("fisher_s", 0.0) for r in results)
         timing = {"train_and_fisher_s": t_train, "fisher_s_summed": fisher_s,
                   "aggregate_s": t_eval - t_agg, "eval_s": t_done - t_eval}
-        cw = agg.client_weights.tolist()
-        det = metrics.detection(agg.flagged.tolist(), ids, fed.attackers)
-        det["attacker_share"] = metrics.attacker_weight_share(cw, ids, fed.attackers)
-        record = {"round": t + 1, "metrics": m, "detection": det,
-                  "clients": {"ids": ids, "weights": cw, "flagged": agg.flagged.tolist(),
-                              "reasons": agg.reasons, "num_samples": counts.tolist(),
-                              "train": [r.stats for r in results]},
-                  "diagnostics": agg.diagnostics, "status": agg.status,
-                  "wall_time_s": time.perf_counter() - t0, "timing": timing}
-        if oracle:
-            record["label"] = ORACLE_LABEL
+        record = round_record(fed, t, ids, counts, agg, m, [r.stats for r in results],
+                              time.perf_counter() - t0, oracle=oracle)
+        record["timing"] = timing
         run_dir.append_round(record)
         run_dir.save_checkpoint({"rounds_done": t + 1, "weights": weights,
                                  "defense_state": defense.state_dict()})
@@ -282,7 +269,7 @@ def _summarise(run_dir: RunDir, cfg: dict[str, Any], label: str, total: int) -> 
                "preset": cfg["experiment"]["preset"], "family": cfg["experiment"]["family"],
                "beta": cfg["partition"]["beta"], "attack_fraction": cfg["attack"]["fraction"]
                if cfg["attack"]["name"] != "none" else 0.0,
-               "complete": len(rounds) == total}
+               "complete": len(rounds) == total, "engine": cfg["runtime"]["engine"]}
     if registry.get(cfg["defense"]["name"]).needs_attacker_ids:
         summary["defense"] = ORACLE_LABEL
     run_dir.write_summary(summary)
@@ -298,6 +285,61 @@ def evaluate(fed: Federation, model: nn.Module, weights: torch.Tensor, batch_siz
     clean = metrics.predict(model, fed.test_x, batch_size, fed.pipeline.test)
     trig = metrics.predict(model, fed.test_x, batch_size, fed.pipeline.test, trigger=fed.trigger)
     return metrics.backdoor_metrics(clean, fed.test_y, trig, target)
+
+
+# ---- one round's pieces, shared by this loop and the Flower adapter (engine/flower/) ----------
+
+
+def train_plan(cfg: dict[str, Any]) -> TrainPlan:
+    """The clients' local optimiser settings of a config (protocol §4)."""
+    f = cfg["federation"]
+    return TrainPlan(epochs=f["local_epochs"], batch_size=f["batch_size"], lr=f["lr"],
+                     momentum=f["momentum"], weight_decay=f["weight_decay"])
+
+
+def server_data(fed: Federation, defense: Defense, plan: TrainPlan) -> ValidationSet | None:
+    """The server's clean set U, for the defenses that read it (protocol §2)."""
+    if not defense.needs_server_data:
+        return None
+    cfg = fed.cfg
+    return ValidationSet(fed.model_factory, fed.server_images, fed.server_labels, fed.pipeline,
+                         transform=cfg["server"]["transform"], plan=plan,
+                         fisher_options=defense.fisher_options(), seed=cfg["experiment"]["seed"])
+
+
+def client_job(fed: Federation, cid: int, round_idx: int, weights: torch.Tensor,
+               client_plan: ClientPlan | None, fisher: FisherRequest | None = None) -> ClientJob:
+    """Client ``cid``'s local training in round ``round_idx``: its data, its named stream, its plan."""
+    p = client_plan
+    start = p.start_weights if p is not None and p.start_weights is not None else weights
+    return ClientJob(cid, start, fed.clients[cid],
+                     torch_stream(fed.cfg["experiment"]["seed"], "client", cid, round_idx),
+                     p.regulariser if p is not None else None, fisher)
+
+
+def local_fisher(fed: Federation, model: nn.Module, cid: int, weights: torch.Tensor,
+                 tag: int | str, fisher_options: dict[str, Any]) -> torch.Tensor:
+    """F(D_k; w), client ``cid``'s diagonal Fisher on its own data (algorithms.md §2), stream ``tag``."""
+    request = FisherRequest(fisher_options,
+                            torch_stream(fed.cfg["experiment"]["seed"], "fisher", cid, tag))
+    return client_fisher(model, fed.clients[cid], weights, request)
+
+
+def round_record(fed: Federation, round_idx: int, ids: list[int], counts: torch.Tensor,
+                 agg: Any, scores: dict[str, Any], train_stats: list[Any], wall_time_s: float,
+                 *, oracle: bool = False) -> dict[str, Any]:
+    """One line of rounds.jsonl: metrics, detection, per-client weights/flags/reasons (architecture §5)."""
+    cw = agg.client_weights.tolist()
+    det = metrics.detection(agg.flagged.tolist(), ids, fed.attackers)
+    det["attacker_share"] = metrics.attacker_weight_share(cw, ids, fed.attackers)
+    record = {"round": round_idx + 1, "metrics": scores, "detection": det,
+              "clients": {"ids": ids, "weights": cw, "flagged": agg.flagged.tolist(),
+                          "reasons": agg.reasons, "num_samples": counts.tolist(),
+                          "train": train_stats},
+              "diagnostics": agg.diagnostics, "status": agg.status, "wall_time_s": wall_time_s}
+    if oracle:
+        record["label"] = ORACLE_LABEL
+    return record
 
 
 def slug(label: str) -> str:

@@ -1,0 +1,128 @@
+"""fisherguard's ClientApp: the in-process engine's client layer behind Flower's Message API.
+
+Every message carries the resolved run config (YAML text); a node derives its client's data from
+it with ``simulator.prepare`` (cached per process: Ray actors serve many messages, a deployment
+SuperNode starts a fresh process per message) and its client id from the node config's
+``partition-id``. Local training (``SequentialTrainer.train_one`` via ``simulator.client_job``),
+the attack (poisoned ``ClientDataset``), regularisers and the Fisher (``simulator.local_fisher``)
+are the in-process ones, on the same named streams, so a round matches the in-process round.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from fisherguard.engine.flower import require_flwr
+
+require_flwr()
+from flwr.app import Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from fisherguard import config as config_mod  # noqa: E402
+from fisherguard.clients.training import SequentialTrainer  # noqa: E402
+from fisherguard.engine import simulator  # noqa: E402
+from fisherguard.engine.flower.records import (ARRAYS, CONFIG, FISHER, METRICS, Layout,  # noqa: E402
+                                               plan_from, read_flat, to_record)
+
+app = ClientApp()
+
+
+@dataclass
+class Node:
+    """What one process keeps per run config: the federation's data and reusable models."""
+
+    cfg: dict[str, Any]
+    fed: simulator.Federation
+    trainer: SequentialTrainer
+    fisher_model: nn.Module
+    layout: Layout
+
+
+@functools.lru_cache(maxsize=2)
+def _node(config_hash: str, config_text: str) -> Node:
+    """Resolve the config and build the federation once per process and config (protocol §1–§5)."""
+    del config_hash  # the cache key; hashing long texts once keeps lookups cheap
+    cfg = config_mod.resolve(yaml.safe_load(config_text))
+    fed = simulator.prepare(cfg)
+    return Node(cfg, fed, SequentialTrainer(fed.model_factory), fed.model_factory(),
+                Layout.of(fed.model_factory()))
+
+
+def node_for(config_text: str) -> Node:
+    return _node(hashlib.sha256(config_text.encode()).hexdigest(), config_text)
+
+
+def client_id(context: Context, num_clients: int) -> int:
+    """This node's client: ``partition-id`` of the node config (simulation sets it; deployment
+    passes ``--node-config 'partition-id=i num-partitions=N'``)."""
+    nc = context.node_config
+    if "partition-id" not in nc:
+        raise ValueError("the SuperNode has no partition-id; start it with "
+                         f"--node-config 'partition-id=<0..{num_clients - 1}> "
+                         f"num-partitions={num_clients}'")
+    cid = int(nc["partition-id"])
+    parts = int(nc.get("num-partitions", num_clients))
+    if parts != num_clients or not 0 <= cid < num_clients:
+        raise ValueError(f"node config partition-id={cid} num-partitions={parts} does not fit the "
+                         f"run's federation.clients={num_clients}")
+    return cid
+
+
+def _setup(msg: Message) -> tuple[Node, Any]:
+    c = msg.content.config_records[CONFIG]
+    node = node_for(str(c["fg-config"]))
+    # a Ray actor serves many clients and deployment processes start with all cores: set it always
+    torch.set_num_threads(max(1, int(c.get("threads", 1))))
+    return node, c
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One client's local round: train from the sent weights (and plan), Fisher if asked."""
+    node, c = _setup(msg)
+    cid = client_id(context, node.cfg["federation"]["clients"])
+    t = int(c["fg-round"])
+    weights = read_flat(msg.content.array_records[ARRAYS], node.layout)
+    job = simulator.client_job(node.fed, cid, t, weights, plan_from(msg.content, node.layout))
+    result = node.trainer.train_one(job, simulator.train_plan(node.cfg))
+    n = len(node.fed.clients[cid])
+    content = RecordDict({ARRAYS: to_record(result.weights, node.layout)})
+    metrics: dict[str, Any] = {"num-examples": n, "partition-id": cid, "train-steps": result.steps}
+    metrics.update({f"train-{k}": float(v) for k, v in result.stats.items()})
+    if bool(c.get("need-fisher", False)):
+        opts = json.loads(str(c.get("fisher-options", "{}")))
+        f = simulator.local_fisher(node.fed, node.fisher_model, cid, result.weights, t, opts)
+        content[FISHER] = to_record(f, node.layout)
+        metrics["fisher-samples"] = n
+    content[METRICS] = MetricRecord(metrics)
+    return Message(content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """``hello``: which client this node serves; ``fisher``: F(D_k; w) at sent weights (a defense's plan)."""
+    node, c = _setup(msg)
+    cid = client_id(context, node.cfg["federation"]["clients"])
+    op = str(c.get("op", ""))
+    content = RecordDict({METRICS: MetricRecord({"partition-id": cid,
+                                                 "num-examples": len(node.fed.clients[cid])})})
+    if op == "fisher":
+        w = read_flat(msg.content.array_records[ARRAYS], node.layout)
+        opts = json.loads(str(c.get("fisher-options", "{}")))
+        tag = str(c["fisher-tag"])
+        content[FISHER] = to_record(simulator.local_fisher(node.fed, node.fisher_model, cid, w, tag,
+                                                           opts), node.layout)
+    elif op != "hello":
+        raise ValueError(f"unknown query op {op!r}")
+    return Message(content, reply_to=msg)
+
+
+__all__ = ["app", "client_id", "node_for"]

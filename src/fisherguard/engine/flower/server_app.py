@@ -1,0 +1,160 @@
+"""fisherguard's ServerApp: resolve the run config, learn the nodes, run ``DefenseStrategy``.
+
+Run-config keys (``[tool.flwr.app.config]``, overridden with ``flwr run --run-config``) mirror
+the YAML config and ``fisherguard run``: ``config`` (a YAML path) or ``config-yaml`` (its text),
+``variant`` (a label, for configs with variants), ``set`` (``section.key=value`` overrides,
+space-separated), ``out`` (results directory), ``label``, ``resume``, ``min-replies``,
+``round-timeout`` (seconds a round waits for replies) and ``threads`` (torch threads per client).
+``runs-json`` (a JSON list of such settings) runs several experiments one after another in one
+Flower run, sharing its start-up (the launcher uses it for sweeps and the equivalence test).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fisherguard.engine.flower import require_flwr
+
+require_flwr()
+from flwr.app import Context  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+
+from fisherguard import config as config_mod  # noqa: E402
+from fisherguard.engine.flower.strategy import ERROR_FILE, DefenseStrategy  # noqa: E402
+from fisherguard.seeding import derive_seed  # noqa: E402
+
+app = ServerApp()
+
+# the defaults shipped in the app's pyproject.toml; `flwr run` accepts only keys listed there
+RUN_CONFIG_DEFAULTS: dict[str, Any] = {
+    "config": "", "config-yaml": "", "variant": "", "set": "", "out": "", "label": "",
+    "resume": False, "min-replies": 1, "round-timeout": 600.0, "threads": 1, "runs-json": "",
+}
+
+
+@dataclass
+class Settings:
+    """A Flower run's settings, read from the run config with errors that name the key."""
+
+    cfg: dict[str, Any]
+    out: Path
+    label: str
+    resume: bool
+    min_replies: int
+    round_timeout: float
+    threads: int
+
+    @classmethod
+    def all_from_run_config(cls, rc: dict[str, Any], engine: str) -> list["Settings"]:
+        """One ``Settings`` per experiment: the run config's own, or each item of ``runs-json``."""
+        rc = {**RUN_CONFIG_DEFAULTS, **dict(rc)}
+        if not str(rc["runs-json"]).strip():
+            return [cls.from_run_config(rc, engine)]
+        try:
+            items = json.loads(str(rc["runs-json"]))
+        except json.JSONDecodeError as e:
+            raise config_mod.ConfigError(f"run config `runs-json`: not valid JSON: {e}") from None
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items) or not items:
+            raise config_mod.ConfigError("run config `runs-json`: expected a list of run-config tables")
+        unknown = sorted({k for i in items for k in i} - set(RUN_CONFIG_DEFAULTS))
+        if unknown:
+            raise config_mod.ConfigError(f"run config `runs-json`: unknown key {unknown[0]!r}")
+        return [cls.from_run_config({**rc, **i, "runs-json": ""}, engine) for i in items]
+
+    @classmethod
+    def from_run_config(cls, rc: dict[str, Any], engine: str) -> "Settings":
+        rc = {**RUN_CONFIG_DEFAULTS, **dict(rc)}
+        overrides = [config_mod.parse_override(o) for o in shlex.split(str(rc["set"]))]
+        stem = None
+        if str(rc["config-yaml"]).strip():
+            text, where = str(rc["config-yaml"]), "config-yaml"
+        elif str(rc["config"]).strip():
+            path = Path(str(rc["config"])).expanduser()
+            if not path.is_file():
+                raise config_mod.ConfigError(f"run config `config`: {path.resolve()} does not exist "
+                                             "(give an absolute path; the ServerApp's working "
+                                             "directory is the SuperLink's)")
+            text, where, stem = path.read_text(), str(path), path.stem
+        else:
+            raise config_mod.ConfigError("run config: set `config` (a YAML path) or `config-yaml`")
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise config_mod.ConfigError(f"{where}: not valid YAML: {e}") from None
+        variants = config_mod.variants_of(raw, overrides)
+        wanted = str(rc["variant"]).strip()
+        if wanted:
+            chosen = [v for v in variants if v.label == wanted]
+            if not chosen:
+                raise config_mod.ConfigError(f"run config `variant`: no variant {wanted!r}; labels: "
+                                             f"{', '.join(v.label for v in variants)}")
+            variant = chosen[0]
+        elif len(variants) == 1:
+            variant = variants[0]
+        else:
+            raise config_mod.ConfigError("the config has variants; choose one with `variant`: "
+                                         f"{', '.join(v.label for v in variants)}")
+        cfg = variant.config
+        cfg["runtime"]["engine"] = engine  # the results say which engine produced them
+        cfg = config_mod.resolve(cfg)
+        out = Path(str(rc["out"])) if str(rc["out"]).strip() else (
+            Path("runs") / f"{stem or cfg['experiment']['name']}-{engine}")
+        ints = {}
+        for key in ("min-replies", "threads"):
+            v = rc[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise config_mod.ConfigError(f"run config `{key}`: expected an integer >= 1, got {v!r}")
+            ints[key] = v
+        timeout = rc["round-timeout"]
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise config_mod.ConfigError(f"run config `round-timeout`: expected seconds > 0, got {timeout!r}")
+        return cls(cfg=cfg, out=out.resolve(), label=str(rc["label"]) or variant.label,
+                   resume=bool(rc["resume"]), min_replies=ints["min-replies"],
+                   round_timeout=float(timeout), threads=ints["threads"])
+
+
+def engine_of(grid: Grid) -> str:
+    """``flower-sim`` under Flower's simulation runtime (an in-memory grid), else deployment."""
+    return "flower-sim" if type(grid).__name__ == "InMemoryGrid" else "flower-deployment"
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Resolve the config(s), then run each one's remaining rounds through ``DefenseStrategy``."""
+    try:
+        runs = Settings.all_from_run_config(context.run_config, engine_of(grid))
+    except ValueError as e:  # ConfigError and DefenseConfigError: a clear line, no traceback
+        print(f"fisherguard: error: {e}", file=sys.stderr)
+        out = str(context.run_config.get("out", "")).strip()
+        if out:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            (Path(out) / ERROR_FILE).write_text(f"{e}\n")
+        raise SystemExit(2) from None
+    for s in runs:
+        run_one(grid, s)
+
+
+def run_one(grid: Grid, s: Settings) -> None:
+    """One experiment on the grid's nodes, written to ``s.out`` as the in-process engine would."""
+    # FedAvg's node sampling uses Python's global `random` (flower.md §8.3)
+    random.seed(derive_seed(s.cfg["experiment"]["seed"], "flower-sampling"))
+    strategy = DefenseStrategy(s.cfg, s.out, label=s.label, resume=s.resume,
+                               min_replies=s.min_replies, threads=s.threads)
+    print(f"fisherguard: {s.label} on {s.cfg['runtime']['engine']}, results in {s.out}",
+          file=sys.stderr)
+    try:
+        if strategy.remaining:
+            strategy.connect(grid, s.round_timeout)
+            strategy.start(grid, initial_arrays=strategy.global_arrays(),
+                           num_rounds=strategy.remaining, timeout=s.round_timeout)
+    finally:
+        strategy.finish()
+    print(f"fisherguard: finished {s.label}; results in {s.out}", file=sys.stderr)
