@@ -49,9 +49,42 @@ def _stat_fields(pid: int) -> list[str] | None:
     return text.rsplit(")", 1)[1].split()  # the command name may contain spaces and parentheses
 
 
+def _children(pid: int) -> list[int] | None:
+    """Direct children of ``pid`` from /proc/<pid>/task/*/children; None when the kernel lacks it."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return []
+    for tid in tasks:
+        try:
+            text = Path(f"/proc/{pid}/task/{tid}/children").read_text()
+        except FileNotFoundError:
+            if not os.path.exists(f"/proc/{pid}/task/{tid}"):
+                continue  # the thread just ended
+            return None  # CONFIG_PROC_CHILDREN off
+        except (ProcessLookupError, PermissionError):
+            continue
+        out.extend(int(v) for v in text.split())
+    return out
+
+
 def tree_pids(root: int | None = None) -> list[int]:
     """``root`` (default: this process) and all its live descendants."""
     root = os.getpid() if root is None else root
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        kids = _children(pid)
+        if kids is None:
+            return _tree_pids_by_scan(root)
+        todo.extend(kids)
+    return out
+
+
+def _tree_pids_by_scan(root: int) -> list[int]:
+    """The same from the parent ids of every process (slower; kernels without task children)."""
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -139,24 +172,49 @@ class PssSampler:
 class Sample:
     seconds: float
     foreign: float  # foreign share of total machine capacity during the repetition
-    busy: bool  # kept although above the threshold (retry budget exhausted)
+    busy: bool  # kept although above the threshold (no quiet redo was possible)
     result: Any = None
+
+
+def foreign_share(seconds: float) -> float:
+    """Foreign processes' share of the machine over an idle wait of ``seconds``."""
+    b0, t0 = machine_ticks()
+    own0 = tree_cpu_ticks()
+    time.sleep(seconds)
+    own1 = tree_cpu_ticks()
+    b1, t1 = machine_ticks()
+    return max(0, (b1 - b0) - (own1 - own0)) / max(t1 - t0, 1)
 
 
 @dataclass
 class Repeater:
-    """Times callables; a repetition during which foreign processes used more than ``threshold``
-    of the machine is discarded and redone, up to ``max_attempts`` per repetition and
-    ``redo_budget`` redos in total. When either runs out, the least disturbed attempt is kept
-    and flagged busy, so a loaded machine lengthens the benchmark by a bounded factor only.
+    """Times callables with the busy check of performance.md §9.
+
+    A repetition during which foreign processes used more than ``threshold`` of the machine is
+    discarded and redone, but only once the machine is quiet again (a 1 s window under the
+    threshold within ``quiet_wait`` seconds): a redo under the same load would be disturbed the
+    same way. After one fruitless wait the load counts as persistent and later busy repetitions
+    are kept without waiting, until a repetition comes out clean. At most ``max_attempts`` per
+    repetition and ``redo_budget`` redos in total; when any limit is reached the least disturbed
+    attempt is kept and flagged busy, so a loaded machine lengthens the benchmark by a bounded
+    amount only.
     """
 
     threshold: float = BUSY_THRESHOLD
     max_attempts: int = 3
     redo_budget: int = 10
+    quiet_wait: float = 20.0
     dropped: int = 0
     kept_busy: int = 0
     log: TextIO | None = sys.stdout
+    persistent: bool = False  # the last wait for a quiet machine found none
+
+    def _quiet(self) -> bool:
+        deadline = time.monotonic() + self.quiet_wait
+        while time.monotonic() < deadline:
+            if foreign_share(1.0) <= self.threshold:
+                return True
+        return False
 
     def measure(self, label: str, fn: Callable[[], Any]) -> Sample:
         best: Sample | None = None
@@ -168,10 +226,10 @@ class Repeater:
             seconds = time.perf_counter() - w0
             own1 = tree_cpu_ticks()
             b1, t1 = machine_ticks()
-            capacity = max(t1 - t0, 1)
-            foreign = max(0, (b1 - b0) - (own1 - own0)) / capacity
+            foreign = max(0, (b1 - b0) - (own1 - own0)) / max(t1 - t0, 1)
             s = Sample(seconds, foreign, False, result)
             if foreign <= self.threshold:
+                self.persistent = False
                 if best is not None:
                     self.dropped += 1  # the earlier, more disturbed attempt
                 return s
@@ -181,12 +239,21 @@ class Repeater:
                 best = s
             else:
                 self.dropped += 1
-            last = attempt + 1 == self.max_attempts or self.redo_budget <= 0
+            why = ""
+            if attempt + 1 == self.max_attempts:
+                why = "attempts exhausted"
+            elif self.redo_budget <= 0:
+                why = "redo budget spent"
+            elif self.persistent:
+                why = "machine persistently busy"
+            elif not self._quiet():
+                self.persistent = True
+                why = f"machine still busy after {self.quiet_wait:.0f} s"
             if self.log:
-                what = "kept (retries exhausted)" if last else "dropped, redoing"
+                what = f"kept ({why})" if why else "dropped, redoing"
                 print(f"    busy: {label}: foreign load {foreign:.0%} of capacity > "
                       f"{self.threshold:.0%}; {what}", file=self.log, flush=True)
-            if last:
+            if why:
                 break
             self.redo_budget -= 1
         assert best is not None

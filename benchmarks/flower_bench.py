@@ -133,6 +133,9 @@ def main() -> int:
                     help="torch threads of the in-process engine (default 1: with any other "
                     "CPU-heavy process on a 2-core box, 2 threads run 3-5× slower, flower.md §8.2; "
                     "pass the core count on an idle machine)")
+    ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                    help="runtime.workers of the in-process engine (default: 2 on a multi-core "
+                    "box, like Flower's one 1-thread actor per core)")
     ap.add_argument("--deployment", action="store_true",
                     help="also compare in-process, simulation and deployment on 3 clients")
     ap.add_argument("--json", type=Path, help="append one JSON line per measurement here")
@@ -161,13 +164,15 @@ def main() -> int:
     print(f"# cpu: {info['cpu']} | isa {info['isa']} | {info['cores']} cores | torch {info['torch']}"
           f" | flwr {info['flwr']} | python {info['python']} | load avg "
           f"{' '.join(f'{x:.2f}' for x in info['loadavg'])}")
-    print(f"# threads: in-process engine {args.threads} (runtime.threads); Flower simulation: "
+    print(f"# threads: in-process engine {args.workers} worker(s) × {args.threads} thread(s) "
+          "(runtime.workers, runtime.threads); Flower simulation: "
           "10 nodes × 1 CPU, 1 torch thread per Ray actor; deployment: 1 thread per ClientApp")
     lines: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fisherguard-bench-") as tmp:
         root = Path(tmp)
         cfg_path = root / "workload2.yaml"
-        cfg_path.write_text(yaml.safe_dump({**WORKLOAD, "runtime": {"threads": args.threads}}))
+        cfg_path.write_text(yaml.safe_dump({**WORKLOAD, "runtime": {"threads": args.threads,
+                                                                      "workers": args.workers}}))
         # the ClientApp takes its thread count from the launcher (1), not from runtime.threads,
         # and runtime.threads does not change what is computed, so the weights still agree
         results: dict[str, list[dict[str, Any]]] = {"inprocess": [], "flower-sim": []}
@@ -208,6 +213,7 @@ def main() -> int:
               f"{100 * FOREIGN_LIMIT:.0f} % of the machine (kept, not redone: see the foreign "
               "CPU column; for Flower it also counts Ray workers this script does not reap)")
         lines.append({"bench": "flower-workload2", **info, "threads": args.threads,
+                      "workers": args.workers,
                       "inprocess_s": ip, "flower_sim_s": fs, "ratio": ratio, "target": TARGET,
                       "pass": ratio >= TARGET, "steady_round_inprocess_s": steady_ip,
                       "steady_round_flower_sim_s": steady_fs, "max_abs_weight_diff": diff,
