@@ -241,3 +241,33 @@ def test_cli_checks_the_flower_flags(tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 2
     assert "--min-replies must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def _all_defenses():
+    from fisherguard.defenses import registry
+
+    return sorted(registry.available())
+
+
+@pytest.mark.parametrize("name", _all_defenses())
+def test_every_defense_runs_behind_the_strategy(tmp_path, name):
+    """Any registered defense aggregates Flower replies, a hostile one included, into a round record."""
+    s = DefenseStrategy(cfg(defense=name), tmp_path / "run", progress=None, min_replies=2)
+    s.nodes = {c: 100 + c for c in s.ids}
+    s._sent = dict(s.nodes)
+    g = torch.Generator().manual_seed(2)
+    w0 = s.weights.clone()
+    replies = [_reply(100 + c, _good(s, c, w0 + 0.02 * torch.randn(w0.numel(), generator=g),
+                                     torch.rand(w0.numel(), generator=g) + 0.01))
+               for c in range(4)]
+    bad = _good(s, 4, w0, torch.rand(w0.numel(), generator=g))
+    bad["arrays"] = to_record(torch.full_like(w0, float("inf")), s.layout)
+    replies.append(_reply(104, bad))
+    arrays, _ = s.aggregate_train(1, replies)
+    rec = s.run_dir.rounds()[-1]
+    assert torch.isfinite(read_flat(arrays, s.layout)).all()
+    assert rec["clients"]["flagged"][4] and rec["clients"]["weights"][4] == 0.0
+    assert rec["clients"]["reasons"][4] == "non_finite"
+    weights = rec["clients"]["weights"]
+    assert all(w >= 0 for w in weights)
+    assert abs(sum(weights) - 1) < 1e-6 or sum(weights) == 0  # 0: the defense rejected everyone
