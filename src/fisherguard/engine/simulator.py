@@ -211,9 +211,6 @@ def _rounds(cfg: dict[str, Any], run_dir: RunDir, done: int, total: int, fed: Fe
     ids = list(range(fcfg["clients"]))
     bar = Progress(total, label, progress)
 
-    def fisher_request(cid: int, t: int | str) -> FisherRequest:
-        return FisherRequest(fisher_opts, torch_stream(seed, "fisher", cid, t))
-
     for t in range(done, total):
         if stop_after is not None and t >= stop_after:
             break
@@ -230,7 +227,8 @@ def _rounds(cfg: dict[str, Any], run_dir: RunDir, done: int, total: int, fed: Fe
         jobs = []
         for k in ids:
             jobs.append(client_job(fed, k, t, weights, plans.get(k),
-                                   fisher_request(k, t) if defense.needs_fisher else None))
+                                   fisher_request(fed, k, t, fisher_opts)
+                                   if defense.needs_fisher else None))
         t_train = time.perf_counter()
         results = trainer.train_round(jobs, plan)
         t_train = time.perf_counter() - t_train
@@ -317,12 +315,18 @@ def client_job(fed: Federation, cid: int, round_idx: int, weights: torch.Tensor,
                      p.regulariser if p is not None else None, fisher)
 
 
+def fisher_request(fed: Federation, cid: int, tag: int | str,
+                   fisher_options: dict[str, Any]) -> FisherRequest:
+    """Ask client ``cid`` for its Fisher, drawing from its named stream ``("fisher", cid, tag)``."""
+    return FisherRequest(fisher_options,
+                         torch_stream(fed.cfg["experiment"]["seed"], "fisher", cid, tag))
+
+
 def local_fisher(fed: Federation, model: nn.Module, cid: int, weights: torch.Tensor,
                  tag: int | str, fisher_options: dict[str, Any]) -> torch.Tensor:
     """F(D_k; w), client ``cid``'s diagonal Fisher on its own data (algorithms.md §2), stream ``tag``."""
-    request = FisherRequest(fisher_options,
-                            torch_stream(fed.cfg["experiment"]["seed"], "fisher", cid, tag))
-    return client_fisher(model, fed.clients[cid], weights, request)
+    return client_fisher(model, fed.clients[cid], weights,
+                         fisher_request(fed, cid, tag, fisher_options))
 
 
 def round_record(fed: Federation, round_idx: int, ids: list[int], counts: torch.Tensor,
