@@ -189,7 +189,6 @@ def run(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False, label
 def _rounds(cfg: dict[str, Any], run_dir: RunDir, done: int, total: int, fed: Federation,
             defense: Defense, plan: TrainPlan, trainer: LocalTrainer, label: str,
             progress: TextIO | None, stop_after: int | None) -> dict[str, Any]:
-    seed = cfg["experiment"]["seed"]
     fcfg = cfg["federation"]
     fisher_model = fed.model_factory()
     eval_model = fed.model_factory()
