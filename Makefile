@@ -8,7 +8,7 @@ export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
-.PHONY: demo test data install clean-runs table-defenses table-fisher bench bench-full
+.PHONY: demo test data install clean-runs table-defenses table-fisher bench bench-full bench-floor
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -40,10 +40,15 @@ table-fisher: data
 
 # Benchmarks (spec performance.md §8–§9), not part of `make test`. `bench`: targets 1 and 2 in the
 # labelled quick mode (E = 2), then the Flower comparison when benchmarks/flower_bench.py exists;
-# `bench-full`: the 50-round paper run once, with progress (BENCH_ARGS="--workers 1" etc. to vary).
+# `bench-full`: the 50-round paper run once, with progress (BENCH_ARGS="--workers 1" etc. to vary);
+# `bench-floor`: the convolution-kernel floor of that run on this CPU (also inside `bench`).
 bench: data
 	$(PY) benchmarks/bench.py --quick $(BENCH_ARGS)
+	$(PY) benchmarks/kernel_floor.py
 	@if [ -f benchmarks/flower_bench.py ]; then $(PY) benchmarks/flower_bench.py $(FLOWER_BENCH_ARGS); fi
+
+bench-floor: install
+	$(PY) benchmarks/kernel_floor.py $(FLOOR_ARGS)
 
 bench-full: data
 	$(PY) benchmarks/bench.py --full $(BENCH_ARGS)

@@ -1,0 +1,237 @@
+#!/usr/bin/env python
+"""How fast can the paper run be at all? A floor for issue target 3 from the convolution kernels.
+
+    python benchmarks/kernel_floor.py            # `make bench-floor`; part of `make bench`
+
+The fast engine trains a round's clients as one grouped convolution (performance.md §3). Every
+SGD step must run five convolution kernels: conv1 forward and weight gradient (conv1 needs no
+input gradient), conv2 forward, input gradient and weight gradient. This script times each kernel
+alone at the engine's exact shapes (batch 64 per client, groups of G clients, channels_last,
+conv1 folded to one channel as on grey data), one thread per process as in the engine's workers,
+and for each kernel also the other formulations PyTorch offers (NCHW, depthwise conv1 on a
+replicated input, the input gradient as a forward convolution with flipped weights or as a
+transposed convolution). The fastest formulation of each kernel is kept, whatever its layout
+would cost to convert, and the sum is projected onto the full paper run:
+
+    floor = T × E × Σ_k 64·⌊n_k / 64⌋ samples × (kernel time per sample) / workers
+
+with Σ n_k = 54 000 (the protocol's Fashion-MNIST pool), each client's last partial batch
+removed at its largest (63 samples), and perfect scaling over the workers. Everything else the
+run does (pooling, ReLU, the linear layers, the optimiser, batching, the exact Fisher, evaluation)
+is left out, so the real run cannot be faster than the floor with these kernels on this CPU. The
+output says whether the 20-minute target lies above or below it, and prints beside each floor the
+engine's whole grouped SGD step at the same shapes. A formulation whose result differs from the
+engine's (beyond 1e-4 relative) is reported and not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import benchlib
+
+benchlib.pin_threads(1)  # the engine's workers run one thread each (performance.md §3)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from fisherguard.clients.grouped import grouped_forward  # noqa: E402
+from fisherguard.clients.training import TrainPlan, make_optimizer  # noqa: E402
+from fisherguard.models import SimpleCNN, trainable  # noqa: E402
+
+Tensor = torch.Tensor
+CL = torch.channels_last
+BATCH = 64
+POOL = 54_000  # protocol.md: the Fashion-MNIST client pool
+TARGET_S = 20 * 60
+conv_backward = torch.ops.aten.convolution_backward
+
+
+def best_time(fn: Callable[[], object], reps: int) -> float:
+    """Fastest of `reps` timed calls after warm-up: the floor wants the kernel at its best."""
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def kernels(g: int) -> dict[str, dict[str, Callable[[], object]]]:
+    """Each kernel of one grouped SGD step, in every formulation PyTorch offers, at group size g."""
+    gen = torch.Generator().manual_seed(0)
+    x1 = torch.randn(BATCH, g, 32, 32, generator=gen)  # folded conv1 input: one channel per client
+    x1_cl = x1.contiguous(memory_format=CL)
+    w1 = torch.randn(g * 6, 1, 5, 5, generator=gen)
+    b1 = torch.randn(g * 6, generator=gen)
+    go1 = torch.randn(BATCH, g * 6, 28, 28, generator=gen)
+    x2 = torch.randn(BATCH, g * 6, 14, 14, generator=gen)
+    w2 = torch.randn(g * 16, 6, 5, 5, generator=gen)
+    b2 = torch.randn(g * 16, generator=gen)
+    go2 = torch.randn(BATCH, g * 16, 10, 10, generator=gen)
+    # per client (16, 6, 5, 5) -> (6, 16, 5, 5), flipped: the input gradient as a forward convolution
+    w2_flip = w2.reshape(g, 16, 6, 5, 5).transpose(1, 2).flip(-1, -2).reshape(g * 6, 16, 5, 5).contiguous()
+    t = {name: v.contiguous(memory_format=CL) for name, v in
+         {"go1": go1, "x2": x2, "go2": go2}.items()}
+
+    def dw_input() -> Tensor:  # each client's channel repeated for its 6 filters
+        return x1_cl.unsqueeze(2).expand(BATCH, g, 6, 32, 32).reshape(BATCH, g * 6, 32, 32)
+
+    x1_dw = dw_input().contiguous(memory_format=CL)
+    no_grad = torch.no_grad()
+
+    def fwd(x: Tensor, w: Tensor, b: Tensor | None, groups: int) -> Callable[[], object]:
+        def run() -> object:
+            with no_grad:
+                return F.conv2d(x, w, b, groups=groups)
+        return run
+
+    def bwd(go: Tensor, x: Tensor, w: Tensor, groups: int, mask: list[bool]) -> Callable[[], object]:
+        return lambda: conv_backward(go, x, w, [w.shape[0]], [1, 1], [0, 0], [1, 1], False, [0, 0],
+                                     groups, mask)
+
+    def dw_fwd_with_copy() -> object:
+        with no_grad:
+            return F.conv2d(dw_input(), w1, b1, groups=g * 6)
+
+    return {
+        "conv1 forward": {
+            "grouped, channels_last": fwd(x1_cl, w1, b1, g),
+            "grouped, NCHW": fwd(x1, w1, b1, g),
+            "depthwise on replicated input (copy included)": dw_fwd_with_copy,
+        },
+        "conv1 weight gradient": {
+            "grouped, channels_last": bwd(t["go1"], x1_cl, w1, g, [False, True, True]),
+            "grouped, NCHW": bwd(go1, x1, w1, g, [False, True, True]),
+            "depthwise, channels_last": bwd(t["go1"], x1_dw, w1, g * 6, [False, True, True]),
+        },
+        "conv2 forward": {
+            "grouped, channels_last": fwd(t["x2"], w2, b2, g),
+            "grouped, NCHW": fwd(x2, w2, b2, g),
+        },
+        "conv2 input gradient": {
+            "grouped, channels_last": bwd(t["go2"], t["x2"], w2, g, [True, False, False]),
+            "grouped, NCHW": bwd(go2, x2, w2, g, [True, False, False]),
+            "forward conv, flipped weights, padding 4": fwd_padded(t["go2"], w2_flip, g),
+            "transposed conv": lambda: F.conv_transpose2d(t["go2"], w2, groups=g),
+        },
+        "conv2 weight gradient": {
+            "grouped, channels_last": bwd(t["go2"], t["x2"], w2, g, [False, True, True]),
+            "grouped, NCHW": bwd(go2, x2, w2, g, [False, True, True]),
+        },
+    }
+
+
+def fwd_padded(go: Tensor, w_flip: Tensor, g: int) -> Callable[[], object]:
+    def run() -> object:
+        with torch.no_grad():
+            return F.conv2d(go, w_flip, None, padding=4, groups=g)
+    return run
+
+
+def outputs(result: object) -> list[Tensor]:
+    if isinstance(result, Tensor):
+        return [result]
+    return [r for r in result if r is not None]  # type: ignore[union-attr]
+
+
+def same(a: object, b: object) -> bool:
+    """A formulation only counts when it computes what the first (the engine's) one does."""
+    xs, ys = outputs(a), outputs(b)
+    return len(xs) == len(ys) and all(
+        x.shape == y.shape and float((x - y).abs().max()) <= 1e-4 * max(1.0, float(y.abs().max()))
+        for x, y in zip(xs, ys))
+
+
+def engine_step(g: int) -> Callable[[], object]:
+    """One SGD step of the engine's grouped ensemble on random data, everything included."""
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.stack([p.detach().clone() for _ in range(g)]).requires_grad_(True)
+              for p in trainable(SimpleCNN())]
+    opt = make_optimizer(params, TrainPlan())
+    x = torch.randn(BATCH, g, 32, 32, generator=gen).contiguous(memory_format=CL)
+    y = torch.randint(0, 10, (g, BATCH), generator=gen)
+
+    def run() -> object:
+        opt.zero_grad(set_to_none=True)
+        logits = grouped_forward(params, x, summed_conv1=True)
+        F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(g, -1).mean(1).sum().backward()
+        opt.step()
+        return None
+    return run
+
+
+def step_samples(epochs: int, rounds: int, clients: int) -> int:
+    """Samples the paper run trains on at least: every client drops under 64 samples per epoch."""
+    return rounds * epochs * (POOL - clients * (BATCH - 1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--groups", default="5,10", help="group sizes to time (default 5,10)")
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--workers", type=int, default=2, help="processes the run is spread over")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=50)
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--json", type=Path, help="JSON-lines output (default benchmarks/results/)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    info = benchlib.system_info()
+    benchlib.print_system(info)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = args.json or Path(__file__).resolve().parent / "results" / f"kernel-floor-{stamp}.jsonl"
+    jl = benchlib.JsonLines(path, {"id": stamp, "mode": "floor"})
+    jl.write("system", None, "", settings=info)
+    samples = step_samples(args.epochs, args.rounds, args.clients)
+    print(f"\n== Convolution-kernel floor of the paper run (1 thread per process, batch {BATCH} per "
+          f"client; each kernel's fastest of {args.reps} calls)")
+    floors = {}
+    for g in (int(s) for s in args.groups.split(",")):
+        per_sample = 0.0
+        print(f"\n  groups of {g} clients ({g * BATCH} samples per step)")
+        for kernel, variants in kernels(g).items():
+            ref = next(iter(variants.values()))()
+            times = {}
+            for name, fn in variants.items():
+                if same(fn(), ref):
+                    times[name] = best_time(fn, args.reps)
+                else:
+                    print(f"    {kernel:22s} {name:46s} DIFFERS from the engine's, not counted")
+            best = min(times, key=times.__getitem__)
+            per_sample += times[best] / (g * BATCH)
+            for name, s in times.items():
+                mark = "  <- kept" if name == best else ""
+                print(f"    {kernel:22s} {name:46s} {s * 1e3:7.2f} ms{mark}")
+                jl.write(f"floor/g{g}/{kernel}/{name}", s, "s", group=g)
+        floor = samples * per_sample / args.workers
+        floors[g] = floor
+        step = best_time(engine_step(g), args.reps) / (g * BATCH)
+        print(f"    sum of the kept kernels: {per_sample * 1e6:.1f} µs per sample -> "
+              f"{floor / 60:.1f} min for {samples} samples over {args.workers} workers")
+        print(f"    for comparison, the engine's whole grouped SGD step: {step * 1e6:.1f} µs per sample "
+              f"({per_sample / step:.0%} of it in these kernels) -> {samples * step / args.workers / 60:.1f} min")
+        jl.write(f"floor/g{g}/engine_step", step, "s per sample", group=g)
+        jl.write(f"floor/g{g}/run", floor, "s", group=g, samples=samples, workers=args.workers,
+                 per_sample_s=per_sample)
+    best_g = min(floors, key=floors.__getitem__)
+    floor = floors[best_g]
+    above = floor > TARGET_S
+    print(f"\n  floor (best group size {best_g}): {floor / 60:.1f} min of convolution kernels alone "
+          f"for T = {args.rounds}, E = {args.epochs}, Σn = {POOL}, {args.workers} workers × 1 thread")
+    print(f"  target 3 (20 min) is {'BELOW' if above else 'above'} this floor: "
+          + ("unreachable with PyTorch's CPU convolution kernels on this machine"
+             if above else "reachable in principle; the floor leaves "
+             f"{(TARGET_S - floor) / 60:.1f} min for everything else"))
+    jl.write("floor/run", floor, "s", target="<= 1200", ok=not above, group=best_g)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
