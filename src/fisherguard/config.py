@@ -117,6 +117,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "trainer": Key(STR, "auto", choices=("auto", "grouped", "sequential")),
         "workers": Key(INT, 1, check=_positive),
         "group_size": Key(INT, 10, check=_positive),
+        "retain_memory": Key(BOOL, True, help="keep freed tensor memory in the process (glibc) so "
+                                              "training steps do not page-fault; numbers unchanged"),
     },
 }
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fisherguard import metrics
+from fisherguard.allocator import retain_freed_memory
 from fisherguard.attacks.badnets import poison_draw, trigger_mask
 from fisherguard.clients.trainers import build_trainer
 from fisherguard.clients.training import (ClientDataset, ClientJob, FisherRequest, LocalTrainer,
@@ -164,6 +165,8 @@ def run(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False, label
         return run_engine(cfg, out_dir, resume=resume, label=label, progress=progress)
     if cfg["runtime"]["threads"]:
         torch.set_num_threads(cfg["runtime"]["threads"])
+    if cfg["runtime"]["retain_memory"]:
+        retain_freed_memory()
     run_dir = RunDir(out_dir)
     done = run_dir.start(cfg, resume=resume)
     total = cfg["federation"]["rounds"]

@@ -27,6 +27,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from fisherguard import config as config_mod  # noqa: E402
+from fisherguard.allocator import retain_freed_memory  # noqa: E402
 from fisherguard.clients.training import SequentialTrainer  # noqa: E402
 from fisherguard.engine import simulator  # noqa: E402
 from fisherguard.engine.flower.records import (ARRAYS, CONFIG, FISHER, METRICS, Layout,  # noqa: E402
@@ -51,6 +52,8 @@ def _node(config_hash: str, config_text: str) -> Node:
     """Resolve the config and build the federation once per process and config (protocol §1–§5)."""
     del config_hash  # the cache key; hashing long texts once keeps lookups cheap
     cfg = config_mod.resolve(yaml.safe_load(config_text))
+    if cfg["runtime"]["retain_memory"]:
+        retain_freed_memory()
     fed = simulator.prepare(cfg)
     return Node(cfg, fed, SequentialTrainer(fed.model_factory), fed.model_factory(),
                 Layout.of(fed.model_factory()))
