@@ -50,6 +50,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, Sampler  # noqa: E402
 
 from fisherguard import config  # noqa: E402
+from fisherguard.allocator import retain_freed_memory  # noqa: E402
 from fisherguard.clients.grouped import GroupedTrainer  # noqa: E402
 from fisherguard.clients.trainers import build_trainer  # noqa: E402
 from fisherguard.clients.training import (ClientDataset, ClientJob, ClientResult,  # noqa: E402
@@ -769,6 +770,10 @@ def main(argv: list[str] | None = None) -> int:
     jl = benchlib.JsonLines(path, {"id": stamp, "mode": mode})
     print(f"fisherguard benchmark ({mode} mode), {time.strftime('%Y-%m-%d %H:%M:%S')}")
     benchlib.print_system(info)
+    # the engine's default (runtime.retain_memory), applied to every variant alike
+    info["retain_memory"] = retain_freed_memory()
+    print(f"allocator freed memory {'retained' if info['retain_memory'] else 'returned to the OS'}"
+          " for every variant (fisherguard.allocator)")
     jl.write("system", None, "", settings=info)
     code = 0
     try:
