@@ -5,8 +5,9 @@ buffers. With glibc's default thresholds a freed block of that size goes back to
 (``munmap`` or a heap trim) and the next step faults it in again, page by page: about 2 000–4 000
 faults per grouped step of five SimpleCNN clients. Raising the thresholds keeps the blocks in the
 heap for reuse: no faults, the median step about 15 % faster and an in-process round about 8 %
-(measured on a 2-core AVX2 machine; a run with two forked workers showed no measurable change). Numbers do not change, only where memory comes from; the cost is that up to
-``limit`` bytes of freed memory stay resident.
+(measured on a 2-core AVX2 machine; a run with two forked workers showed no measurable change).
+Numbers do not change, only where memory comes from; the cost is that up to ``limit`` bytes of
+freed memory stay resident.
 """
 
 from __future__ import annotations
