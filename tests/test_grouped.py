@@ -267,8 +267,10 @@ def test_ctrl_c_stops_the_run_and_its_workers(tmp_path):
     cmd = [sys.executable, "-m", "fisherguard.cli", "run", "configs/synthetic-quick.yaml",
            "--set", "runtime.workers=2", "--set", "runtime.threads=1",
            "--set", "federation.rounds=200", "--out", str(out), "-q"]
+    # a terminal's Ctrl-C: the child must not inherit an ignored SIGINT (background jobs have one)
     proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(__file__)),
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     children: list[int] = []
     try:
         deadline = time.time() + 120
