@@ -41,7 +41,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fisherguard.allocator import retain_freed_memory  # noqa: E402
-from fisherguard.clients.grouped import grouped_forward  # noqa: E402
+from fisherguard.clients.grouped import client_losses  # noqa: E402
 from fisherguard.clients.training import TrainPlan, make_optimizer  # noqa: E402
 from fisherguard.models import SimpleCNN, trainable  # noqa: E402
 
@@ -88,10 +88,11 @@ def kernels(g: int) -> dict[str, dict[str, Callable[[], object]]]:
     x1_dw = dw_input().contiguous(memory_format=CL)
     no_grad = torch.no_grad()
 
-    def fwd(x: Tensor, w: Tensor, b: Tensor | None, groups: int) -> Callable[[], object]:
+    def fwd(x: Tensor, w: Tensor, b: Tensor | None, groups: int, padding: int = 0
+            ) -> Callable[[], object]:
         def run() -> object:
             with no_grad:
-                return F.conv2d(x, w, b, groups=groups)
+                return F.conv2d(x, w, b, padding=padding, groups=groups)
         return run
 
     def bwd(go: Tensor, x: Tensor, w: Tensor, groups: int, mask: list[bool]) -> Callable[[], object]:
@@ -120,7 +121,7 @@ def kernels(g: int) -> dict[str, dict[str, Callable[[], object]]]:
         "conv2 input gradient": {
             "grouped, channels_last": bwd(t["go2"], t["x2"], w2, g, [True, False, False]),
             "grouped, NCHW": bwd(go2, x2, w2, g, [True, False, False]),
-            "forward conv, flipped weights, padding 4": fwd_padded(t["go2"], w2_flip, g),
+            "forward conv, flipped weights, padding 4": fwd(t["go2"], w2_flip, None, g, padding=4),
             "transposed conv": lambda: F.conv_transpose2d(t["go2"], w2, groups=g),
         },
         "conv2 weight gradient": {
@@ -128,13 +129,6 @@ def kernels(g: int) -> dict[str, dict[str, Callable[[], object]]]:
             "grouped, NCHW": bwd(go2, x2, w2, g, [False, True, True]),
         },
     }
-
-
-def fwd_padded(go: Tensor, w_flip: Tensor, g: int) -> Callable[[], object]:
-    def run() -> object:
-        with torch.no_grad():
-            return F.conv2d(go, w_flip, None, padding=4, groups=g)
-    return run
 
 
 def outputs(result: object) -> list[Tensor]:
@@ -162,8 +156,7 @@ def engine_step(g: int) -> Callable[[], object]:
 
     def run() -> object:
         opt.zero_grad(set_to_none=True)
-        logits = grouped_forward(params, x, summed_conv1=True)
-        F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(g, -1).mean(1).sum().backward()
+        client_losses(params, x, y, summed_conv1=True).sum().backward()
         opt.step()
         return None
     return run

@@ -15,9 +15,8 @@ from fisherguard.engine import simulator
 STEPS = textwrap.dedent("""
     import resource, sys
     import torch
-    import torch.nn.functional as F
     from fisherguard.allocator import retain_freed_memory
-    from fisherguard.clients.grouped import grouped_forward
+    from fisherguard.clients.grouped import client_losses
     from fisherguard.clients.training import TrainPlan, make_optimizer
     from fisherguard.models import SimpleCNN, trainable
 
@@ -32,8 +31,7 @@ STEPS = textwrap.dedent("""
 
     def step():
         opt.zero_grad(set_to_none=True)
-        logits = grouped_forward(params, x, summed_conv1=True)
-        F.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
+        client_losses(params, x, y, summed_conv1=True).sum().backward()
         opt.step()
 
     for _ in range(3):

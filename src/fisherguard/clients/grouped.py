@@ -55,6 +55,16 @@ def grouped_forward(params: list[Tensor], x: Tensor, *, summed_conv1: bool) -> T
     return h
 
 
+def client_losses(params: list[Tensor], x: Tensor, y: Tensor, *, summed_conv1: bool) -> Tensor:
+    """Each client's mean cross-entropy (G,) on its slice of x (B, G·C, 32, 32) with labels y (G, B).
+
+    Their sum is the group's loss: each client's gradient is then its own mean-loss gradient.
+    """
+    logits = grouped_forward(params, x, summed_conv1=summed_conv1)
+    ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+    return ce.view(y.shape[0], -1).mean(1)
+
+
 class GroupedTrainer:
     """Default trainer for SimpleCNN: clients of a round trained as one shrinking group."""
 
@@ -114,9 +124,7 @@ class GroupedTrainer:
             yg = torch.stack(ys)  # (G, B)
             assert opt is not None
             opt.zero_grad(set_to_none=True)
-            logits = grouped_forward(params, xg, summed_conv1=summed)
-            ce = F.cross_entropy(logits.flatten(0, 1), yg.flatten(), reduction="none")
-            ce = ce.view(active, -1).mean(1)
+            ce = client_losses(params, xg, yg, summed_conv1=summed)
             loss = ce.sum()
             pens = []
             for i in range(active):
