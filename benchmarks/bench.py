@@ -55,7 +55,7 @@ from fisherguard.clients.grouped import GroupedTrainer  # noqa: E402
 from fisherguard.clients.trainers import build_trainer  # noqa: E402
 from fisherguard.clients.training import (ClientDataset, ClientJob, ClientResult,  # noqa: E402
                                           FisherRequest, LocalTrainer, SequentialTrainer,
-                                          TrainPlan)
+                                          TrainPlan, num_steps)
 from fisherguard.data.sources import DatasetMissingError  # noqa: E402
 from fisherguard.engine import simulator  # noqa: E402
 from fisherguard.fisher import diagonal_fisher, per_sample_loop_fisher  # noqa: E402
@@ -263,9 +263,13 @@ def compare(ref: RoundOut, got: RoundOut, w0: Tensor, sizes: list[int]) -> dict[
             "moved": moved}
 
 
-def engine_name(workers: int, threads: int, inner: str) -> str:
+def build_engine(fed: simulator.Federation, workers: int, threads: int
+                 ) -> tuple[str, LocalTrainer]:
+    """The engine's trainer for one workers × threads shape, and its printed name."""
+    trainer = build_trainer(fed.model_factory, fed.clients, kind="auto", workers=workers)
+    inner = getattr(trainer, "inner_name", getattr(trainer, "name", "?"))
     return (f"engine {workers} worker{'s' if workers > 1 else ''} × {threads} "
-            f"thread{'s' if threads > 1 else ''} ({inner})")
+            f"thread{'s' if threads > 1 else ''} ({inner})"), trainer
 
 
 def engine_shapes() -> list[tuple[int, int]]:
@@ -293,20 +297,18 @@ def exactness_gate(synthetic: bool, fisher_opts: dict[str, Any], jl: benchlib.Js
     plan = simulator.train_plan(cfg)
     w0 = simulator.initial_weights(fed)
     sizes = [len(c) for c in fed.clients]
-    steps = [plan.epochs * (n // plan.batch_size) for n in sizes]
+    steps = [num_steps(n, plan) for n in sizes]
     print(f"  exactness gate: first round on the first {GATE_SUBSET} pool images, E = {plan.epochs} "
           f"(clients {sizes}, {min(steps)}–{max(steps)} SGD steps each); max-abs <= {WEIGHT_TOL:g}:")
     ref = reference_round(fed, w0, plan, fisher_opts, CORES)
     out = {}
     for workers, threads in engine_shapes():
-        trainer = build_trainer(fed.model_factory, fed.clients, kind="auto", workers=workers)
+        name, trainer = build_engine(fed, workers, threads)
         try:
             got = engine_round(trainer, threads, fed, w0, plan, fisher_opts)
         finally:
             if hasattr(trainer, "close"):
                 trainer.close()  # type: ignore[attr-defined]
-        name = engine_name(workers, threads, getattr(trainer, "inner_name",
-                                                     getattr(trainer, "name", "?")))
         d = compare(ref, got, w0, sizes)
         out[(workers, threads)] = good = agrees(d)
         print_diff(name, d, f" -> {'OK' if good else 'DISAGREE'}")
@@ -414,7 +416,7 @@ def fisher_vs_epoch(fed: simulator.Federation, w0: Tensor, plan: TrainPlan,
 def run_bench(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) -> int:
     epochs = args.epochs or (2 if args.quick else 10)
     reps = args.reps or (3 if args.quick else 5)
-    max_attempts = args.max_attempts or (2 if args.quick else 3)
+    max_attempts = args.max_attempts
     labels = []
     if epochs != 10:
         labels.append(f"E = {epochs} (labelled quick mode, performance.md §8 def. 1; targets are set at E = 10)")
@@ -460,9 +462,7 @@ def run_bench(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) 
     engines: list[tuple[str, LocalTrainer, int]] = []
     shape_of: dict[str, tuple[int, int]] = {}
     for workers, threads in engine_shapes():
-        trainer = build_trainer(fed.model_factory, fed.clients, kind="auto", workers=workers)
-        name = engine_name(workers, threads, getattr(trainer, "inner_name",
-                                                     getattr(trainer, "name", "?")))
+        name, trainer = build_engine(fed, workers, threads)
         engines.append((name, trainer, threads))
         shape_of[name] = (workers, threads)
     variants: list[tuple[str, Callable[[], RoundOut]]] = [
@@ -482,7 +482,7 @@ def run_bench(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) 
         # Full-size first round. Without --strict-gate this is information beside a floor: the
         # engine's own per-client SequentialTrainer (channels_last, fused SGD) is the reference's
         # arithmetic in another order, so its distance is what reordering alone produces here.
-        steps = max(plan.epochs * (n // plan.batch_size) for n in sizes)
+        steps = max(num_steps(n, plan) for n in sizes)
         t0 = time.perf_counter()
         floor_out = engine_round(SequentialTrainer(fed.model_factory), CORES, fed, w0, plan,
                                  fisher_opts)
@@ -582,7 +582,7 @@ def run_bench(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) 
     exit_code = 0
     ref_med = stats[ref_name].median
     good_engines = ok_names
-    timed = [st for st in stats.values()] + list(t2.values())
+    timed = list(stats.values()) + list(t2.values())
     n_busy, n_all = sum(st.busy for st in timed), sum(len(st.values) for st in timed)
     if n_busy:
         print(f"  WARNING: {n_busy} of {n_all} timed repetitions ran while foreign processes used "
@@ -755,6 +755,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         v = getattr(a, name)
         if v is not None and v < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if a.max_attempts is None:
+        a.max_attempts = 2 if a.quick else 3
     if a.full and a.workers * (a.threads or 1) > CORES:
         p.error(f"workers × threads = {a.workers * (a.threads or 1)} exceeds the {CORES} cores")
     return a
@@ -780,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
         with benchlib.PssSampler(0.25) as mem:
             print()
             print("== sgemm throughput (2048×2048 float32), for the compute bound")
-            rep = repeater(args.max_attempts or (2 if args.quick else 3), 10)
+            rep = repeater(args.max_attempts, 10)
             two = min(2, CORES)
             threads_list = sorted({1, two})
             g = sgemm(rep, threads_list, reps=5)
