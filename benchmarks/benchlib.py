@@ -176,14 +176,21 @@ class Sample:
     result: Any = None
 
 
-def foreign_share(seconds: float) -> float:
-    """Foreign processes' share of the machine over an idle wait of ``seconds``."""
+def timed_with_foreign(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    """``fn()``'s result, its wall seconds, and foreign processes' share of the machine meanwhile."""
     b0, t0 = machine_ticks()
     own0 = tree_cpu_ticks()
-    time.sleep(seconds)
+    w0 = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - w0
     own1 = tree_cpu_ticks()
     b1, t1 = machine_ticks()
-    return max(0, (b1 - b0) - (own1 - own0)) / max(t1 - t0, 1)
+    return result, seconds, max(0, (b1 - b0) - (own1 - own0)) / max(t1 - t0, 1)
+
+
+def foreign_share(seconds: float) -> float:
+    """Foreign processes' share of the machine over an idle wait of ``seconds``."""
+    return timed_with_foreign(lambda: time.sleep(seconds))[2]
 
 
 @dataclass
@@ -219,14 +226,7 @@ class Repeater:
     def measure(self, label: str, fn: Callable[[], Any]) -> Sample:
         best: Sample | None = None
         for attempt in range(self.max_attempts):
-            b0, t0 = machine_ticks()
-            own0 = tree_cpu_ticks()
-            w0 = time.perf_counter()
-            result = fn()
-            seconds = time.perf_counter() - w0
-            own1 = tree_cpu_ticks()
-            b1, t1 = machine_ticks()
-            foreign = max(0, (b1 - b0) - (own1 - own0)) / max(t1 - t0, 1)
+            result, seconds, foreign = timed_with_foreign(fn)
             s = Sample(seconds, foreign, False, result)
             if foreign <= self.threshold:
                 self.persistent = False
