@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,9 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import benchlib
+
 TARGET = 3.0  # in-process must be ≥ 3× faster than Flower's simulation (performance.md §8 row 2)
 TOLERANCE = 1e-4  # max-abs agreement of the final weights (§9 "same work")
-FOREIGN_LIMIT = 0.06  # share of machine CPU used by other processes that marks a busy repetition
+FOREIGN_LIMIT = benchlib.BUSY_THRESHOLD  # foreign share of the machine that marks a busy repetition
 
 WORKLOAD = {
     "experiment": {"name": "bench-flower", "seed": 0},
@@ -57,26 +58,13 @@ with launch.options(run_timeout=900.0):
 """
 
 
-def busy_jiffies() -> tuple[int, int]:
-    """(busy, total) CPU jiffies of the whole machine (/proc/stat)."""
-    f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = f[3] + f[4]
-    return sum(f) - idle, sum(f)
-
-
 def timed(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
     """Wall time of one command, and the CPU share other processes took meanwhile."""
-    hz = os.sysconf("SC_CLK_TCK")
     c0 = os.times()
-    b0, t0j = busy_jiffies()
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    wall = time.perf_counter() - t0
-    b1, t1j = busy_jiffies()
+    p, wall, foreign = benchlib.timed_with_foreign(
+        lambda: subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout))
     c1 = os.times()
     own = (c1.children_user + c1.children_system) - (c0.children_user + c0.children_system)
-    total = (t1j - t0j) / hz
-    foreign = max(0.0, (b1 - b0) / hz - own) / total if total > 0 else 0.0
     if p.returncode != 0:
         raise SystemExit(f"benchmark: {' '.join(cmd[:4])} failed ({p.returncode}):\n"
                          f"{p.stderr[-3000:]}")
@@ -103,21 +91,6 @@ def run_variant(kind: str, cfg_path: Path, out: Path, env: dict[str, str]) -> di
 
 def max_abs(a: Any, b: Any) -> float:
     return float((a - b).abs().max())
-
-
-def describe() -> dict[str, Any]:
-    import torch
-
-    try:
-        import flwr
-        fv = flwr.__version__
-    except ImportError:
-        fv = "not installed"
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
-                .splitlines() if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "isa": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
-            "torch": torch.__version__, "flwr": fv, "python": platform.python_version(),
-            "loadavg": os.getloadavg()}
 
 
 def stats(xs: list[float]) -> str:
@@ -157,7 +130,7 @@ def main() -> int:
     env = {**os.environ, **FLOWER_ENV, "OMP_NUM_THREADS": str(args.threads),
            "MKL_NUM_THREADS": str(args.threads)}
     flower_env = {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    info = describe()
+    info = benchlib.system_info()
     print(f"# Flower benchmark (performance.md §8 row 2, workload 2): FDCR, 10 clients × 600 "
           f"synthetic samples, 3 rounds, E=1; whole run from launch to saved final model, "
           f"start-up included")
