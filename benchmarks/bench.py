@@ -57,7 +57,8 @@ from fisherguard.clients.training import (ClientDataset, ClientJob, ClientResult
                                           FisherRequest, LocalTrainer, SequentialTrainer,
                                           TrainPlan, num_steps)
 from fisherguard.data.sources import DatasetMissingError  # noqa: E402
-from fisherguard.engine import simulator  # noqa: E402
+from fisherguard.engine import federation  # noqa: E402
+from fisherguard.engine.runner import run as run_experiment  # noqa: E402
 from fisherguard.fisher import diagonal_fisher, per_sample_loop_fisher  # noqa: E402
 from fisherguard.models import build_model, flatten, load_flat, num_params  # noqa: E402
 from fisherguard.seeding import torch_stream  # noqa: E402
@@ -104,7 +105,7 @@ DEFAULT_FULL_WORKERS = 2
 
 def paper_config(*, epochs: int, rounds: int | None = None, train_subset: int | None = None,
                  synthetic: bool = False, workers: int = 1, threads: int | None = None
-                 ) -> dict[str, Any]:
+                 ) -> config.Config:
     """The Fashion-MNIST paper configuration with FDCR, seed 0, and the given overrides."""
     raw = yaml.safe_load(PAPER_CONFIG.read_text())
     sets: dict[str, Any] = {"defense": "fdcr", "experiment.seed": SEED, "runtime.engine": "inprocess",
@@ -144,10 +145,10 @@ def training_flops_per_sample(model: nn.Module, shape: tuple[int, ...]) -> float
     return 2 * (3 * sum(macs) - macs[0])
 
 
-def fed_jobs(fed: simulator.Federation, w0: Tensor, fisher_opts: dict[str, Any], t: int = 0
+def fed_jobs(fed: federation.Federation, w0: Tensor, fisher_opts: dict[str, Any], t: int = 0
              ) -> list[ClientJob]:
-    """The round's jobs exactly as the simulator builds them for FDCR (no regulariser)."""
-    return [simulator.client_job(fed, k, t, w0, None,
+    """The round's jobs exactly as the in-process engine builds them for FDCR (no regulariser)."""
+    return [federation.client_job(fed, k, t, w0, None,
                                  FisherRequest(fisher_opts, torch_stream(SEED, "fisher", k, t)))
             for k in range(len(fed.clients))]
 
@@ -160,7 +161,7 @@ class RoundOut:
     fisher_s: float = float("nan")
 
 
-def engine_round(trainer: LocalTrainer, threads: int, fed: simulator.Federation, w0: Tensor,
+def engine_round(trainer: LocalTrainer, threads: int, fed: federation.Federation, w0: Tensor,
                  plan: TrainPlan, fisher_opts: dict[str, Any]) -> RoundOut:
     torch.set_num_threads(threads)
     results: list[ClientResult] = trainer.train_round(fed_jobs(fed, w0, fisher_opts), plan)
@@ -211,7 +212,7 @@ def _as_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     return batch  # __getitems__ already returns the collated batch
 
 
-def reference_round(fed: simulator.Federation, w0: Tensor, plan: TrainPlan,
+def reference_round(fed: federation.Federation, w0: Tensor, plan: TrainPlan,
                     fisher_opts: dict[str, Any], threads: int) -> RoundOut:
     """One nn.Module per client trained in turn: DataLoader replaying the engine's batches, NCHW,
     default SGD, then the engine's Fisher routine (``diagonal_fisher``, same options and stream)."""
@@ -263,7 +264,7 @@ def compare(ref: RoundOut, got: RoundOut, w0: Tensor, sizes: list[int]) -> dict[
             "moved": moved}
 
 
-def build_engine(fed: simulator.Federation, workers: int, threads: int
+def build_engine(fed: federation.Federation, workers: int, threads: int
                  ) -> tuple[str, LocalTrainer]:
     """The engine's trainer for one workers × threads shape, and its printed name."""
     trainer = build_trainer(fed.model_factory, fed.clients, kind="auto", workers=workers)
@@ -293,9 +294,9 @@ def exactness_gate(synthetic: bool, fisher_opts: dict[str, Any], jl: benchlib.Js
     rounding has not been amplified yet. Returns, per engine shape, whether it agrees.
     """
     cfg = paper_config(epochs=GATE_EPOCHS, train_subset=GATE_SUBSET, synthetic=synthetic)
-    fed = simulator.prepare(cfg)
-    plan = simulator.train_plan(cfg)
-    w0 = simulator.initial_weights(fed)
+    fed = federation.prepare(cfg)
+    plan = federation.train_plan(cfg)
+    w0 = federation.initial_weights(fed)
     sizes = [len(c) for c in fed.clients]
     steps = [num_steps(n, plan) for n in sizes]
     print(f"  exactness gate: first round on the first {GATE_SUBSET} pool images, E = {plan.epochs} "
@@ -356,7 +357,7 @@ def sgemm(rep: benchlib.Repeater, threads_list: list[int], reps: int, n: int = 2
     return out
 
 
-def benign_client(fed: simulator.Federation, n: int) -> ClientDataset:
+def benign_client(fed: federation.Federation, n: int) -> ClientDataset:
     """A benign client of n samples (the first n of the benign clients' pool, fewer only on a
     development subset), through the engine's pipeline."""
     benign = [c for c in fed.clients if c.images is not None and c.poisoned is None]
@@ -365,7 +366,7 @@ def benign_client(fed: simulator.Federation, n: int) -> ClientDataset:
     return ClientDataset(labels=labels.clone(), pipeline=fed.pipeline, images=images.clone())
 
 
-def fisher_vs_epoch(fed: simulator.Federation, w0: Tensor, plan: TrainPlan,
+def fisher_vs_epoch(fed: federation.Federation, w0: Tensor, plan: TrainPlan,
                     fisher_opts: dict[str, Any], rep: benchlib.Repeater, reps: int,
                     threads_list: list[int], n: int = 5400
                     ) -> tuple[dict[str, benchlib.Stats], int]:
@@ -429,21 +430,21 @@ def run_bench(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) 
     cfg = paper_config(epochs=epochs, train_subset=args.train_subset)
     t0 = time.perf_counter()
     try:
-        fed = simulator.prepare(cfg)
+        fed = federation.prepare(cfg)
     except DatasetMissingError:
         synthetic = True
         labels.append("SYNTHETIC data of Fashion-MNIST's size (real Fashion-MNIST not found; "
                       "fetch it with `fisherguard data fetch fashion-mnist`)")
         cfg = paper_config(epochs=epochs, train_subset=args.train_subset, synthetic=True)
-        fed = simulator.prepare(cfg)
+        fed = federation.prepare(cfg)
     prep_s = time.perf_counter() - t0
-    plan = simulator.train_plan(cfg)
-    w0 = simulator.initial_weights(fed)
-    fisher_opts = simulator.build_defense(cfg).fisher_options()
+    plan = federation.train_plan(cfg)
+    w0 = federation.initial_weights(fed)
+    fisher_opts = cfg.build_defense().fisher_options()
     sizes = [len(c) for c in fed.clients]
     total_n = sum(sizes)
-    settings = {"dataset": "synthetic" if synthetic else cfg["data"]["dataset"], "epochs": epochs,
-                "clients": len(sizes), "beta": cfg["partition"]["beta"], "seed": SEED,
+    settings = {"dataset": "synthetic" if synthetic else cfg.data.dataset, "epochs": epochs,
+                "clients": len(sizes), "beta": cfg.partition.beta, "seed": SEED,
                 "batch_size": plan.batch_size, "defense": "fdcr", "fisher_options": fisher_opts,
                 "repetitions": reps, "train_subset": args.train_subset}
 
@@ -451,7 +452,7 @@ def run_bench(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) 
     print("== Target 1: engine vs sequential reference loop, one client round "
           "(all clients' training + exact Fisher)")
     print(f"  workload: {settings['dataset']}, protocol SimpleCNN 3×32×32 ({num_params(fed.model_factory())} "
-          f"parameters), K = {len(sizes)}, Dirichlet β = {cfg['partition']['beta']}, seed {SEED}, "
+          f"parameters), K = {len(sizes)}, Dirichlet β = {cfg.partition.beta}, seed {SEED}, "
           f"E = {epochs}, batch {plan.batch_size}, FDCR exact Fisher {fisher_opts}")
     print(f"  client sizes {sizes} (Σ = {total_n}), attackers {fed.attackers}; data prepared in {prep_s:.1f} s")
     for text in labels:
@@ -662,9 +663,9 @@ def run_full(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) -
         deviations.append(f"train_subset = {args.train_subset}")
     cfg = paper_config(epochs=epochs, rounds=args.rounds, train_subset=args.train_subset,
                        workers=workers, threads=threads)
-    f = cfg["federation"]
-    net = build_model("simplecnn", cfg["data"]["channels"])
-    shape = (cfg["data"]["channels"], 32, 32)
+    f = cfg.federation
+    net = build_model("simplecnn", cfg.data.channels)
+    shape = (cfg.data.channels, 32, 32)
     flops = training_flops_per_sample(net, shape)
     print()
     print("== Targets 3 and 4: the full Fashion-MNIST paper run (FDCR, seed 0), once; the wall "
@@ -672,7 +673,7 @@ def run_full(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) -
     print(f"  model SimpleCNN, input {shape[0]}×{shape[1]}×{shape[2]}, {num_params(net)} parameters, "
           f"{flops / 1e6:.3f} MFLOP training per sample")
     print(f"  K = {f['clients']}, E = {f['local_epochs']}, T = {f['rounds']}, batch {f['batch_size']}, "
-          f"eval every round; runtime: trainer {cfg['runtime']['trainer']}, workers {workers} × "
+          f"eval every round; runtime: trainer {cfg.runtime.trainer}, workers {workers} × "
           f"threads {threads}")
     if deviations:
         print(f"  NOTE: not the target configuration ({', '.join(deviations)}); no PASS/MISS")
@@ -681,17 +682,17 @@ def run_full(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) -
     try:
         with benchlib.PssSampler(0.25) as mem:
             t0 = time.perf_counter()
-            summary = simulator.run(cfg, out_dir, label="bench-full", progress=sys.stderr)
+            summary = run_experiment(cfg, out_dir, label="bench-full", progress=sys.stderr)
             wall = time.perf_counter() - t0
         partition = json.loads((out_dir / "partition.json").read_text())
     finally:
         if not args.out:
             shutil.rmtree(out_dir, ignore_errors=True)
-    n = summary.get("rounds", f["rounds"])
+    n = summary.get("rounds", f.rounds)
     # training and Fisher FLOPs of the model as specified, whatever shortcuts the engine takes;
     # counted on the client pool (Σ n_k) as performance.md §8 states it
     total_n = int(sum(partition["sizes"]))
-    bound = n * (f["local_epochs"] + FISHER_FLOPS_FACTOR) * total_n * flops / (gflops2 * 1e9)
+    bound = n * (f.local_epochs + FISHER_FLOPS_FACTOR) * total_n * flops / (gflops2 * 1e9)
     ratio = wall / bound
     target = not deviations
     ok_wall = wall <= FULL_WALL_TARGET_S if target else None
@@ -709,7 +710,7 @@ def run_full(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) -
           f"Fisher pass) × Σn {total_n} × {flops / 1e6:.3f} MFLOP / {gflops2:.0f} GFLOP/s")
     print("                             (assumption: the exact Fisher costs one training pass per sample)")
     print(f"  target 4  wall / bound     {ratio:.2f}x  target <= 2.4x (stretch 1.5x)  {benchlib.verdict(ok_ratio)}")
-    s = {"epochs": f["local_epochs"], "rounds": n, "clients": f["clients"], "workers": workers,
+    s = {"epochs": f.local_epochs, "rounds": n, "clients": f.clients, "workers": workers,
          "threads": threads, "defense": "fdcr", "seed": SEED, "deviations": deviations,
          "input": list(shape), "params": num_params(net)}
     jl.write("target3/wall", wall, "s", target="<= 1200", ok=ok_wall, settings=s)

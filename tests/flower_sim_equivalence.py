@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from fisherguard import config
-from fisherguard.engine import simulator
+from fisherguard.engine.federation import initial_weights, prepare
+from fisherguard.engine.runner import run
 from fisherguard.engine.flower import launch
 
 RAW = {"experiment": {"name": "equivalence", "seed": 3},
@@ -25,7 +26,7 @@ DEFENSES = ("fedavg", "fdcr", "sdfc")
 def main(root: Path) -> None:
     cfgs = {d: config.resolve(config.apply_overrides(RAW, {"defense": d})) for d in DEFENSES}
     for d, c in cfgs.items():
-        simulator.run(c, root / "inprocess" / d, progress=None)
+        run(c, root / "inprocess" / d, progress=None)
     with launch.options(run_timeout=330.0, round_timeout=120.0, keep_logs=root / "logs"):
         summaries = launch.simulate_many([(c, root / "flower-sim" / d, d) for d, c in cfgs.items()],
                                          progress=None)
@@ -35,7 +36,7 @@ def main(root: Path) -> None:
                 for e in ("inprocess", "flower-sim"))
         ra, rb = (json.loads((root / e / d / "rounds.jsonl").read_text().splitlines()[0])
                   for e in ("inprocess", "flower-sim"))
-        w0 = simulator.initial_weights(simulator.prepare(cfgs[d]))
+        w0 = initial_weights(prepare(cfgs[d]))
         out[d] = {"max_abs": float((a - b).abs().max()), "moved": float((a - w0).abs().max()),
                   "flags": [ra["clients"]["flagged"], rb["clients"]["flagged"]],
                   "replies": rb["replies"]["received"]}

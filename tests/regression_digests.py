@@ -32,7 +32,7 @@ SYNTHETIC = {
 
 
 def final_weights(raw: dict[str, Any], defense: str, out: Path) -> torch.Tensor:
-    from fisherguard.engine.simulator import run
+    from fisherguard.engine.runner import run
 
     cfg = config.resolve(config.apply_overrides(raw, {"defense": defense}))
     run(cfg, out, progress=None)

@@ -9,7 +9,7 @@ import pytest
 
 from fisherguard import config
 from fisherguard.allocator import retain_freed_memory
-from fisherguard.engine import simulator
+from fisherguard.engine import runner
 
 # A fresh interpreter, so the allocator starts from glibc's defaults; prints faults per step.
 STEPS = textwrap.dedent("""
@@ -68,12 +68,12 @@ def test_limit_out_of_range_is_refused(limit):
 @pytest.mark.parametrize("retain", [True, False])
 def test_the_engine_applies_runtime_retain_memory(monkeypatch, tmp_path, retain):
     calls = []
-    monkeypatch.setattr(simulator, "retain_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(runner, "retain_freed_memory", lambda: calls.append(1) or True)
     cfg = config.resolve({
         "experiment": {"name": "alloc", "seed": 0},
         "data": {"dataset": "synthetic", "synthetic_train": 600, "synthetic_test": 100},
         "federation": {"clients": 2, "rounds": 1, "local_epochs": 1},
         "attack": {"name": "none"}, "defense": "fedavg", "server": {"val_size": 32},
         "runtime": {"retain_memory": retain}})
-    simulator.run(cfg, tmp_path / "run", progress=None)
+    runner.run(cfg, tmp_path / "run", progress=None)
     assert calls == ([1] if retain else [])

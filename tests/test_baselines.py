@@ -579,8 +579,7 @@ def test_rsa_client_plan_and_l1_pull():
     w = torch.randn(30, generator=seeded(0))
     rsa = registry.build("rsa")
     assert rsa.client_regulariser == "l1pull"
-    plan_in = PlanInput(round_idx=0, global_weights=w, client_ids=[3, 7],
-                        client_fisher=lambda k, v: torch.zeros_like(v))
+    plan_in = PlanInput(round_idx=0, global_weights=w, client_ids=[3, 7])
     plans = rsa.plan_clients(plan_in)
     assert set(plans) == {3, 7} and plans[3].start_weights is None
     reg = plans[3].regulariser
@@ -595,8 +594,7 @@ def test_rsa_client_plan_and_l1_pull():
     upd = torch.randn(2, 30, generator=seeded(2))
     rsa.aggregate(RoundInput(global_weights=w, updates=upd, num_samples=torch.tensor([5., 5.]),
                              client_ids=[3, 7]))
-    plans = rsa.plan_clients(PlanInput(round_idx=1, global_weights=w * 0, client_ids=[3, 7, 9],
-                                       client_fisher=lambda k, v: v))
+    plans = rsa.plan_clients(PlanInput(round_idx=1, global_weights=w * 0, client_ids=[3, 7, 9]))
     assert torch.allclose(plans[7].start_weights, w + upd[1])
     assert plans[9].start_weights is None
     assert torch.equal(plans[3].regulariser.anchor, w * 0)

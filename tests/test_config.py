@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from fisherguard import config
 from fisherguard.config import ConfigError
@@ -6,10 +7,10 @@ from fisherguard.config import ConfigError
 
 def test_defaults_and_presets():
     cfg = config.resolve({})
-    assert cfg["federation"]["local_epochs"] == 10 and cfg["federation"]["rounds"] == 50
-    assert cfg["server"]["val_size"] == 256 and cfg["server"]["transform"] == "test"
+    assert cfg.federation.local_epochs == 10 and cfg.federation.rounds == 50
+    assert cfg.server.val_size == 256 and cfg.server.transform == "test"
     code = config.resolve({"experiment": {"preset": "code"}})
-    assert code["server"]["val_size"] is None and code["server"]["transform"] == "train"
+    assert code.server.val_size is None and code.server.transform == "train"
 
 
 @pytest.mark.parametrize("raw,needle", [
@@ -38,9 +39,9 @@ def test_overrides_and_variants(tmp_path):
                  "  - {label: b, set: {defense: fedavg, defense.weights: uniform}}\n")
     vs = config.load(p, ["federation.local_epochs=2"])
     assert [v.label for v in vs] == ["a", "b"]
-    assert vs[0].config["attack"]["fraction"] == 0.0 and vs[1].config["attack"]["fraction"] == 0.3
-    assert all(v.config["federation"]["local_epochs"] == 2 for v in vs)
-    assert vs[1].config["defense"] == {"name": "fedavg", "options": {"weights": "uniform"}}
+    assert vs[0].config.attack.fraction == 0.0 and vs[1].config.attack.fraction == 0.3
+    assert all(v.config.federation.local_epochs == 2 for v in vs)
+    assert vs[1].config.to_dict()["defense"] == {"name": "fedavg", "options": {"weights": "uniform"}}
 
 
 def test_file_errors(tmp_path):
@@ -86,4 +87,29 @@ def test_malformed_structures_are_config_errors(raw, needle):
 
 
 def test_iid_alias():
-    assert config.resolve({"partition": {"beta": "iid"}})["partition"]["beta"] == 0.0
+    assert config.resolve({"partition": {"beta": "iid"}}).partition.beta == 0.0
+
+
+def test_a_resolved_config_is_frozen_and_replace_revalidates():
+    import dataclasses
+
+    cfg = config.resolve({"defense": {"name": "fdcr", "options": {"min_silhouette": 0.8}}})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.federation.rounds = 3  # type: ignore[misc]
+    with pytest.raises(TypeError, match="frozen"):
+        cfg.defense.options["min_silhouette"] = 0.1  # type: ignore[index]
+    short = cfg.replace({"federation.rounds": 3, "experiment.seed": 7})
+    assert (short.federation.rounds, short.experiment.seed, cfg.federation.rounds) == (3, 7, 50)
+    assert short.defense.options == {"min_silhouette": 0.8}
+    with pytest.raises(config.ConfigError, match="federation.rounds"):
+        cfg.replace({"federation.rounds": 0})
+    assert config.resolve(yaml.safe_load(cfg.to_yaml())) == cfg  # the YAML is the whole config
+
+
+def test_the_defense_and_its_options_come_from_one_place():
+    cfg = config.resolve({"defense": "bulyan", "federation": {"clients": 11},
+                          "attack": {"fraction": 0.2}})
+    opts = cfg.defense_options()
+    assert opts["assumed_attackers"] == 2 and opts["preset"] == "paper"
+    assert type(cfg.build_defense()).__name__ == "Bulyan"
+    assert config.resolve({"attack": {"name": "none"}}).attack_fraction == 0.0

@@ -1,11 +1,11 @@
-"""End-to-end runs of the in-process simulator on generated data."""
+"""End-to-end runs of the in-process engine on generated data."""
 
 import json
 
 import pytest
 
 from fisherguard import config
-from fisherguard.engine.simulator import run
+from fisherguard.engine.runner import run
 
 BASE = {
     "experiment": {"name": "e2e", "seed": 0},

@@ -8,7 +8,7 @@ import pytest
 
 from fisherguard import config
 from fisherguard.defenses import registry
-from fisherguard.engine.simulator import run
+from fisherguard.engine.runner import run
 
 BASE = {
     "data": {"dataset": "synthetic", "synthetic_train": 600, "synthetic_test": 200},

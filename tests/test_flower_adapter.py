@@ -22,7 +22,7 @@ from fisherguard import config  # noqa: E402
 from fisherguard.clients.fdreg import FDReg  # noqa: E402
 from fisherguard.clients.l1pull import L1Pull  # noqa: E402
 from fisherguard.defenses.base import ClientPlan  # noqa: E402
-from fisherguard.engine import simulator  # noqa: E402
+from fisherguard.engine.runner import run  # noqa: E402
 from fisherguard.engine.flower import launch  # noqa: E402
 from fisherguard.engine.flower.records import (BadRecord, Layout, plan_from, plan_records,  # noqa: E402
                                                read_flat, to_record)
@@ -108,11 +108,18 @@ def _good(strategy: DefenseStrategy, cid: int, w: torch.Tensor, f: torch.Tensor)
                                                 "train-loss": 1.0})})
 
 
+def begin(s: DefenseStrategy, server_round: int) -> DefenseStrategy:
+    """The server's step of a round as ``begin_round`` runs it, every node online and no client
+    answering a Fisher query (Flower builds messages only inside a run)."""
+    s._sent = dict(s.nodes)
+    s._start = s.server.begin(server_round - 1, lambda wanted, tag: {c: None for c in wanted})
+    return s
+
+
 @pytest.fixture()
 def strategy(tmp_path):
     s = DefenseStrategy(cfg(), tmp_path / "run", progress=None, min_replies=2)
     s.nodes = {c: 100 + c for c in s.ids}
-    s._sent = dict(s.nodes)
     return s
 
 
@@ -132,7 +139,7 @@ def test_hostile_replies_are_flagged_clients_never_a_crash(strategy):
                                        "metrics": MetricRecord({"num-examples": 5,
                                                                 "partition-id": 4})})),
                _reply(999, _good(strategy, 0, good[0], fis[0]))]  # a node never asked
-    arrays, metrics = strategy.aggregate_train(1, replies)
+    arrays, metrics = begin(strategy, 1).aggregate_train(1, replies)
     rec = strategy.run_dir.rounds()[-1]
     assert rec["clients"]["reasons"][2:] == ["missing", "non_finite", "bad_shape"]
     assert rec["clients"]["flagged"][2:] == [True, True, True]
@@ -147,7 +154,7 @@ def test_error_replies_and_silence_count_as_missing(strategy):
     f = torch.rand(w0.numel()) + 0.1
     replies = [_reply(100 + c, _good(strategy, c, w0 + 0.01 * c, f)) for c in (0, 1)]
     replies.append(_reply(102, error="ClientApp raised"))
-    strategy.aggregate_train(1, replies)  # 103 and 104 never answer
+    begin(strategy, 1).aggregate_train(1, replies)  # 103 and 104 never answer
     rec = strategy.run_dir.rounds()[-1]
     assert rec["clients"]["reasons"][2:] == ["missing"] * 3
     assert rec["replies"]["errors"] == {"2": "ClientApp raised"}
@@ -156,11 +163,11 @@ def test_error_replies_and_silence_count_as_missing(strategy):
 def test_too_few_replies_stop_with_a_clear_message_and_keep_finished_rounds(strategy):
     w0 = strategy.weights
     f = torch.rand(w0.numel()) + 0.1
-    strategy.aggregate_train(1, [_reply(100 + c, _good(strategy, c, w0 + 0.01 * c, f))
+    begin(strategy, 1).aggregate_train(1, [_reply(100 + c, _good(strategy, c, w0 + 0.01 * c, f))
                                  for c in range(5)])
     with pytest.raises(TooFewReplies, match=r"round 2: 1 of 5 clients replied, fewer than the "
                                             r"minimum of 2"):
-        strategy.aggregate_train(2, [_reply(100, _good(strategy, 0, w0, f))])
+        begin(strategy, 2).aggregate_train(2, [_reply(100, _good(strategy, 0, w0, f))])
     assert [r["round"] for r in strategy.run_dir.rounds()] == [1]
     assert "minimum of 2" in (strategy.run_dir.path / ERROR_FILE).read_text()
     assert strategy.run_dir.load_checkpoint()["rounds_done"] == 1
@@ -174,12 +181,12 @@ def test_the_strategy_aggregates_like_the_in_process_defense(strategy):
     w0 = strategy.weights.clone()
     ws = [w0 + 0.02 * torch.randn(w0.numel(), generator=g) for _ in range(5)]
     fs = [torch.rand(w0.numel(), generator=g) for _ in range(5)]
-    arrays, _ = strategy.aggregate_train(1, [_reply(100 + c, _good(strategy, c, ws[c], fs[c]))
+    arrays, _ = begin(strategy, 1).aggregate_train(1, [_reply(100 + c, _good(strategy, c, ws[c], fs[c]))
                                              for c in range(5)])
-    ref = simulator.build_defense(strategy.cfg).aggregate(RoundInput(
+    ref = strategy.cfg.build_defense().aggregate(RoundInput(
         global_weights=w0, updates=torch.stack([w - w0 for w in ws]),
         num_samples=torch.full((5,), 100.0, dtype=torch.float64), client_ids=list(range(5)),
-        lr=strategy.cfg["federation"]["lr"], round_idx=0, fisher=torch.stack(fs), num_rounds=2))
+        lr=strategy.cfg.federation.lr, round_idx=0, fisher=torch.stack(fs), num_rounds=2))
     assert torch.equal(read_flat(arrays, strategy.layout), ref.new_weights)
     assert strategy.run_dir.rounds()[-1]["clients"]["flagged"] == ref.flagged.tolist()
 
@@ -192,13 +199,13 @@ def test_run_config_mirrors_the_yaml_config(tmp_path):
     path.write_text(config.dump(cfg()))
     s = Settings.from_run_config({"config": str(path), "set": "federation.rounds=3 defense=sdfc",
                                   "out": str(tmp_path / "o"), "min-replies": 2}, "flower-sim")
-    assert s.cfg["federation"]["rounds"] == 3 and s.cfg["defense"]["name"] == "sdfc"
-    assert s.cfg["runtime"]["engine"] == "flower-sim" and s.min_replies == 2
+    assert s.cfg.federation.rounds == 3 and s.cfg.defense.name == "sdfc"
+    assert s.cfg.runtime.engine == "flower-sim" and s.min_replies == 2
     runs = Settings.all_from_run_config({"runs-json": json.dumps([
         {"config-yaml": config.dump(cfg()), "out": str(tmp_path / "a")},
         {"config-yaml": config.dump(cfg(defense="fedavg")), "out": str(tmp_path / "b")}])},
         "flower-deployment")
-    assert [r.cfg["defense"]["name"] for r in runs] == ["fdcr", "fedavg"]
+    assert [r.cfg.defense.name for r in runs] == ["fdcr", "fedavg"]
 
 
 @pytest.mark.parametrize("rc,match", [
@@ -229,7 +236,7 @@ def test_the_shipped_flower_app_is_the_generated_one_and_valid():
 def test_flower_deployment_is_not_started_by_fisherguard_run(tmp_path):
     c = cfg(**{"runtime.engine": "flower-deployment"})
     with pytest.raises(config.ConfigError, match="flwr run"):
-        simulator.run(c, tmp_path / "x", progress=None)
+        run(c, tmp_path / "x", progress=None)
 
 
 def test_cli_checks_the_flower_flags(tmp_path, capsys):
@@ -254,7 +261,6 @@ def test_every_defense_runs_behind_the_strategy(tmp_path, name):
     """Any registered defense aggregates Flower replies, a hostile one included, into a round record."""
     s = DefenseStrategy(cfg(defense=name), tmp_path / "run", progress=None, min_replies=2)
     s.nodes = {c: 100 + c for c in s.ids}
-    s._sent = dict(s.nodes)
     g = torch.Generator().manual_seed(2)
     w0 = s.weights.clone()
     replies = [_reply(100 + c, _good(s, c, w0 + 0.02 * torch.randn(w0.numel(), generator=g),
@@ -263,7 +269,7 @@ def test_every_defense_runs_behind_the_strategy(tmp_path, name):
     bad = _good(s, 4, w0, torch.rand(w0.numel(), generator=g))
     bad["arrays"] = to_record(torch.full_like(w0, float("inf")), s.layout)
     replies.append(_reply(104, bad))
-    arrays, _ = s.aggregate_train(1, replies)
+    arrays, _ = begin(s, 1).aggregate_train(1, replies)
     rec = s.run_dir.rounds()[-1]
     assert torch.isfinite(read_flat(arrays, s.layout)).all()
     assert rec["clients"]["flagged"][4] and rec["clients"]["weights"][4] == 0.0

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fisherguard import config
-from fisherguard.engine import simulator
+from fisherguard.engine.runner import run
 from fisherguard.engine.flower import FLOWER_ENV, launch
 
 HERE = Path(__file__).resolve().parent
@@ -78,7 +78,7 @@ def test_one_round_on_flower_simulation_equals_the_in_process_round(tmp_path, ta
 def test_deployment_superlink_and_three_supernodes_run_fdcr(tmp_path, tag):
     """2 rounds of FDCR over HTTP on 127.0.0.1; results as in-process, to float tolerance."""
     cfg = config.resolve(DEPLOY)
-    ref = simulator.run(cfg, tmp_path / "inprocess", progress=None)
+    ref = run(cfg, tmp_path / "inprocess", progress=None)
     with launch.options(run_timeout=300.0, keep_logs=tmp_path / "logs"):
         s = launch.deploy(cfg, tmp_path / "flower", progress=None)
     out = tmp_path / "flower"

@@ -14,7 +14,7 @@ from fisherguard.clients.l1pull import L1Pull
 from fisherguard.clients.trainers import ParallelTrainer, build_trainer, split_work
 from fisherguard.clients.training import (ClientJob, FisherRequest, SequentialTrainer, TrainPlan,
                                           num_steps)
-from fisherguard.engine.simulator import initial_weights, prepare
+from fisherguard.engine.federation import initial_weights, prepare
 from fisherguard.fisher import diagonal_fisher
 from fisherguard.models import SimpleCNN, fold_input_channels, unfold_input_channels
 from fisherguard.seeding import torch_stream
@@ -239,7 +239,7 @@ def _alive(pid):
 
 
 def test_engine_runs_agree_across_trainers_and_workers(tmp_path):
-    from fisherguard.engine.simulator import run
+    from fisherguard.engine.runner import run
 
     base = {"experiment": {"name": "w", "seed": 1},
             "data": {"dataset": "synthetic", "synthetic_train": 1200, "synthetic_test": 100},

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fisherguard.data.partition import (PartitionError, attacker_ids, dirichlet,
+from fisherguard.data.partition import (PartitionError, dirichlet,
                                         train_validation_split)
 
 
@@ -65,15 +65,3 @@ def test_validation_split_is_file_tail_and_u_inside_it():
     assert len(whole.client_pool) == 6561 and len(whole.server_set) == 730
     with pytest.raises(PartitionError):
         train_validation_split(100, val_size=50, rng=np.random.default_rng(0))
-
-
-@pytest.mark.parametrize("frac,expected", [(0.2, [8, 9]), (0.3, [7, 8, 9]), (0.5, [5, 6, 7, 8, 9]),
-                                           (0.0, []), (0.29, [8, 9])])
-def test_attackers_are_the_last_floor_k_fraction(frac, expected):
-    assert attacker_ids(10, frac) == expected
-
-
-def test_random_attackers_are_seeded():
-    a = attacker_ids(10, 0.3, mode="random", rng=np.random.default_rng(3))
-    b = attacker_ids(10, 0.3, mode="random", rng=np.random.default_rng(3))
-    assert a == b and len(a) == 3

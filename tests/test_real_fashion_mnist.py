@@ -6,7 +6,8 @@ import pytest
 from fisherguard import config
 from fisherguard.data.datasets import load_raw
 from fisherguard.data.sources import DatasetMissingError
-from fisherguard.engine.simulator import prepare, run
+from fisherguard.engine.federation import prepare
+from fisherguard.engine.runner import run
 
 
 @pytest.fixture(scope="module")

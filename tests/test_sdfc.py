@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from typing import Callable
@@ -209,14 +210,18 @@ def test_attackers_get_lower_weight() -> None:
 
 
 def make_plan_input(t_idx: int, wt: torch.Tensor, server: FakeServer, ids=(0, 1, 2, 3)):
+    """Phase-1 input of a plan, and the list that records which client Fishers were asked for."""
     calls: list[tuple[int, torch.Tensor]] = []
-
-    def client_fisher(cid: int, w: torch.Tensor) -> torch.Tensor:
-        calls.append((cid, w.clone()))
-        return t(0.5, 1, 3, 1.5) * (cid + 1)
-
     return PlanInput(round_idx=t_idx, global_weights=wt, client_ids=list(ids),
-                     client_fisher=client_fisher, server_data=server), calls
+                     server_data=server), calls
+
+
+def two_phase(defense, pi: PlanInput, calls: list) -> dict:
+    """What the engine does: ask for the Fishers phase 1 names, then plan with them."""
+    wanted = defense.plan_fisher_requests(pi)
+    calls.extend((cid, w.clone()) for cid, w in wanted.items())
+    fishers = {cid: t(0.5, 1, 3, 1.5) * (cid + 1) for cid in wanted}
+    return defense.plan_clients(dataclasses.replace(pi, client_fishers=fishers))
 
 
 def test_plan_round_zero_and_history() -> None:
@@ -224,7 +229,7 @@ def test_plan_round_zero_and_history() -> None:
     sdfc = SDFC()
     wt = ri.global_weights
     pi, calls = make_plan_input(0, wt, server)
-    plans = sdfc.plan_clients(pi)
+    plans = two_phase(sdfc, pi, calls)
     assert sorted(plans) == [0, 1, 2, 3]
     # round 0: anchor w^t, H at w^t from both Fishers
     assert [c for c, _ in calls] == [0, 1, 2, 3] and all(torch.equal(w, wt) for _, w in calls)
@@ -240,17 +245,17 @@ def test_plan_round_zero_and_history() -> None:
     sdfc.aggregate(ri)
     new_wt = t(9, 9, 9, 9)
     pi, calls = make_plan_input(1, new_wt, server)
-    plans = sdfc.plan_clients(pi)
+    plans = two_phase(sdfc, pi, calls)
     assert calls == []
     reg = plans[1].regulariser
     torch.testing.assert_close(reg.importance.to(D), t(0.1, 0, 0, 0.1), **TOL)
     torch.testing.assert_close(reg.anchor.to(D), ri.global_weights + ri.updates[1], **TOL)
     glob = SDFC(anchor="global")
     glob.aggregate(example_round()[0])
-    reg_g = glob.plan_clients(make_plan_input(1, new_wt, server)[0])[1].regulariser
+    reg_g = two_phase(glob, *make_plan_input(1, new_wt, server))[1].regulariser
     torch.testing.assert_close(reg_g.anchor.to(D), new_wt, **TOL)
     torch.testing.assert_close(reg_g.importance.to(D), t(0.1, 0, 0, 0.1), **TOL)
-    assert SDFC(use_fdreg=False).plan_clients(pi) == {}
+    assert two_phase(SDFC(use_fdreg=False), pi, calls) == {} and calls == []
 
 
 def test_rejected_client_loses_history_and_state_roundtrip() -> None:
@@ -266,11 +271,11 @@ def test_rejected_client_loses_history_and_state_roundtrip() -> None:
     restored.load_state_dict(torch.load(buf, weights_only=True))
     ri, server = example_round()
     pi, calls = make_plan_input(2, t(0, 0, 0, 0), server)
-    plans = restored.plan_clients(pi)
+    plans = two_phase(restored, pi, calls)
     assert [c for c, _ in calls] == [3]  # only the rejected client starts afresh
     for cid in (0, 1, 2):
         torch.testing.assert_close(plans[cid].regulariser.anchor,
-                                   sdfc.plan_clients(pi)[cid].regulariser.anchor)
+                                   two_phase(sdfc, pi, [])[cid].regulariser.anchor)
     with pytest.raises(ValueError):
         restored.load_state_dict({"bogus": 1})
 

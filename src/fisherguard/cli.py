@@ -14,10 +14,8 @@ from fisherguard import __version__
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from fisherguard import config
-    from fisherguard.engine.simulator import run_all
-    from fisherguard.results import format_table
-
-    from fisherguard.results import aggregate_seeds
+    from fisherguard.engine.runner import run_all
+    from fisherguard.results import aggregate_seeds, format_table
 
     sets = list(args.set) + ([f"runtime.engine={args.engine}"] if args.engine else [])
     variants = config.load(args.config, sets)

@@ -1,34 +1,32 @@
-"""Experiment configs: a YAML schema with defaults, presets and errors that name the key.
+"""Experiment configs: typed, frozen sections with defaults, presets and errors that name the key.
 
-A config is a mapping of sections. Every key has a type, a default and (where it matters) allowed
-values; an unknown key, a wrong type or an impossible value raises ``ConfigError`` naming the
-dotted key and what is allowed. ``variants`` (optional) lists labelled overrides that are run one
-after another and reported in one table.
+A config is read from YAML (a mapping of sections) and resolved into a ``Config``: one frozen
+dataclass per section, every field with its type, default and (where it matters) allowed values.
+An unknown key, a wrong type or an impossible value raises ``ConfigError`` naming the dotted key
+and what is allowed. ``variants`` (optional) lists labelled overrides that are run one after
+another and reported in one table.
+
+Frozen dataclasses rather than pydantic: the schema is small and flat, the standard library keeps
+the core's dependencies to torch/numpy/yaml, and the field annotations are the schema (types,
+nullability) so nothing is declared twice.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
-from dataclasses import dataclass
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A config value is unknown, of the wrong type or impossible; the message names the key."""
-
-
-@dataclass(frozen=True)
-class Key:
-    types: tuple[type, ...]
-    default: Any
-    choices: tuple[Any, ...] | None = None
-    check: Callable[[Any], str | None] | None = None  # returns an error text or None
-    nullable: bool = False
-    help: str = ""
 
 
 def _positive(v: Any) -> str | None:
@@ -51,93 +49,249 @@ def _label(v: Any) -> str | None:
     return None if 0 <= v < 10 else "must be a class index in 0..9"
 
 
-INT, FLOAT, STR, BOOL = (int,), (int, float), (str,), (bool,)
+def _at_least_two(v: Any) -> str | None:
+    return None if v >= 2 else "must be >= 2"
 
-SCHEMA: dict[str, dict[str, Key]] = {
-    "experiment": {
-        "name": Key(STR, "experiment"),
-        "seed": Key(INT, 0, check=_non_negative),
-        "preset": Key(STR, "paper", choices=("paper", "code"),
-                      help="paper: the papers' text; code: the released code's behaviour"),
-        "family": Key(STR, "fdcr", choices=("fdcr", "sdfc"),
-                      help="trigger channels: fdcr = all three, sdfc = channel 0"),
-    },
-    "data": {
-        "dataset": Key(STR, "fashion-mnist",
-                       choices=("mnist", "fashion-mnist", "usps", "cifar10", "synthetic")),
-        "data_dir": Key(STR, None, nullable=True, help="data root; default FISHERGUARD_DATA or the cache"),
-        "channels": Key(INT, 3, choices=(1, 3), help="1 = the grey-only project variant"),
-        "train_subset": Key(INT, None, nullable=True, check=_positive,
-                            help="use only the first N images of the client pool (quick runs)"),
-        "test_subset": Key(INT, None, nullable=True, check=_positive,
-                           help="evaluate on the first N test images only (quick runs)"),
-        "synthetic_train": Key(INT, 3000, check=_positive),
-        "synthetic_test": Key(INT, 1000, check=_positive),
-    },
-    "partition": {
-        "beta": Key(FLOAT, 0.5, check=_non_negative, help="Dirichlet concentration; 0 = iid"),
-        "min_size": Key(INT, 10, check=_positive),
-    },
-    "federation": {
-        "clients": Key(INT, 10, check=lambda v: None if v >= 2 else "must be >= 2"),
-        "rounds": Key(INT, 50, check=_positive),
-        "local_epochs": Key(INT, 10, check=_positive),
-        "batch_size": Key(INT, 64, check=_positive),
-        "lr": Key(FLOAT, 0.01, check=_positive),
-        "momentum": Key(FLOAT, 0.9, check=_probability),
-        "weight_decay": Key(FLOAT, 1e-5, check=_non_negative),
-    },
-    "attack": {
-        "name": Key(STR, "badnets", choices=("badnets", "none")),
-        "fraction": Key(FLOAT, 0.3, check=_fraction, help="share of malicious clients Υ"),
-        "attackers": Key(STR, "last", choices=("last", "random")),
-        "target": Key(INT, 2, check=_label),
-        "poison_prob": Key(FLOAT, 0.5, check=_probability),
-        "augmentation": Key(STR, "frozen", choices=("frozen", "per_epoch")),
-    },
-    "defense": {
-        "name": Key(STR, "fedavg"),
-        "options": Key((dict,), {}),
-    },
-    "server": {
-        "val_size": Key(INT, None, nullable=True, check=_positive,
-                        help="|U|; paper 256, code: the whole validation pool (null)"),
-        "transform": Key(STR, None, nullable=True, choices=("test", "train"),
-                         help="transform on U; paper: test, code: train"),
-    },
-    "eval": {
-        "batch_size": Key(INT, 1000, check=_positive),
-    },
-    "runtime": {
-        "threads": Key(INT, None, nullable=True, check=_positive),
-        "engine": Key(STR, "inprocess", choices=("inprocess", "flower-sim", "flower-deployment"),
-                      help="inprocess: this process; flower-sim: Flower's simulation engine; "
-                           "flower-deployment: set by a `flwr run` against SuperNodes"),
-        # the grouped fast path is the default; sequential is the readable reference
-        "trainer": Key(STR, "auto", choices=("auto", "grouped", "sequential")),
-        "workers": Key(INT, 1, check=_positive),
-        "group_size": Key(INT, 10, check=_positive),
-        "retain_memory": Key(BOOL, True, help="keep freed tensor memory in the process (glibc) so "
-                                              "training steps do not page-fault; numbers unchanged"),
-    },
-}
 
-PRESETS: dict[str, dict[str, Any]] = {
+def setting(default: Any = None, *, choices: tuple[Any, ...] | Callable[[], tuple[Any, ...]] | None = None,
+            check: Callable[[Any], str | None] | None = None, help: str = "") -> Any:
+    """A config field: its default, allowed values (or a function returning them) and a range check."""
+    meta = {"choices": choices, "check": check, "help": help}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: FrozenDict(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class FrozenDict(dict):  # type: ignore[type-arg]
+    """A dict that refuses changes (a frozen section's mapping value, e.g. ``defense.options``)."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("config values are frozen; use Config.replace")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FrozenDict, (dict(self),))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "FrozenDict":
+        return FrozenDict(copy.deepcopy(dict(self), memo))
+
+
+def _dataset_names() -> tuple[str, ...]:
+    from fisherguard.data.datasets import DATASETS
+
+    return tuple(DATASETS)
+
+
+def _trainer_names() -> tuple[str, ...]:
+    from fisherguard.clients.trainers import TRAINERS
+
+    return TRAINERS
+
+
+def _attack_names() -> tuple[str, ...]:
+    from fisherguard.attacks.registry import ATTACKS
+
+    return tuple(ATTACKS)
+
+
+PRESETS_BY_NAME: dict[str, dict[str, Any]] = {
     "paper": {"server.val_size": 256, "server.transform": "test"},
     "code": {"server.val_size": None, "server.transform": "train"},
 }
 
 
+@dataclass(frozen=True)
+class Experiment:
+    name: str = setting("experiment")
+    seed: int = setting(0, check=_non_negative)
+    preset: str = setting("paper", choices=tuple(PRESETS_BY_NAME),
+                          help="paper: the papers' text; code: the released code's behaviour")
+    family: str = setting("fdcr", choices=("fdcr", "sdfc"),
+                          help="trigger channels: fdcr = all three, sdfc = channel 0")
+
+
+@dataclass(frozen=True)
+class Data:
+    dataset: str = setting("fashion-mnist", choices=_dataset_names)
+    data_dir: str | None = setting(None, help="data root; default FISHERGUARD_DATA or the cache")
+    channels: int = setting(3, choices=(1, 3), help="1 = the grey-only project variant")
+    train_subset: int | None = setting(None, check=_positive,
+                                       help="use only the first N images of the client pool (quick runs)")
+    test_subset: int | None = setting(None, check=_positive,
+                                      help="evaluate on the first N test images only (quick runs)")
+    synthetic_train: int = setting(3000, check=_positive)
+    synthetic_test: int = setting(1000, check=_positive)
+
+
+@dataclass(frozen=True)
+class Partition:
+    beta: float = setting(0.5, check=_non_negative, help="Dirichlet concentration; 0 = iid")
+    min_size: int = setting(10, check=_positive)
+
+
+@dataclass(frozen=True)
+class Federation:
+    clients: int = setting(10, check=_at_least_two)
+    rounds: int = setting(50, check=_positive)
+    local_epochs: int = setting(10, check=_positive)
+    batch_size: int = setting(64, check=_positive)
+    lr: float = setting(0.01, check=_positive)
+    momentum: float = setting(0.9, check=_probability)
+    weight_decay: float = setting(1e-5, check=_non_negative)
+
+
+@dataclass(frozen=True)
+class Attack:
+    name: str = setting("badnets", choices=_attack_names)
+    fraction: float = setting(0.3, check=_fraction, help="share of malicious clients Υ")
+    attackers: str = setting("last", choices=("last", "random"))
+    target: int = setting(2, check=_label)
+    poison_prob: float = setting(0.5, check=_probability)
+    augmentation: str = setting("frozen", choices=("frozen", "per_epoch"))
+
+
+@dataclass(frozen=True)
+class Defense:
+    name: str = setting("fedavg")
+    options: Mapping[str, Any] = setting({})
+
+
+@dataclass(frozen=True)
+class Server:
+    val_size: int | None = setting(None, check=_positive,
+                                   help="|U|; paper 256, code: the whole validation pool (null)")
+    transform: str | None = setting(None, choices=("test", "train"),
+                                    help="transform on U; paper: test, code: train")
+
+
+@dataclass(frozen=True)
+class Eval:
+    batch_size: int = setting(1000, check=_positive)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    threads: int | None = setting(None, check=_positive)
+    engine: str = setting("inprocess", choices=("inprocess", "flower-sim", "flower-deployment"),
+                          help="inprocess: this process; flower-sim: Flower's simulation engine; "
+                               "flower-deployment: set by a `flwr run` against SuperNodes")
+    # the grouped fast path is the default; sequential is the readable reference
+    trainer: str = setting("auto", choices=_trainer_names)
+    workers: int = setting(1, check=_positive)
+    group_size: int = setting(10, check=_positive)
+    retain_memory: bool = setting(True, help="keep freed tensor memory in the process (glibc) so "
+                                             "training steps do not page-fault; numbers unchanged")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A resolved experiment: every section typed and frozen (``replace`` makes a changed copy)."""
+
+    experiment: Experiment
+    data: Data
+    partition: Partition
+    federation: Federation
+    attack: Attack
+    defense: Defense
+    server: Server
+    eval: Eval
+    runtime: Runtime
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dicts in schema order (the YAML that ``config.yaml`` holds)."""
+        return {sec: {f.name: _plain(getattr(getattr(self, sec), f.name))
+                      for f in dataclasses.fields(getattr(self, sec))} for sec in SECTIONS}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, changes: Mapping[str, Any] | None = None, **dotted: Any) -> "Config":
+        """A validated copy with ``section.key`` values changed (``{"experiment.seed": 1}``)."""
+        return resolve(apply_overrides(self.to_dict(), {**dict(changes or {}), **dotted}))
+
+    @property
+    def attack_fraction(self) -> float:
+        """Υ in force: 0 when no attack is configured."""
+        return self.attack.fraction if self.attack.name != "none" else 0.0
+
+    def defense_options(self) -> dict[str, Any]:
+        """The defense's options: those given plus the run facts it accepts (preset, seed, assumed f)."""
+        import inspect
+
+        from fisherguard.attacks.base import num_attackers
+        from fisherguard.defenses import registry
+
+        params = inspect.signature(registry.get(self.defense.name).__init__).parameters
+        opts = dict(self.defense.options)
+        facts = {"preset": self.experiment.preset, "seed": self.experiment.seed,
+                 "assumed_attackers": num_attackers(self.federation.clients, self.attack_fraction)}
+        for key, val in facts.items():
+            if key in params and key not in opts:
+                opts[key] = val
+        return opts
+
+    def build_attack(self) -> Any:
+        """The run's attack object (``fisherguard.attacks``)."""
+        from fisherguard.attacks.registry import from_config
+
+        return from_config(self)
+
+    def build_defense(self) -> Any:
+        """The run's defense object (``fisherguard.defenses``), built from ``defense_options``."""
+        from fisherguard.defenses import registry
+
+        return registry.build(self.defense.name, self.defense_options())
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # section name → its dataclass, in order
+
+
+def _plain(v: Any) -> Any:
+    return dict(v) if isinstance(v, dict) else v
+
+
+@dataclass(frozen=True)
+class Key:
+    """One field's rules, read off its section dataclass."""
+
+    types: tuple[type, ...]
+    nullable: bool
+    default: Any
+    choices: tuple[Any, ...] | None
+    check: Callable[[Any], str | None] | None
+    help: str
+
+
+def _key(section: type, f: dataclasses.Field) -> Key:  # type: ignore[type-arg]
+    hint = typing.get_type_hints(section)[f.name]
+    args = typing.get_args(hint)
+    nullable = isinstance(hint, types.UnionType) and type(None) in args
+    base = next(a for a in args if a is not type(None)) if nullable else hint
+    base = typing.get_origin(base) or base
+    kinds: tuple[type, ...] = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}.get(
+        base, (dict,))  # type: ignore[arg-type]
+    choices = f.metadata.get("choices")
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    return Key(kinds, nullable, default, choices() if callable(choices) else choices,
+               f.metadata.get("check"), f.metadata.get("help", ""))
+
+
+def schema() -> dict[str, dict[str, Key]]:
+    """Section → key → its rules, in schema order."""
+    return {sec: {f.name: _key(cls, f) for f in dataclasses.fields(cls)} for sec, cls in SECTIONS.items()}
+
+
 def defaults() -> dict[str, dict[str, Any]]:
-    return {sec: {k: copy.deepcopy(key.default) for k, key in keys.items()}
-            for sec, keys in SCHEMA.items()}
+    return {sec: {k: copy.deepcopy(_plain(key.default)) for k, key in keys.items()}
+            for sec, keys in schema().items()}
 
 
-def _type_name(types: tuple[type, ...]) -> str:
+def _type_name(types_: tuple[type, ...]) -> str:
     names = {int: "integer", float: "number", str: "string", bool: "boolean", dict: "mapping"}
-    if float in types:  # an integer is a number too
-        types = tuple(t for t in types if t is not int)
-    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
+    if float in types_:  # an integer is a number too
+        types_ = tuple(t for t in types_ if t is not int)
+    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types_))
 
 
 def _check_value(dotted: str, key: Key, value: Any) -> Any:
@@ -160,24 +314,27 @@ def _check_value(dotted: str, key: Key, value: Any) -> Any:
     return value
 
 
-def resolve(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Validate a (partial) config mapping and return the full config, presets applied."""
+def resolve(raw: Mapping[str, Any] | Config) -> Config:
+    """Validate a (partial) config mapping and return the full, frozen config, presets applied."""
+    if isinstance(raw, Config):
+        raw = raw.to_dict()
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    rules = schema()
     raw = copy.deepcopy(raw)
     if isinstance(raw.get("defense"), str):
         raw["defense"] = {"name": raw["defense"]}
     if isinstance(raw.get("defense"), dict):
         d = raw["defense"]
-        extra = {k: d.pop(k) for k in list(d) if k not in SCHEMA["defense"]}
+        extra = {k: d.pop(k) for k in list(d) if k not in rules["defense"]}
         if extra:  # `defense: {name: fdcr, min_silhouette: 0.8}` is shorthand for options
             d.setdefault("options", {})
             if not isinstance(d["options"], dict):
                 raise ConfigError("defense.options: expected mapping")
             d["options"] = {**extra, **d["options"]}
-    unknown = sorted(set(raw) - set(SCHEMA) - {"variants"})
+    unknown = sorted(set(raw) - set(rules) - {"variants"})
     if unknown:
-        raise ConfigError(f"unknown section {unknown[0]!r}; allowed: {', '.join(SCHEMA)}, variants")
+        raise ConfigError(f"unknown section {unknown[0]!r}; allowed: {', '.join(rules)}, variants")
     for sec, values in raw.items():
         if sec != "variants" and values is not None and not isinstance(values, dict):
             raise ConfigError(f"{sec}: expected a mapping of keys, got {values!r}")
@@ -186,57 +343,34 @@ def resolve(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
         part["beta"] = 0.0
     cfg = defaults()
     preset = (raw.get("experiment") or {}).get("preset", "paper")
-    if isinstance(preset, str) and preset in PRESETS:
-        for dotted, v in PRESETS[preset].items():
+    if isinstance(preset, str) and preset in PRESETS_BY_NAME:
+        for dotted, v in PRESETS_BY_NAME[preset].items():
             sec, k = dotted.split(".")
             cfg[sec][k] = v
     for sec, values in raw.items():
-        if sec == "variants":
+        if sec == "variants" or values is None:
             continue
-        if values is None:
-            continue
-        if not isinstance(values, dict):
-            raise ConfigError(f"{sec}: expected a mapping of keys, got {values!r}")
         for k, v in values.items():
-            if k not in SCHEMA[sec]:
-                raise ConfigError(f"unknown key {sec}.{k}; allowed in {sec}: {', '.join(SCHEMA[sec])}")
+            if k not in rules[sec]:
+                raise ConfigError(f"unknown key {sec}.{k}; allowed in {sec}: {', '.join(rules[sec])}")
             cfg[sec][k] = v
-    for sec, keys in SCHEMA.items():
+    for sec, keys in rules.items():
         for k, key in keys.items():
             cfg[sec][k] = _check_value(f"{sec}.{k}", key, cfg[sec][k])
-    _check_defense(cfg)
-    return cfg
+    out = Config(**{sec: SECTIONS[sec](**{k: FrozenDict(v) if isinstance(v, dict) else v
+                                          for k, v in values.items()})
+                    for sec, values in cfg.items()})
+    _check_defense(out)
+    return out
 
 
-def _check_defense(cfg: dict[str, dict[str, Any]]) -> None:
-    from fisherguard.defenses import registry
+def _check_defense(cfg: Config) -> None:
     from fisherguard.defenses.base import DefenseConfigError
 
-    name = cfg["defense"]["name"]
     try:
-        registry.build(name, _defense_options(cfg)).check_clients(cfg["federation"]["clients"])
+        cfg.build_defense().check_clients(cfg.federation.clients)
     except DefenseConfigError as e:
         raise ConfigError(f"defense: {e}") from None
-
-
-def _defense_options(cfg: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The options given plus the run facts a defense may accept (preset, seed, assumed f)."""
-    import inspect
-
-    from fisherguard.data.partition import attacker_ids
-    from fisherguard.defenses import registry
-
-    cls = registry.get(cfg["defense"]["name"])
-    params = inspect.signature(cls.__init__).parameters
-    opts = dict(cfg["defense"]["options"])
-    k = cfg["federation"]["clients"]
-    frac = cfg["attack"]["fraction"] if cfg["attack"]["name"] != "none" else 0.0
-    facts = {"preset": cfg["experiment"]["preset"], "seed": cfg["experiment"]["seed"],
-             "assumed_attackers": len(attacker_ids(k, frac))}
-    for key, val in facts.items():
-        if key in params and key not in opts:
-            opts[key] = val
-    return opts
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -251,26 +385,25 @@ def parse_override(text: str) -> tuple[str, Any]:
     return dotted.strip(), parsed
 
 
-def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | list[tuple[str, Any]]) -> dict[str, Any]:
+def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any] | list[tuple[str, Any]]) -> dict[str, Any]:
     """Return a copy of ``raw`` with dotted overrides set (``defense=fdcr`` sets the name)."""
-    out = copy.deepcopy(raw)
-    items = overrides.items() if isinstance(overrides, dict) else overrides
+    out = copy.deepcopy(dict(raw))
+    items = overrides.items() if isinstance(overrides, Mapping) else overrides
     for dotted, value in items:
         parts = dotted.split(".")
         if parts == ["defense"]:
             parts = ["defense", "name"]
-        if parts[0] == "defense" and len(parts) == 2 and parts[1] not in SCHEMA["defense"]:
+        if parts[0] == "defense" and len(parts) == 2 and parts[1] not in ("name", "options"):
             parts = ["defense", "options", parts[1]]
-        if len(parts) < 2 or parts[0] not in SCHEMA:
+        if len(parts) < 2 or parts[0] not in SECTIONS:
             raise ConfigError(f"cannot set {dotted!r}: expected section.key with a section of "
-                              f"{', '.join(SCHEMA)}")
+                              f"{', '.join(SECTIONS)}")
         node = out
         for p in parts[:-1]:
             if isinstance(node.get(p), str) and p == "defense":
                 node[p] = {"name": node[p]}
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"cannot set {dotted!r}: {p} is not a mapping")
+            node[p] = dict(node.get(p) or {})  # a plain, writable copy (sections may be frozen)
+            node = node[p]
         node[parts[-1]] = value
     return out
 
@@ -278,7 +411,7 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | list[tuple[
 @dataclass
 class Variant:
     label: str
-    config: dict[str, dict[str, Any]]
+    config: Config
     nested: bool = False  # one of a config's labelled variants: results go to a sub-directory
 
 
@@ -295,13 +428,15 @@ def load(path: str | Path, overrides: list[str] | None = None) -> list[Variant]:
 
 
 def variants_of(raw: dict[str, Any], overrides: list[tuple[str, Any]] | None = None) -> list[Variant]:
+    from fisherguard.results import slug
+
     if not isinstance(raw, dict):
         raise ConfigError("a config must be a mapping of sections")
     base = apply_overrides({k: v for k, v in raw.items() if k != "variants"}, overrides or [])
     specs = raw.get("variants")
     if specs is None:
         cfg = resolve(base)
-        return [Variant(cfg["experiment"]["name"], cfg)]
+        return [Variant(cfg.experiment.name, cfg)]
     if not isinstance(specs, list) or not specs:
         raise ConfigError("variants: expected a non-empty list of {label, set} mappings")
     out = []
@@ -317,8 +452,6 @@ def variants_of(raw: dict[str, Any], overrides: list[tuple[str, Any]] | None = N
         except ConfigError as e:
             raise ConfigError(f"variants[{i}] ({spec['label']}): {e}") from None
         out.append(Variant(str(spec["label"]), cfg, nested=True))
-    from fisherguard.engine.simulator import slug
-
     slugs = [slug(v.label) for v in out]
     if len(set(slugs)) != len(slugs):
         raise ConfigError("variants: labels must be unique, also as directory names "
@@ -326,5 +459,5 @@ def variants_of(raw: dict[str, Any], overrides: list[tuple[str, Any]] | None = N
     return out
 
 
-def dump(cfg: dict[str, Any]) -> str:
-    return yaml.safe_dump(cfg, sort_keys=False)
+def dump(cfg: Config) -> str:
+    return cfg.to_yaml()

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-
-from fisherguard.attacks.badnets import stamp
 
 LAST = 5  # tables average the models of the last five rounds (both papers)
 
@@ -35,8 +33,10 @@ def backdoor_metrics(pred_clean: np.ndarray, labels: np.ndarray, pred_triggered:
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000,
-            transform: Any = None, trigger: torch.Tensor | None = None) -> np.ndarray:
-    """Arg-max predictions in eval mode; ``transform`` maps stored uint8 batches to model input."""
+            transform: Any = None,
+            trigger: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
+    """Arg-max predictions in eval mode; ``transform`` maps stored uint8 batches to model input,
+    ``trigger`` (the attack's, ``Attack.test_trigger``) then stamps the normalised batch."""
     model.eval()
     out = []
     for s in range(0, x.shape[0], batch_size):
@@ -44,7 +44,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000,
         if transform is not None:
             xb = transform(xb)
         if trigger is not None:
-            xb = stamp(xb, trigger)
+            xb = trigger(xb)
         out.append(model(xb).argmax(1))
     return torch.cat(out).numpy()
 

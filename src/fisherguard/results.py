@@ -15,8 +15,6 @@ from typing import Any
 
 import torch
 
-from fisherguard import config as config_mod
-
 
 class ResumeError(RuntimeError):
     """A run directory cannot be resumed (different config, damaged checkpoint)."""
@@ -33,6 +31,14 @@ def _results_part(cfg_text: str) -> Any:
     return cfg
 
 
+def slug(label: str) -> str:
+    """A run label as a directory name: lower-case alphanumerics joined by single dashes."""
+    out = "".join(c.lower() if c.isalnum() else "-" for c in label)
+    while "--" in out:
+        out = out.replace("--", "-")
+    return out.strip("-") or "run"
+
+
 class RunDir:
     CONFIG, ROUNDS, CHECKPOINT, SUMMARY_CSV, SUMMARY_JSON = (
         "config.yaml", "rounds.jsonl", "checkpoint.pt", "summary.csv", "summary.json")
@@ -40,10 +46,12 @@ class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
-    def start(self, cfg: dict[str, Any], *, resume: bool) -> int:
-        """Prepare the directory; return the number of finished rounds to skip (0 unless resuming)."""
+    def start(self, cfg_text: str, *, resume: bool) -> int:
+        """Prepare the directory for a run of this resolved config (YAML); return the finished rounds.
+
+        0 unless resuming; the config file is the run's identity (runtime and name aside).
+        """
         self.path.mkdir(parents=True, exist_ok=True)
-        cfg_text = config_mod.dump(cfg)
         cfg_file = self.path / self.CONFIG
         if resume and cfg_file.exists():
             if _results_part(cfg_file.read_text()) != _results_part(cfg_text):
@@ -99,6 +107,10 @@ class RunDir:
             return torch.load(p, weights_only=False)
         except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
             raise ResumeError(f"{p} is damaged ({e}); delete the run directory to start over") from None
+
+    def write_json(self, name: str, data: dict[str, Any]) -> None:
+        """A small JSON file of the run (e.g. the defense's hyperparameters), written atomically."""
+        _atomic_write(self.path / name, json.dumps(_jsonable(data), indent=2).encode())
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         _atomic_write(self.path / self.SUMMARY_JSON, json.dumps(_jsonable(summary), indent=2).encode())

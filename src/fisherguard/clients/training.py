@@ -15,10 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fisherguard.attacks.badnets import stamp
 from fisherguard.data.transforms import Pipeline
 from fisherguard.defenses.base import Regulariser
 from fisherguard.models import flatten, load_flat, trainable
+
+
+class Trigger(Protocol):
+    """A backdoor pattern as the client layer uses it (the attack room defines real ones)."""
+
+    channel_uniform: bool  # the same pattern on every channel (grey inputs stay grey)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The triggered version of a normalised batch (N, C, H, W), as a new tensor."""
 
 
 @dataclass
@@ -35,7 +43,7 @@ class ClientDataset:
     images: torch.Tensor | None = None  # uint8 (n, C, 32, 32)
     frozen: torch.Tensor | None = None  # float32 (n, C', 32, 32), normalised and stamped
     poisoned: torch.Tensor | None = None  # bool (n,), stamp these after the transform
-    trigger: torch.Tensor | None = None  # bool (C', 32, 32)
+    trigger: Trigger | None = None  # written into the poisoned samples after the transform
     _replicated: bool | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -61,8 +69,7 @@ class ClientDataset:
             return False
         if self.trigger is None or self.poisoned is None or not bool(self.poisoned.any()):
             return True
-        t = self.trigger
-        return all(torch.equal(t[0], t[c]) for c in range(1, t.shape[0]))
+        return self.trigger.channel_uniform
 
     def batch(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         if self.frozen is not None:
@@ -85,7 +92,7 @@ class ClientDataset:
         sel = self.poisoned[idx]
         if bool(sel.any()):
             x = x.clone()
-            x[sel] = stamp(x[sel], self.trigger)
+            x[sel] = self.trigger.apply(x[sel])
         return x
 
 
@@ -125,6 +132,23 @@ class ClientResult:
     steps: int
     stats: dict[str, float] = field(default_factory=dict)
     fisher: torch.Tensor | None = None  # (P,), when the job asked for it
+    timing: dict[str, float] = field(default_factory=dict)  # seconds; not part of the results
+
+
+@dataclass
+class Upload:
+    """One client's upload as the server receives it; any field may be missing or malformed.
+
+    Both engines build these (the in-process trainer's results, or Flower replies), the attack's
+    after-training stage may replace them, and the round turns them into a ``RoundInput``.
+    """
+
+    client_id: int
+    weights: Any = None  # w_k, flat (a float tensor when well formed)
+    fisher: Any = None  # F(D_k; w_k), flat, when the defense asked for it
+    num_samples: Any = 0  # the client-reported n_k
+    stats: dict[str, float] = field(default_factory=dict)  # local training's last loss, …
+    reason: str | None = None  # a transport-level problem found before the defense ("missing")
     timing: dict[str, float] = field(default_factory=dict)  # seconds; not part of the results
 
 

@@ -95,17 +95,3 @@ def dirichlet(labels: np.ndarray, num_clients: int, beta: float, rng: np.random.
             return Partition(out, attempt)
     raise PartitionError(f"no Dirichlet(β={beta}) partition gave every one of {num_clients} clients "
                          f"{min_size} samples in {max_attempts} attempts; raise beta or lower clients")
-
-
-def attacker_ids(num_clients: int, fraction: float, *, mode: str = "last",
-                 rng: np.random.Generator | None = None) -> list[int]:
-    """The last ⌊K·Υ⌋ client ids (protocol §5.1), or a seeded random set of that size."""
-    # Υ held in parts per million so that 0.3·10 cannot floor to 2.
-    count = (num_clients * round(fraction * 1e6)) // 1_000_000
-    if mode == "last":
-        return list(range(num_clients - count, num_clients))
-    if mode == "random":
-        if rng is None:
-            raise ValueError("attackers: random needs a random stream")
-        return sorted(int(i) for i in rng.choice(num_clients, size=count, replace=False))
-    raise ValueError(f"attackers must be 'last' or 'random', got {mode!r}")

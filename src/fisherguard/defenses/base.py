@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Protocol, Sequence
+from typing import Any, ClassVar, Protocol, Sequence
 
 import torch
 
@@ -61,14 +61,20 @@ class ClientPlan:
 
 @dataclass
 class PlanInput:
-    """What a defense with a client-side part sees before a round's local training starts."""
+    """What a defense with a client-side part sees before a round's local training starts.
+
+    Planning has two phases: ``Defense.plan_fisher_requests`` names the client Fishers the plan
+    needs; the engine fetches them (one client round trip) and ``Defense.plan_clients`` reads them
+    from ``client_fishers``.
+    """
 
     round_idx: int
     global_weights: Tensor
     client_ids: list[int]
-    # F(D_k; w) computed by client k on its own data at the given weights (a client round trip).
-    client_fisher: Callable[[int, Tensor], Tensor]
     server_data: ServerData | None = None
+    # phase 2: F(D_k; w) computed by client k on its own data at the weights phase 1 asked for;
+    # None where the client could not answer (lost node, malformed reply)
+    client_fishers: dict[int, Tensor | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -162,8 +168,12 @@ class Defense:
     def check_clients(self, num_clients: int) -> None:
         """Raise DefenseConfigError when the options cannot work with this many clients."""
 
+    def plan_fisher_requests(self, plan_input: PlanInput) -> dict[int, Tensor]:
+        """Phase 1 of planning: client id → the weights at which its Fisher F(D_k; w) is needed."""
+        return {}
+
     def plan_clients(self, plan_input: PlanInput) -> dict[int, ClientPlan]:
-        """Client-side instructions for the coming round (none by default)."""
+        """Phase 2: client-side instructions for the coming round (none by default)."""
         return {}
 
     def fisher_options(self) -> dict[str, Any]:

@@ -135,6 +135,13 @@ class SDFC(Defense):
 
     # ------------------------------------------------------------------ client side (FDReg)
 
+    def plan_fisher_requests(self, plan_input: PlanInput) -> dict[int, Tensor]:
+        """F(D_k; w^t) of every client without a usable H_k from an earlier round (§5.5)."""
+        if not self.use_fdreg or self.difference == "val_only":
+            return {}
+        wt = plan_input.global_weights.detach()
+        return {int(cid): wt for cid in plan_input.client_ids if int(cid) not in self._history}
+
     def plan_clients(self, plan_input: PlanInput) -> dict[int, ClientPlan]:
         """FDReg (Eq. 9) for every client: own H_k and anchor w_k^{t−1}, else H at w^t (§5.5)."""
         if not self.use_fdreg:
@@ -154,7 +161,7 @@ class SDFC(Defense):
                     if pi.server_data is None:
                         raise RuntimeError("SDFC needs the server's validation set (server_data)")
                     val_at_global = pi.server_data.fisher(wt).detach().to(torch.float64)
-                local = (pi.client_fisher(int(cid), wt).detach().to(torch.float64)
+                local = (_asked_fisher(pi, int(cid), wt).detach().to(torch.float64)
                          if self.difference != "val_only" else None)
                 h = fisher_difference(local, val_at_global, self.difference)
                 anchor = wt
@@ -260,3 +267,9 @@ class SDFC(Defense):
             raise ValueError("SDFC state lists differ in length")
         self._history = {int(c): (torch.as_tensor(h).clone(), torch.as_tensor(w).clone(), int(r))
                          for c, h, w, r in zip(ids, hs, ws, rs)}
+
+
+def _asked_fisher(pi: PlanInput, cid: int, like: Tensor) -> Tensor:
+    """The phase-1 Fisher of client ``cid``, or NaN (an unusable plan) when it did not arrive."""
+    f = pi.client_fishers.get(cid)
+    return torch.full_like(like, float("nan")) if f is None else f

@@ -1,1 +1,1 @@
-"""Round loops that drive clients and a defense: the in-process simulator (and later Flower)."""
+"""Engines: one round (``round``) driven in process (``runner``) or on Flower (``flower``)."""

@@ -1,10 +1,10 @@
 """fisherguard's ClientApp: the in-process engine's client layer behind Flower's Message API.
 
 Every message carries the resolved run config (YAML text); a node derives its client's data from
-it with ``simulator.prepare`` (cached per process: Ray actors serve many messages, a deployment
+it with ``federation.prepare`` (cached per process: Ray actors serve many messages, a deployment
 SuperNode starts a fresh process per message) and its client id from the node config's
-``partition-id``. Local training (``SequentialTrainer.train_one`` via ``simulator.client_job``),
-the attack (poisoned ``ClientDataset``), regularisers and the Fisher (``simulator.local_fisher``)
+``partition-id``. Local training (``SequentialTrainer.train_one`` via ``federation.client_job``),
+the attack (poisoned ``ClientDataset``), regularisers and the Fisher (``federation.local_fisher``)
 are the in-process ones, on the same named streams, so a round matches the in-process round.
 """
 
@@ -29,7 +29,8 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from fisherguard import config as config_mod  # noqa: E402
 from fisherguard.allocator import retain_freed_memory  # noqa: E402
 from fisherguard.clients.training import SequentialTrainer  # noqa: E402
-from fisherguard.engine import simulator  # noqa: E402
+from fisherguard.engine.federation import (Federation, client_job, local_fisher, prepare,  # noqa: E402
+                                           train_plan)
 from fisherguard.engine.flower.records import (ARRAYS, CONFIG, FISHER, METRICS, Layout,  # noqa: E402
                                                plan_from, read_flat, to_record)
 
@@ -40,8 +41,8 @@ app = ClientApp()
 class Node:
     """What one process keeps per run config: the federation's data and reusable models."""
 
-    cfg: dict[str, Any]
-    fed: simulator.Federation
+    cfg: config_mod.Config
+    fed: Federation
     trainer: SequentialTrainer
     fisher_model: nn.Module
     layout: Layout
@@ -52,9 +53,9 @@ def _node(config_hash: str, config_text: str) -> Node:
     """Resolve the config and build the federation once per process and config (protocol §1–§5)."""
     del config_hash  # the cache key; hashing long texts once keeps lookups cheap
     cfg = config_mod.resolve(yaml.safe_load(config_text))
-    if cfg["runtime"]["retain_memory"]:
+    if cfg.runtime.retain_memory:
         retain_freed_memory()
-    fed = simulator.prepare(cfg)
+    fed = prepare(cfg)
     return Node(cfg, fed, SequentialTrainer(fed.model_factory), fed.model_factory(),
                 Layout.of(fed.model_factory()))
 
@@ -91,18 +92,18 @@ def _setup(msg: Message) -> tuple[Node, Any]:
 def train(msg: Message, context: Context) -> Message:
     """One client's local round: train from the sent weights (and plan), Fisher if asked."""
     node, c = _setup(msg)
-    cid = client_id(context, node.cfg["federation"]["clients"])
+    cid = client_id(context, node.cfg.federation.clients)
     t = int(c["fg-round"])
     weights = read_flat(msg.content.array_records[ARRAYS], node.layout)
-    job = simulator.client_job(node.fed, cid, t, weights, plan_from(msg.content, node.layout))
-    result = node.trainer.train_one(job, simulator.train_plan(node.cfg))
+    job = client_job(node.fed, cid, t, weights, plan_from(msg.content, node.layout))
+    result = node.trainer.train_one(job, train_plan(node.cfg))
     n = len(node.fed.clients[cid])
     content = RecordDict({ARRAYS: to_record(result.weights, node.layout)})
     metrics: dict[str, Any] = {"num-examples": n, "partition-id": cid, "train-steps": result.steps}
     metrics.update({f"train-{k}": float(v) for k, v in result.stats.items()})
     if bool(c.get("need-fisher", False)):
         opts = json.loads(str(c.get("fisher-options", "{}")))
-        f = simulator.local_fisher(node.fed, node.fisher_model, cid, result.weights, t, opts)
+        f = local_fisher(node.fed, node.fisher_model, cid, result.weights, t, opts)
         content[FISHER] = to_record(f, node.layout)
         metrics["fisher-samples"] = n
     content[METRICS] = MetricRecord(metrics)
@@ -113,7 +114,7 @@ def train(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     """``hello``: which client this node serves; ``fisher``: F(D_k; w) at sent weights (a defense's plan)."""
     node, c = _setup(msg)
-    cid = client_id(context, node.cfg["federation"]["clients"])
+    cid = client_id(context, node.cfg.federation.clients)
     op = str(c.get("op", ""))
     content = RecordDict({METRICS: MetricRecord({"partition-id": cid,
                                                  "num-examples": len(node.fed.clients[cid])})})
@@ -121,8 +122,8 @@ def query(msg: Message, context: Context) -> Message:
         w = read_flat(msg.content.array_records[ARRAYS], node.layout)
         opts = json.loads(str(c.get("fisher-options", "{}")))
         tag = str(c["fisher-tag"])
-        content[FISHER] = to_record(simulator.local_fisher(node.fed, node.fisher_model, cid, w, tag,
-                                                           opts), node.layout)
+        content[FISHER] = to_record(local_fisher(node.fed, node.fisher_model, cid, w, tag, opts),
+                                    node.layout)
     elif op != "hello":
         raise ValueError(f"unknown query op {op!r}")
     return Message(content, reply_to=msg)

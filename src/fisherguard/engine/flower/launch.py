@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, TextIO
 
+from fisherguard.config import Config
 from fisherguard.engine.flower import FLOWER_ENV, require_flwr
 
 APP_NAME = "fisherguard-flower-app"
@@ -296,16 +297,14 @@ def write_connection(home: Path, name: str, port: int) -> None:
         "insecure = true\n")
 
 
-def run_config_file(path: Path, runs: list[tuple[dict[str, Any], Path, str]], *, resume: bool,
+def run_config_file(path: Path, runs: list[tuple[Config, Path, str]], *, resume: bool,
                     opts: FlowerOptions) -> Path:
     """The run config of fisherguard runs (config, out, label) as a TOML file for ``flwr run``."""
     import json
 
     import tomli_w  # a dependency of flwr
 
-    from fisherguard import config as config_mod
-
-    items = [{"config-yaml": config_mod.dump(cfg), "out": str(out), "label": label}
+    items = [{"config-yaml": cfg.to_yaml(), "out": str(out), "label": label}
              for cfg, out, label in runs]
     common = {"resume": bool(resume), "min-replies": int(opts.min_replies),
               "round-timeout": float(opts.round_timeout), "threads": int(opts.threads)}
@@ -403,7 +402,7 @@ def _session(opts: FlowerOptions, prefix: str) -> Iterator[tuple[Path, Processes
                       file=sys.stderr)
 
 
-def simulate(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False,
+def simulate(cfg: Config, out_dir: str | Path, *, resume: bool = False,
              label: str | None = None, progress: TextIO | None = sys.stderr,
              opts: FlowerOptions | None = None) -> dict[str, Any]:
     """Run ``cfg`` on Flower's simulation engine: a SuperLink in simulation mode started here,
@@ -412,7 +411,7 @@ def simulate(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False,
                          opts=opts)[0]
 
 
-def simulate_many(runs: list[tuple[dict[str, Any], Path, str | None]], *, resume: bool = False,
+def simulate_many(runs: list[tuple[Config, Path, str | None]], *, resume: bool = False,
                   progress: TextIO | None = sys.stderr,
                   opts: FlowerOptions | None = None) -> list[dict[str, Any]]:
     """Several experiments (config, out dir, label) one after another in one Flower simulation
@@ -421,9 +420,9 @@ def simulate_many(runs: list[tuple[dict[str, Any], Path, str | None]], *, resume
     opts = opts or _options
     items = []
     for cfg, out, label in runs:
-        cfg = {**cfg, "runtime": {**cfg["runtime"], "engine": "flower-sim"}}
-        items.append((cfg, Path(out).resolve(), label or cfg["experiment"]["name"]))
-    ks = {cfg["federation"]["clients"] for cfg, _, _ in items}
+        cfg = cfg.replace({"runtime.engine": "flower-sim"})
+        items.append((cfg, Path(out).resolve(), label or cfg.experiment.name))
+    ks = {cfg.federation.clients for cfg, _, _ in items}
     if len(ks) != 1:
         raise ValueError(f"one Flower simulation needs one federation size, got {sorted(ks)}")
     with _session(opts, "fisherguard-flower-sim-") as (root, procs):
@@ -440,7 +439,7 @@ def simulate_many(runs: list[tuple[dict[str, Any], Path, str | None]], *, resume
         return [_finish(out, rc, procs.logdir) for _, out, _ in items]
 
 
-def deploy(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False,
+def deploy(cfg: Config, out_dir: str | Path, *, resume: bool = False,
            label: str | None = None, progress: TextIO | None = sys.stderr,
            opts: FlowerOptions | None = None,
            during: Callable[[Processes, Path], None] | None = None) -> dict[str, Any]:
@@ -448,10 +447,10 @@ def deploy(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False,
     on 127.0.0.1, then ``flwr run``; ``during(procs, out)`` runs in a thread meanwhile (fault tests)."""
     require_flwr()
     opts = opts or _options
-    cfg = {**cfg, "runtime": {**cfg["runtime"], "engine": "flower-deployment"}}
-    label = label or cfg["experiment"]["name"]
+    cfg = cfg.replace({"runtime.engine": "flower-deployment"})
+    label = label or cfg.experiment.name
     out = Path(out_dir).resolve()
-    k = cfg["federation"]["clients"]
+    k = cfg.federation.clients
     with _session(opts, "fisherguard-flower-dep-") as (root, procs):
         port = free_port()
         write_connection(root / "home", "fisherguard", port)
@@ -472,12 +471,12 @@ def deploy(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False,
         return _finish(out, rc, procs.logdir)
 
 
-def run_engine(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False,
+def run_engine(cfg: Config, out_dir: str | Path, *, resume: bool = False,
                label: str | None = None, progress: TextIO | None = sys.stderr) -> dict[str, Any]:
-    """``simulator.run`` for ``runtime.engine`` other than ``inprocess``."""
+    """``runner.run`` for ``runtime.engine`` other than ``inprocess``."""
     from fisherguard.config import ConfigError
 
-    engine = cfg["runtime"]["engine"]
+    engine = cfg.runtime.engine
     if engine == "flower-sim":
         return simulate(cfg, out_dir, resume=resume, label=label, progress=progress)
     raise ConfigError(f"runtime.engine: {engine!r} runs are started with `flwr run` against a "

@@ -44,7 +44,7 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
 class Settings:
     """A Flower run's settings, read from the run config with errors that name the key."""
 
-    cfg: dict[str, Any]
+    cfg: config_mod.Config
     out: Path
     label: str
     resume: bool
@@ -102,11 +102,10 @@ class Settings:
         else:
             raise config_mod.ConfigError("the config has variants; choose one with `variant`: "
                                          f"{', '.join(v.label for v in variants)}")
-        cfg = variant.config
-        cfg["runtime"]["engine"] = engine  # the results say which engine produced them
-        cfg = config_mod.resolve(cfg)
+        # the results say which engine produced them
+        cfg = variant.config.replace({"runtime.engine": engine})
         out = Path(str(rc["out"])) if str(rc["out"]).strip() else (
-            Path("runs") / f"{stem or cfg['experiment']['name']}-{engine}")
+            Path("runs") / f"{stem or cfg.experiment.name}-{engine}")
         ints = {}
         for key in ("min-replies", "threads"):
             v = rc[key]
@@ -145,10 +144,10 @@ def main(grid: Grid, context: Context) -> None:
 def run_one(grid: Grid, s: Settings) -> None:
     """One experiment on the grid's nodes, written to ``s.out`` as the in-process engine would."""
     # FedAvg's node sampling uses Python's global `random` (flower.md §8.3)
-    random.seed(derive_seed(s.cfg["experiment"]["seed"], "flower-sampling"))
+    random.seed(derive_seed(s.cfg.experiment.seed, "flower-sampling"))
     strategy = DefenseStrategy(s.cfg, s.out, label=s.label, resume=s.resume,
                                min_replies=s.min_replies, threads=s.threads)
-    print(f"fisherguard: {s.label} on {s.cfg['runtime']['engine']}, results in {s.out}",
+    print(f"fisherguard: {s.label} on {s.cfg.runtime.engine}, results in {s.out}",
           file=sys.stderr)
     try:
         if strategy.remaining:

@@ -1,0 +1,169 @@
+"""A run's fixed parts, built once from its config: data, split, partition, attack, model, U.
+
+Both engines build the same ``Federation`` from the same config (the Flower ClientApp builds it
+on every node), so each client's data, trigger and random streams are identical everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from fisherguard import metrics
+from fisherguard.attacks.base import Attack, choose_attackers
+from fisherguard.clients.training import (ClientDataset, ClientJob, FisherRequest, TrainPlan,
+                                          client_fisher)
+from fisherguard.config import Config
+from fisherguard.data.datasets import load_raw
+from fisherguard.data.partition import dirichlet, train_validation_split
+from fisherguard.data.transforms import Pipeline, resize_to_32
+from fisherguard.defenses.base import ClientPlan, Defense
+from fisherguard.engine.server_data import ValidationSet
+from fisherguard.models import build_model, flatten, load_flat
+from fisherguard.seeding import derive_seed, numpy_stream, torch_stream
+
+log = logging.getLogger("fisherguard")
+
+
+@dataclass
+class Federation:
+    """Everything a run needs that does not change between rounds."""
+
+    cfg: Config
+    pipeline: Pipeline
+    clients: list[ClientDataset]
+    attack: Attack
+    attackers: list[int]  # known to the attack and the metrics only
+    test_x: torch.Tensor  # uint8 (N, C, 32, 32)
+    test_y: np.ndarray
+    server_images: torch.Tensor
+    server_labels: torch.Tensor
+    partition_info: dict[str, Any] = field(default_factory=dict)
+
+    def model_factory(self) -> nn.Module:
+        return build_model("simplecnn", self.cfg.data.channels)
+
+    @property
+    def test_trigger(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return self.attack.test_trigger()
+
+
+def prepare(cfg: Config) -> Federation:
+    """Load data, split, partition, choose attackers and poison their data (protocol §1–§5)."""
+    d, seed = cfg.data, cfg.experiment.seed
+    if d.dataset == "synthetic":
+        raw = load_raw("synthetic", n_train=d.synthetic_train, n_test=d.synthetic_test)
+    else:
+        raw = load_raw(d.dataset, root=d.data_dir)
+    if d.channels == 1 and not raw.grey:
+        raise ValueError("data.channels: 1 is only allowed for grey datasets "
+                         "(mnist, fashion-mnist, usps, synthetic)")
+    pipeline = Pipeline(grey=raw.grey, out_channels=d.channels)
+    train_x = resize_to_32(raw.train_x)
+    test_x = resize_to_32(raw.test_x)
+    test_y = np.asarray(raw.test_y, dtype=np.int64)
+    if d.test_subset:
+        test_x, test_y = test_x[:d.test_subset], test_y[:d.test_subset]
+    train_y = np.asarray(raw.train_y, dtype=np.int64)
+
+    split = train_validation_split(len(train_y), val_size=cfg.server.val_size,
+                                   rng=numpy_stream(seed, "server-set"))
+    pool = split.client_pool[:d.train_subset] if d.train_subset else split.client_pool
+    fed = cfg.federation
+    part = dirichlet(train_y[pool], fed.clients, cfg.partition.beta,
+                     numpy_stream(seed, "partition"), min_size=cfg.partition.min_size)
+    attackers = choose_attackers(fed.clients, cfg.attack_fraction, mode=cfg.attack.attackers,
+                                 rng=numpy_stream(seed, "attackers"))
+    attack = cfg.build_attack()
+
+    clients = []
+    for k, local in enumerate(part.client_indices):
+        ix = torch.from_numpy(pool[local])
+        images, labels = train_x[ix], torch.from_numpy(train_y[pool[local]])
+        clients.append(attack.poison(k, images, labels, pipeline, seed) if k in attackers
+                       else ClientDataset(labels=labels, pipeline=pipeline, images=images))
+    sizes = part.sizes
+    small = [k for k, n in enumerate(sizes) if n < fed.batch_size]
+    if small:
+        log.warning("clients %s hold fewer than %d samples and get no training step", small,
+                    fed.batch_size)
+    info = {"sizes": sizes, "attempts": part.attempts,
+            "class_counts": part.class_counts(train_y[pool]).tolist(), "attackers": attackers,
+            "server_set_size": int(len(split.server_set)), "client_pool": int(len(pool))}
+    u = torch.from_numpy(split.server_set)
+    return Federation(cfg=cfg, pipeline=pipeline, clients=clients, attack=attack,
+                      attackers=attackers, test_x=test_x, test_y=test_y,
+                      server_images=train_x[u],
+                      server_labels=torch.from_numpy(train_y[split.server_set]),
+                      partition_info=info)
+
+
+def initial_weights(fed: Federation) -> torch.Tensor:
+    """One PyTorch default initialisation from the run seed (protocol §4)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(derive_seed(fed.cfg.experiment.seed, "model-init"))
+        return flatten(fed.model_factory()).clone()
+
+
+def train_plan(cfg: Config) -> TrainPlan:
+    """The clients' local optimiser settings of a config (protocol §4)."""
+    f = cfg.federation
+    return TrainPlan(epochs=f.local_epochs, batch_size=f.batch_size, lr=f.lr,
+                     momentum=f.momentum, weight_decay=f.weight_decay)
+
+
+def server_data(fed: Federation, defense: Defense, plan: TrainPlan) -> ValidationSet | None:
+    """The server's clean set U, for the defenses that read it (protocol §2)."""
+    if not defense.needs_server_data:
+        return None
+    return ValidationSet(fed.model_factory, fed.server_images, fed.server_labels, fed.pipeline,
+                         transform=fed.cfg.server.transform, plan=plan,
+                         fisher_options=defense.fisher_options(), seed=fed.cfg.experiment.seed)
+
+
+def client_job(fed: Federation, cid: int, round_idx: int, weights: torch.Tensor,
+               client_plan: ClientPlan | None, fisher: FisherRequest | None = None) -> ClientJob:
+    """Client ``cid``'s local training in round ``round_idx``: its data, its named stream, its plan."""
+    p = client_plan
+    start = p.start_weights if p is not None and p.start_weights is not None else weights
+    return ClientJob(cid, start, fed.clients[cid],
+                     torch_stream(fed.cfg.experiment.seed, "client", cid, round_idx),
+                     p.regulariser if p is not None else None, fisher)
+
+
+def fisher_request(fed: Federation, cid: int, tag: int | str,
+                   fisher_options: dict[str, Any]) -> FisherRequest:
+    """Ask client ``cid`` for its Fisher, drawing from its named stream ``("fisher", cid, tag)``."""
+    return FisherRequest(fisher_options, torch_stream(fed.cfg.experiment.seed, "fisher", cid, tag))
+
+
+def local_fisher(fed: Federation, model: nn.Module, cid: int, weights: torch.Tensor,
+                 tag: int | str, fisher_options: dict[str, Any]) -> torch.Tensor:
+    """F(D_k; w), client ``cid``'s diagonal Fisher on its own data (algorithms.md §2), stream ``tag``."""
+    return client_fisher(model, fed.clients[cid], weights,
+                         fisher_request(fed, cid, tag, fisher_options))
+
+
+def plan_tag(round_idx: int) -> str:
+    """The Fisher stream tag of the Fishers a defense's client plan asks for in this round."""
+    return f"plan-{round_idx}"
+
+
+def evaluate(fed: Federation, model: nn.Module, weights: torch.Tensor) -> dict[str, Any]:
+    """Clean accuracy and backdoor metrics of a global model (protocol §7), trigger from the attack."""
+    load_flat(model, weights)
+    bs = fed.cfg.eval.batch_size
+    clean = metrics.predict(model, fed.test_x, bs, fed.pipeline.test)
+    trigger = fed.test_trigger or _no_trigger
+    trig = metrics.predict(model, fed.test_x, bs, fed.pipeline.test, trigger=trigger)
+    return metrics.backdoor_metrics(clean, fed.test_y, trig, fed.cfg.attack.target)
+
+
+def _no_trigger(x: torch.Tensor) -> torch.Tensor:
+    """Without a backdoor the 'triggered' test set is the clean one (ASR measures the base rate)."""
+    return x

@@ -1,0 +1,236 @@
+"""One federated round, the same for every engine: begin → collect uploads → end.
+
+``Server.begin`` runs the server's step before local training (the server set's round, and a
+defense's client plans in two phases: the defense names the client Fishers it needs, the engine
+fetches them, the defense plans with them). The engine then collects one ``Upload`` per client —
+the in-process trainer (``run_round``) or Flower replies (``engine.flower.strategy``) — and
+``Server.end`` does the rest: the attack's after-training stage, ``RoundInput.from_uploads``,
+``defense.aggregate``, evaluation, one record (the same schema on every engine, naming it), append,
+checkpoint and progress. The oracle ablation is wired here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, TextIO
+
+import torch
+
+from fisherguard import metrics
+from fisherguard.clients.training import LocalTrainer, Upload
+from fisherguard.config import Config
+from fisherguard.defenses.base import ClientPlan, PlanInput, RoundInput
+from fisherguard.defenses.fdcr import ORACLE_LABEL
+from fisherguard.engine.federation import (Federation, client_job, evaluate, fisher_request,
+                                           initial_weights, local_fisher, plan_tag, server_data,
+                                           train_plan)
+from fisherguard.results import RunDir
+
+# What an engine offers the round for a defense's client plan: F(D_k; w) for each asked client at
+# the asked weights, drawn from the stream tag given; None where a client could not answer.
+ClientFishers = Callable[[dict[int, torch.Tensor], str], dict[int, torch.Tensor | None]]
+
+
+class Progress:
+    """One line per round on a terminal (rewritten in place), plain lines otherwise."""
+
+    def __init__(self, total: int, label: str, stream: TextIO | None = sys.stderr) -> None:
+        self.total, self.label, self.stream = total, label, stream
+        self.tty = bool(stream and stream.isatty())
+
+    def update(self, done: int, text: str) -> None:
+        if self.stream is None:
+            return
+        width = 20
+        bar = "#" * (width * done // self.total) + "." * (width - width * done // self.total)
+        line = f"[{self.label}] [{bar}] round {done}/{self.total}  {text}"
+        self.stream.write(("\r" + line) if self.tty else line + "\n")
+        if self.tty and done == self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+@dataclass
+class RoundStart:
+    """What ``Server.begin`` decided for a round, handed back to ``Server.end``."""
+
+    round_idx: int
+    plans: dict[int, ClientPlan]
+    started: float  # time.perf_counter() at the start of the round
+    plan_s: float = 0.0
+
+
+class Server:
+    """The server side of a run: defense, server set U, global weights and the run directory."""
+
+    def __init__(self, fed: Federation, run_dir: RunDir, done: int, *, label: str, engine: str,
+                 progress: TextIO | None = sys.stderr) -> None:
+        cfg: Config = fed.cfg
+        self.fed, self.cfg, self.run_dir, self.done = fed, cfg, run_dir, done
+        self.label, self.engine = label, engine
+        self.total = cfg.federation.rounds
+        self.ids = list(range(cfg.federation.clients))
+        self.defense = cfg.build_defense()
+        self.plan = train_plan(cfg)
+        self.server_set = server_data(fed, self.defense, self.plan)
+        self.fisher_options = self.defense.fisher_options()
+        self.eval_model = fed.model_factory()
+        self.oracle = bool(self.defense.needs_attacker_ids)
+        if self.oracle:  # the labelled ablation: the only place a defense is told who attacks
+            warnings.warn(f"{ORACLE_LABEL}: the engine hands the true attacker ids to the defense",
+                          UserWarning, stacklevel=3)
+            self.defense.receive_attacker_ids(list(fed.attackers))  # type: ignore[attr-defined]
+        ck = run_dir.load_checkpoint() if done else None
+        if ck is not None:
+            self.weights: torch.Tensor = ck["weights"]
+            self.defense.load_state_dict(ck["defense_state"])
+        else:
+            self.weights = initial_weights(fed)
+            (run_dir.path / "partition.json").write_text(json.dumps(fed.partition_info))
+            run_dir.write_json("defense.json", {"name": cfg.defense.name,
+                                                "params": self.defense.hyperparameters()})
+        self.bar = Progress(self.total, label, progress)
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.total - self.done)
+
+    def begin(self, round_idx: int, client_fishers: ClientFishers) -> RoundStart:
+        """The server's step before local training: U's round, then the defense's client plans."""
+        t0 = time.perf_counter()
+        if self.server_set is not None:
+            self.server_set.begin_round(round_idx)
+        plans: dict[int, ClientPlan] = {}
+        if self.defense.client_regulariser:
+            pi = PlanInput(round_idx=round_idx, global_weights=self.weights, client_ids=self.ids,
+                           server_data=self.server_set)
+            wanted = self.defense.plan_fisher_requests(pi)
+            got = client_fishers(wanted, plan_tag(round_idx)) if wanted else {}
+            plans = self.defense.plan_clients(dataclasses.replace(pi, client_fishers=got))
+        return RoundStart(round_idx, plans, t0, time.perf_counter() - t0)
+
+    def end(self, start: RoundStart, uploads: list[Upload], *,
+            replies: dict[str, Any] | None = None, collect_s: float = 0.0) -> dict[str, Any]:
+        """Attack stage → RoundInput → aggregate → evaluate → record, append, checkpoint."""
+        t = start.round_idx
+        fed, attack = self.fed, self.fed.attack
+        by_id = {u.client_id: u for u in uploads}
+        view = attack.round_view(t, self.weights, by_id, fed.attackers)
+        by_id.update(attack.after_training(view))
+        ordered = [by_id.get(k, Upload(k, reason="missing")) for k in self.ids]
+        ri = RoundInput.from_uploads(
+            self.weights, [None if u.weights is None else _update(u.weights, self.weights)
+                           for u in ordered],
+            [u.num_samples for u in ordered], self.ids,
+            fisher=[u.fisher for u in ordered] if self.defense.needs_fisher else None,
+            lr=self.cfg.federation.lr, round_idx=t, server_data=self.server_set,
+            num_rounds=self.total)
+        assert ri.pre_reasons is not None
+        ri.pre_reasons = [u.reason if u.reason is not None else p
+                          for u, p in zip(ordered, ri.pre_reasons)]
+        t_agg = time.perf_counter()
+        agg = self.defense.aggregate(ri)
+        self.weights = agg.new_weights.detach().clone()
+        evaluated = agg.eval_weights if agg.eval_weights is not None else self.weights
+        t_eval = time.perf_counter()
+        scores = evaluate(fed, self.eval_model, evaluated)
+        t_done = time.perf_counter()
+        record = self.record(t, ri.num_samples, agg, scores, [u.stats for u in ordered],
+                             t_done - start.started)
+        record["timing"] = {"plan_s": start.plan_s, "train_and_fisher_s": collect_s,
+                            "fisher_s_summed": sum(u.timing.get("fisher_s", 0.0) for u in ordered),
+                            "aggregate_s": t_eval - t_agg, "eval_s": t_done - t_eval}
+        record["replies"] = replies if replies is not None else {
+            "received": sum(u.reason != "missing" for u in ordered), "errors": {}}
+        self.run_dir.append_round(record)
+        self.run_dir.save_checkpoint({"rounds_done": t + 1, "weights": self.weights,
+                                      "defense_state": self.defense.state_dict()})
+        self.done = t + 1
+        self.bar.update(t + 1, f"A={scores['A']:.2f} ASR={scores['ASR']:.2f} "
+                               f"({record['wall_time_s']:.1f}s)")
+        return record
+
+    def record(self, round_idx: int, counts: torch.Tensor, agg: Any, scores: dict[str, Any],
+               train_stats: list[dict[str, float]], wall_time_s: float) -> dict[str, Any]:
+        """One line of rounds.jsonl: metrics, detection, per-client weights/flags/reasons (architecture §5)."""
+        cw = agg.client_weights.tolist()
+        det = metrics.detection(agg.flagged.tolist(), self.ids, self.fed.attackers)
+        det["attacker_share"] = metrics.attacker_weight_share(cw, self.ids, self.fed.attackers)
+        record = {"round": round_idx + 1, "engine": self.engine, "metrics": scores,
+                  "detection": det,
+                  "clients": {"ids": self.ids, "weights": cw, "flagged": agg.flagged.tolist(),
+                              "reasons": agg.reasons, "num_samples": counts.tolist(),
+                              "train": train_stats},
+                  "diagnostics": agg.diagnostics, "status": agg.status, "wall_time_s": wall_time_s}
+        if self.oracle:
+            record["label"] = ORACLE_LABEL
+        return record
+
+    def summarise(self) -> dict[str, Any]:
+        """summary.json / summary.csv of the run directory (any engine)."""
+        return summarise(self.run_dir, self.cfg, self.label)
+
+
+def summarise(run_dir: RunDir, cfg: Config, label: str) -> dict[str, Any]:
+    """The run's summary row from its round records; written beside them."""
+    from fisherguard.defenses import registry
+
+    rounds = run_dir.rounds()
+    summary = {"label": label, "defense": cfg.defense.name, **metrics.summarize(rounds),
+               "dataset": cfg.data.dataset, "seed": cfg.experiment.seed,
+               "preset": cfg.experiment.preset, "family": cfg.experiment.family,
+               "beta": cfg.partition.beta, "attack_fraction": cfg.attack_fraction,
+               "complete": len(rounds) == cfg.federation.rounds, "engine": cfg.runtime.engine}
+    if registry.get(cfg.defense.name).needs_attacker_ids:
+        summary["defense"] = ORACLE_LABEL
+    run_dir.write_summary(summary)
+    return summary
+
+
+def _update(weights: Any, global_weights: torch.Tensor) -> Any:
+    """Δ_k = w_k − w^t for a well-formed upload; anything else goes on to be judged as it is."""
+    if isinstance(weights, torch.Tensor) and weights.shape == global_weights.shape \
+            and weights.is_floating_point():
+        return weights - global_weights
+    return weights
+
+
+@dataclass
+class InProcessClients:
+    """The in-process engine's side of a round: a ``LocalTrainer`` over the federation's clients."""
+
+    fed: Federation
+    trainer: LocalTrainer
+    fisher_model: torch.nn.Module = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.fisher_model = self.fed.model_factory()
+
+    def fishers(self, server: Server) -> ClientFishers:
+        def compute(wanted: dict[int, torch.Tensor], tag: str) -> dict[int, torch.Tensor | None]:
+            return {cid: local_fisher(self.fed, self.fisher_model, cid, w, tag, server.fisher_options)
+                    for cid, w in wanted.items()}
+
+        return compute
+
+    def train(self, server: Server, start: RoundStart) -> list[Upload]:
+        t, fed = start.round_idx, self.fed
+        jobs = [client_job(fed, k, t, server.weights, start.plans.get(k),
+                           fisher_request(fed, k, t, server.fisher_options)
+                           if server.defense.needs_fisher else None) for k in server.ids]
+        results = self.trainer.train_round(jobs, server.plan)
+        return [Upload(r.client_id, r.weights, r.fisher, len(fed.clients[r.client_id]), r.stats,
+                       timing=r.timing) for r in results]
+
+
+def run_round(server: Server, clients: InProcessClients, round_idx: int) -> dict[str, Any]:
+    """One in-process round: begin, train every client, end."""
+    start = server.begin(round_idx, clients.fishers(server))
+    t0 = time.perf_counter()
+    uploads = clients.train(server, start)
+    return server.end(start, uploads, collect_s=time.perf_counter() - t0)

@@ -1,0 +1,86 @@
+"""Runs above the engines: one experiment into a run directory, or a config's variants × seeds.
+
+``run`` dispatches on ``runtime.engine``: the in-process engine here (``round.run_round`` per
+round), Flower's simulation or deployment through ``engine.flower.launch``. The CLI calls this.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+import torch
+
+from fisherguard.allocator import retain_freed_memory
+from fisherguard.clients.trainers import build_trainer
+from fisherguard.clients.training import LocalTrainer
+from fisherguard.config import Config, Variant
+from fisherguard.engine.federation import prepare
+from fisherguard.engine.round import InProcessClients, Server, run_round, summarise
+from fisherguard.results import (RunDir, aggregate_seeds, format_table, slug, write_csv)
+
+log = logging.getLogger("fisherguard")
+
+
+def run(cfg: Config, out_dir: str | Path, *, resume: bool = False, label: str | None = None,
+        trainer: LocalTrainer | None = None, progress: TextIO | None = sys.stderr,
+        stop_after: int | None = None) -> dict[str, Any]:
+    """Run one experiment into ``out_dir``; return its summary. ``stop_after`` ends early (tests)."""
+    label = label or cfg.experiment.name
+    if cfg.runtime.engine != "inprocess":
+        from fisherguard.engine.flower.launch import run_engine
+
+        return run_engine(cfg, out_dir, resume=resume, label=label, progress=progress)
+    rt = cfg.runtime
+    if rt.threads:
+        torch.set_num_threads(rt.threads)
+    if rt.retain_memory:
+        retain_freed_memory()
+    run_dir = RunDir(out_dir)
+    done = run_dir.start(cfg.to_yaml(), resume=resume)
+    if done >= cfg.federation.rounds:  # a finished run: nothing to load or train
+        return summarise(run_dir, cfg, label)
+    fed = prepare(cfg)
+    server = Server(fed, run_dir, done, label=label, engine="inprocess", progress=progress)
+    own_trainer = trainer is None
+    trainer = trainer or build_trainer(fed.model_factory, fed.clients, kind=rt.trainer,
+                                       workers=rt.workers, group_size=rt.group_size)
+    log.info("trainer: %s%s", getattr(trainer, "name", type(trainer).__name__),
+             f" × {rt.workers} workers" if rt.workers > 1 else "")
+    clients = InProcessClients(fed, trainer)
+    try:
+        for t in range(done, server.total):
+            if stop_after is not None and t >= stop_after:
+                break
+            run_round(server, clients, t)
+    finally:
+        if own_trainer and hasattr(trainer, "close"):
+            trainer.close()
+    return server.summarise()
+
+
+def run_all(variants: list[Variant], out_root: str | Path, *, resume: bool = False,
+            progress: TextIO | None = sys.stderr, seeds: list[int] | None = None,
+            on_summary: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Run each labelled variant (each seed) into its own sub-directory; ``out_root/summary.csv``."""
+    out_root = Path(out_root)
+    summaries = []
+    for v in variants:
+        sub = out_root / slug(v.label) if v.nested else out_root
+        for seed in seeds if seeds is not None else [None]:
+            cfg, where = v.config, sub
+            if seed is not None:
+                cfg = cfg.replace({"experiment.seed": seed})
+                where = sub / f"seed-{seed}"
+            s = run(cfg, where, resume=resume, label=v.label, progress=progress)
+            summaries.append(s)
+            if on_summary:
+                on_summary(s)
+    if len(summaries) > 1:
+        out_root.mkdir(parents=True, exist_ok=True)
+        write_csv(out_root / "summary.csv", summaries)
+        table = format_table(aggregate_seeds(summaries) if seeds else summaries)
+        (out_root / "summary.txt").write_text(table + "\n")
+    return summaries
