@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, Mapping
 
 import numpy as np
 
-from .sources import DatasetCorruptError
+from .errors import DatasetCorruptError
 
 __all__ = [
     "IDX_IMAGES_MAGIC",

@@ -19,7 +19,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
+
+from .errors import DatasetCorruptError, DatasetMissingError
 
 __all__ = [
     "DatasetMissingError",
@@ -52,58 +54,6 @@ _ALIASES = {
     "cifar-10": "cifar10",
     "cifar_10": "cifar10",
 }
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class DatasetMissingError(FileNotFoundError):
-    """The dataset's files are not in any searched directory.
-
-    The message lists the directories searched, the expected files and the commands (the
-    project's ``fisherguard data fetch`` and the plain shell one) that put them in place.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        dataset: str | None = None,
-        searched: Iterable[Path] = (),
-        expected: Iterable[str] = (),
-        commands: Iterable[str] = (),
-    ) -> None:
-        super().__init__(message)
-        self.dataset = dataset
-        self.searched = [Path(p) for p in searched]
-        self.expected = list(expected)
-        self.commands = list(commands)
-
-    def __str__(self) -> str:  # FileNotFoundError would otherwise format errno/filename
-        return str(self.args[0]) if self.args else ""
-
-
-class DatasetCorruptError(ValueError):
-    """A dataset file fails a check (header, length, label range, counts or checksum).
-
-    ``path`` and ``check`` name the file and the failing check; loaders add the dataset, the
-    directories searched and the fetch commands to the message.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        path: str | Path | None = None,
-        check: str | None = None,
-        dataset: str | None = None,
-        commands: Iterable[str] = (),
-    ) -> None:
-        super().__init__(message)
-        self.path = Path(path) if path is not None else None
-        self.check = check
-        self.dataset = dataset
-        self.commands = list(commands)
 
 
 # --------------------------------------------------------------------------- dataset table
