@@ -6,14 +6,15 @@ Transforms to 3×32×32 live elsewhere (protocol §1.2); this module only finds,
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from . import formats, sources
-from .sources import DatasetCorruptError
+from .errors import DatasetCorruptError
+from .raw import RawDataset
+from .synthetic import make_synthetic
 
 __all__ = ["RawDataset", "load_raw", "load_located", "DATASETS", "NUM_CLASSES", "CLASS_NAMES", "EXPECTED_COUNTS"]
 
@@ -52,35 +53,6 @@ EXPECTED_COUNTS: dict[str, dict[str, tuple[int, ...]]] = {
 _IMAGE_SHAPE = {"mnist": (28, 28), "fashion-mnist": (28, 28), "usps": (16, 16), "cifar10": (3, 32, 32)}
 
 
-@dataclass
-class RawDataset:
-    """Uint8 images and int64 labels of one dataset's official splits.
-
-    Grey images are (N, H, W), colour images (N, 3, H, W).  ``meta`` records the dataset name,
-    source directory and files, the format, how checksums were checked, class names and split sizes.
-    """
-
-    name: str
-    train_x: np.ndarray
-    train_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-    grey: bool
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def image_shape(self) -> tuple[int, ...]:
-        return tuple(self.train_x.shape[1:])
-
-    def split(self, which: str) -> tuple[np.ndarray, np.ndarray]:
-        """``(x, y)`` of ``"train"`` or ``"test"``."""
-        if which == "train":
-            return self.train_x, self.train_y
-        if which == "test":
-            return self.test_x, self.test_y
-        raise ValueError(f"split must be 'train' or 'test', got {which!r}")
-
-
 def load_raw(name: str, root: str | os.PathLike[str] | None = None, *, strict: bool = True,
              **synthetic_kwargs: Any) -> RawDataset:
     """Load ``mnist``, ``fashion-mnist``, ``usps``, ``cifar10`` or ``synthetic`` as uint8 arrays.
@@ -97,8 +69,6 @@ def load_raw(name: str, root: str | os.PathLike[str] | None = None, *, strict: b
     """
     key = sources.canonical_name(name)
     if key == "synthetic":
-        from .synthetic import make_synthetic
-
         return make_synthetic(**synthetic_kwargs)
     if synthetic_kwargs:
         raise TypeError(f"load_raw({key!r}) takes no {', '.join(sorted(synthetic_kwargs))} argument "
