@@ -56,7 +56,7 @@ from fisherguard.clients.trainers import build_trainer  # noqa: E402
 from fisherguard.clients.training import (ClientDataset, ClientJob, ClientResult,  # noqa: E402
                                           FisherRequest, LocalTrainer, SequentialTrainer,
                                           TrainPlan, num_steps)
-from fisherguard.data.sources import DatasetMissingError  # noqa: E402
+from fisherguard.data.errors import DatasetMissingError  # noqa: E402
 from fisherguard.engine import simulator  # noqa: E402
 from fisherguard.fisher import diagonal_fisher, per_sample_loop_fisher  # noqa: E402
 from fisherguard.models import build_model, flatten, load_flat, num_params  # noqa: E402

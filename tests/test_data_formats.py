@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from fisherguard.data import formats, load_raw
-from fisherguard.data.sources import DatasetCorruptError
+from fisherguard.data.errors import DatasetCorruptError
 
 
 def _images(n: int, shape=(28, 28), seed: int = 0) -> np.ndarray:
