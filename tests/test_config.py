@@ -2,6 +2,7 @@ import pytest
 
 from fisherguard import config
 from fisherguard.config import ConfigError
+from fisherguard.data import catalogue
 
 
 def test_defaults_and_presets():
@@ -30,6 +31,10 @@ def test_bad_configs_name_the_key(raw, needle):
     with pytest.raises(ConfigError) as e:
         config.resolve(raw)
     assert needle in str(e.value)
+
+
+def test_dataset_choices_come_from_the_data_catalogue():
+    assert config.SCHEMA["data"]["dataset"].choices == catalogue.DATASET_NAMES
 
 
 def test_overrides_and_variants(tmp_path):

@@ -73,7 +73,15 @@ def test_canonical_names():
     assert catalogue.canonical_name("cifar-10") == "cifar10"
     with pytest.raises(ValueError, match="available: mnist"):
         catalogue.canonical_name("imagenet")
-    assert set(datasets.DATASETS) == set(catalogue.DATASET_NAMES) and datasets.NUM_CLASSES == 10
+    assert datasets.NUM_CLASSES == 10
+
+
+def test_one_catalogue_of_names():
+    """Every per-dataset table is keyed by the catalogue's names; only synthetic has no files."""
+    assert datasets.DATASETS is catalogue.DATASETS and catalogue.DATASET_NAMES == tuple(catalogue.DATASETS)
+    with_files = set(catalogue.DATASET_NAMES) - {"synthetic"}
+    assert set(catalogue.SPECS) == with_files
+    assert set(datasets.EXPECTED_COUNTS) == set(datasets.CLASS_NAMES) == with_files
 
 
 # --------------------------------------------------------------------------- lookup

