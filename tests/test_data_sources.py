@@ -14,6 +14,8 @@ import pytest
 from fisherguard.data import catalogue, checksums, datasets, fetching, formats, load_raw, locate
 from fisherguard.data.errors import DatasetCorruptError, DatasetMissingError
 
+import data_writers as writers
+
 USPS_TRAIN = [1194, 1005, 731, 658, 652, 556, 664, 645, 542, 644]
 USPS_TEST = [359, 264, 198, 166, 200, 160, 170, 147, 166, 177]
 IDX_STEMS = {"train-images": "train-images-idx3-ubyte", "train-labels": "train-labels-idx1-ubyte",
@@ -39,7 +41,7 @@ def _write_idx_set(directory: Path, n_train: int = 20, n_test: int = 10, gz: boo
         "test-labels": (np.arange(n_test) % 10).astype(np.uint8),
     }
     for logical, arr in arrays.items():
-        formats.write_idx(directory / IDX_STEMS[logical], arr, gz=gz)
+        writers.write_idx(directory / IDX_STEMS[logical], arr, gz=gz)
     return arrays
 
 
@@ -92,7 +94,7 @@ def test_find_files_prefers_uncompressed_and_accepts_torchvision_layout(env, tmp
     _write_idx_set(root / "MNIST" / "raw", gz=True)
     d, files = locate.find_files("mnist", root)
     assert d == root / "MNIST" / "raw" and files["train-images"].name == "train-images-idx3-ubyte.gz"
-    formats.write_idx(d / "train-images-idx3-ubyte", np.zeros((1, 28, 28), np.uint8))
+    writers.write_idx(d / "train-images-idx3-ubyte", np.zeros((1, 28, 28), np.uint8))
     _, files = locate.find_files("mnist", root)
     assert files["train-images"].name == "train-images-idx3-ubyte"
     _write_idx_set(root / "mnist")  # the per-dataset folder comes first
@@ -102,7 +104,7 @@ def test_find_files_prefers_uncompressed_and_accepts_torchvision_layout(env, tmp
 def test_missing_error_lists_dirs_files_and_commands(env, tmp_path):
     root = tmp_path / "my data"
     (root / "fashion-mnist").mkdir(parents=True)
-    formats.write_idx(root / "fashion-mnist" / "train-images-idx3-ubyte.gz", np.zeros((1, 28, 28), np.uint8))
+    writers.write_idx(root / "fashion-mnist" / "train-images-idx3-ubyte.gz", np.zeros((1, 28, 28), np.uint8))
     with pytest.raises(DatasetMissingError) as ei:
         load_raw("fashion-mnist", root)
     err = ei.value
@@ -163,7 +165,7 @@ def test_checksum_stamp_written_reused_and_invalidated(env, tmp_path):
     # a changed file no longer matches the stamp: it is hashed again and the mismatch reported
     x = formats.read_idx(d / "t10k-images-idx3-ubyte.gz")
     x[0, 0, 0] ^= 1
-    formats.write_idx(d / "t10k-images-idx3-ubyte.gz", x)
+    writers.write_idx(d / "t10k-images-idx3-ubyte.gz", x)
     with pytest.raises(DatasetCorruptError) as ei:
         load_raw("mnist", root)
     msg = str(ei.value)

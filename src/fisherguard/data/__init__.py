@@ -18,10 +18,6 @@ from .formats import (
     read_idx,
     read_usps_libsvm,
     read_usps_text,
-    write_cifar_batches,
-    write_idx,
-    write_usps_libsvm,
-    write_usps_text,
 )
 from .locate import data_root, find_files
 from .synthetic import make_synthetic
@@ -44,8 +40,4 @@ __all__ = [
     "read_usps_libsvm",
     "read_cifar_batch",
     "read_cifar_meta",
-    "write_idx",
-    "write_usps_text",
-    "write_usps_libsvm",
-    "write_cifar_batches",
 ]
