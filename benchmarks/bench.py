@@ -56,7 +56,7 @@ from fisherguard.clients.trainers import build_trainer  # noqa: E402
 from fisherguard.clients.training import (ClientDataset, ClientJob, ClientResult,  # noqa: E402
                                           FisherRequest, LocalTrainer, SequentialTrainer,
                                           TrainPlan, num_steps)
-from fisherguard.data.sources import DatasetMissingError  # noqa: E402
+from fisherguard.data.errors import DatasetMissingError  # noqa: E402
 from fisherguard.engine import federation  # noqa: E402
 from fisherguard.engine.runner import run as run_experiment  # noqa: E402
 from fisherguard.fisher import diagonal_fisher, per_sample_loop_fisher  # noqa: E402

@@ -2,7 +2,9 @@ import pytest
 import yaml
 
 from fisherguard import config
+from fisherguard.clients.trainers import TRAINERS
 from fisherguard.config import ConfigError
+from fisherguard.data import catalogue
 
 
 def test_defaults_and_presets():
@@ -31,6 +33,11 @@ def test_bad_configs_name_the_key(raw, needle):
     with pytest.raises(ConfigError) as e:
         config.resolve(raw)
     assert needle in str(e.value)
+
+
+def test_dataset_choices_come_from_the_data_catalogue():
+    assert config.schema()["data"]["dataset"].choices == catalogue.DATASET_NAMES
+    assert config.schema()["runtime"]["trainer"].choices == TRAINERS
 
 
 def test_overrides_and_variants(tmp_path):

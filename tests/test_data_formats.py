@@ -1,4 +1,4 @@
-"""Readers and writers of data/formats.py on generated fixtures (spec data.md §5-§7, §11)."""
+"""Readers of data/formats.py on fixtures from tests/data_writers.py (spec data.md §5-§7, §11)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from fisherguard.data import formats, load_raw
-from fisherguard.data.sources import DatasetCorruptError
+from fisherguard.data.errors import DatasetCorruptError
+
+import data_writers as writers
 
 
 def _images(n: int, shape=(28, 28), seed: int = 0) -> np.ndarray:
@@ -39,8 +41,8 @@ def _corrupt(excinfo, path: Path, check: str) -> str:
 @pytest.mark.parametrize("gz", [False, True])
 def test_idx_round_trip(tmp_path, gz):
     x, y = _images(7), _labels(7)
-    px = formats.write_idx(tmp_path / "train-images-idx3-ubyte", x, gz=gz)
-    py = formats.write_idx(tmp_path / "train-labels-idx1-ubyte", y, gz=gz)
+    px = writers.write_idx(tmp_path / "train-images-idx3-ubyte", x, gz=gz)
+    py = writers.write_idx(tmp_path / "train-labels-idx1-ubyte", y, gz=gz)
     assert px.name.endswith(".gz") == gz
     raw = px.read_bytes()
     assert (raw[:2] == b"\x1f\x8b") == gz
@@ -76,7 +78,7 @@ def test_idx_corrupt_header_and_length(tmp_path, mutate, check):
 
 
 def test_idx_truncated_gzip(tmp_path):
-    p = formats.write_idx(tmp_path / "train-images-idx3-ubyte.gz", _images(20))
+    p = writers.write_idx(tmp_path / "train-images-idx3-ubyte.gz", _images(20))
     p.write_bytes(p.read_bytes()[:-30])
     with pytest.raises(DatasetCorruptError) as ei:
         formats.read_idx(p)
@@ -84,15 +86,15 @@ def test_idx_truncated_gzip(tmp_path):
 
 
 def test_idx_pair_checks(tmp_path):
-    x = formats.write_idx(tmp_path / "i", _images(5))
-    y4 = formats.write_idx(tmp_path / "l4", _labels(4))
+    x = writers.write_idx(tmp_path / "i", _images(5))
+    y4 = writers.write_idx(tmp_path / "l4", _labels(4))
     with pytest.raises(DatasetCorruptError) as ei:
         formats.read_idx_pair(x, y4)
     assert "5 images" in _corrupt(ei, y4, "label count")
 
     bad = _labels(5)
     bad[3] = 10
-    yb = formats.write_idx(tmp_path / "lbad", bad)
+    yb = writers.write_idx(tmp_path / "lbad", bad)
     with pytest.raises(DatasetCorruptError) as ei:
         formats.read_idx_pair(x, yb)
     assert "index 3" in _corrupt(ei, yb, "label range")
@@ -101,8 +103,8 @@ def test_idx_pair_checks(tmp_path):
         formats.read_idx_pair(yb, x)
     _corrupt(ei, yb, "magic number")
 
-    small = formats.write_idx(tmp_path / "s", _images(5, (16, 16)))
-    y5 = formats.write_idx(tmp_path / "l5", _labels(5))
+    small = writers.write_idx(tmp_path / "s", _images(5, (16, 16)))
+    y5 = writers.write_idx(tmp_path / "l5", _labels(5))
     with pytest.raises(DatasetCorruptError) as ei:
         formats.read_idx_pair(small, y5)
     _corrupt(ei, small, "shape")
@@ -116,14 +118,14 @@ def test_usps_value_mapping_follows_torchvision():
     x = np.array([-1.0, -0.6, 0.0, 0.2, 1.0])
     assert formats._usps_to_uint8(x).tolist() == [0, 50, 127, 153, 255]
     every = np.arange(256, dtype=np.uint8)
-    assert np.array_equal(formats._usps_to_uint8(formats._uint8_to_usps(every)), every)
+    assert np.array_equal(formats._usps_to_uint8(writers.uint8_to_usps(every)), every)
 
 
 @pytest.mark.parametrize("name", ["zip.train.gz", "zip.train"])
 def test_usps_text_round_trip(tmp_path, name):
     x, y = _images(12, (16, 16)), _labels(12)
     x[0] = np.arange(256).reshape(16, 16)  # every value once
-    p = formats.write_usps_text(tmp_path / name, x, y)
+    p = writers.write_usps_text(tmp_path / name, x, y)
     text = formats.read_bytes(p).decode()
     first = text.splitlines()[0].split()
     assert len(first) == 257 and float(first[0]) == y[0] and float(first[1]) == -1.0
@@ -143,7 +145,7 @@ def test_usps_text_round_trip(tmp_path, name):
     ],
 )
 def test_usps_text_corrupt(tmp_path, edit, check):
-    p = formats.write_usps_text(tmp_path / "zip.test", _images(3, (16, 16)), _labels(3))
+    p = writers.write_usps_text(tmp_path / "zip.test", _images(3, (16, 16)), _labels(3))
     lines = p.read_text().splitlines()
     lines[1] = " ".join(edit(lines[1].split()))
     p.write_text("\n".join(lines) + "\n")
@@ -157,7 +159,7 @@ def test_usps_text_corrupt(tmp_path, edit, check):
 @pytest.mark.parametrize("name", ["usps.bz2", "usps"])
 def test_usps_libsvm_round_trip(tmp_path, name):
     x, y = _images(9, (16, 16)), _labels(9)
-    p = formats.write_usps_libsvm(tmp_path / name, x, y)
+    p = writers.write_usps_libsvm(tmp_path / name, x, y)
     raw = p.read_bytes()
     assert raw.startswith(b"BZh") == name.endswith(".bz2")
     first = (bz2.decompress(raw) if name.endswith(".bz2") else raw).decode().split("\n")[0].split()
@@ -187,7 +189,7 @@ def test_usps_libsvm_sparse_and_corrupt(tmp_path):
 
 def _cifar(tmp_path: Path, keys: str, n_train: int = 25, n_test: int = 6) -> tuple[Path, tuple]:
     arrays = (_images(n_train, (3, 32, 32), 2), _labels(n_train, 3), _images(n_test, (3, 32, 32), 4), _labels(n_test, 5))
-    d = formats.write_cifar_batches(tmp_path / "cifar-10-batches-py", *arrays, keys=keys)
+    d = writers.write_cifar_batches(tmp_path / "cifar-10-batches-py", *arrays, keys=keys)
     return d, arrays
 
 
@@ -272,7 +274,7 @@ def test_load_raw_reads_every_format_from_fixtures(tmp_path):
     d.mkdir(parents=True)
     for stem, arr in (("train-images-idx3-ubyte", x), ("train-labels-idx1-ubyte", y),
                       ("t10k-images-idx3-ubyte", x[:10]), ("t10k-labels-idx1-ubyte", y[:10])):
-        formats.write_idx(d / stem, arr, gz=True)
+        writers.write_idx(d / stem, arr, gz=True)
     ds = load_raw("mnist", root, strict=False)
     assert ds.grey and ds.train_x.shape == (30, 28, 28) and ds.test_x.shape == (10, 28, 28)
     assert np.array_equal(ds.train_y, y) and ds.meta["format"] == "idx"
@@ -282,19 +284,19 @@ def test_load_raw_reads_every_format_from_fixtures(tmp_path):
     d.mkdir(parents=True)
     for stem, arr in (("train-images-idx3-ubyte", x), ("train-labels-idx1-ubyte", y),
                       ("t10k-images-idx3-ubyte", x[:10]), ("t10k-labels-idx1-ubyte", y[:10])):
-        formats.write_idx(d / stem, arr, gz=False)
+        writers.write_idx(d / stem, arr, gz=False)
     ds = load_raw("fashion_mnist", root, strict=False)
     assert ds.name == "fashion-mnist" and ds.meta["class_names"][2] == "Pullover"
 
     d = root / "usps"
     d.mkdir()
     ux, uy = _images(11, (16, 16)), _labels(11)
-    formats.write_usps_libsvm(d / "usps.bz2", ux, uy)
-    formats.write_usps_libsvm(d / "usps.t.bz2", ux[:4], uy[:4])
+    writers.write_usps_libsvm(d / "usps.bz2", ux, uy)
+    writers.write_usps_libsvm(d / "usps.t.bz2", ux[:4], uy[:4])
     ds = load_raw("usps", root, strict=False)
     assert ds.meta["format"] == "usps-libsvm" and np.array_equal(ds.train_x, ux)
-    formats.write_usps_text(d / "zip.train.gz", ux, uy)
-    formats.write_usps_text(d / "zip.test.gz", ux[:4], uy[:4])
+    writers.write_usps_text(d / "zip.train.gz", ux, uy)
+    writers.write_usps_text(d / "zip.test.gz", ux[:4], uy[:4])
     ds = load_raw("usps", root, strict=False)  # the ESL text files win when both are there
     assert ds.meta["format"] == "usps-text" and ds.train_x.shape == (11, 16, 16)
 
@@ -310,7 +312,7 @@ def test_strict_load_of_a_fixture_fails_the_checksum(tmp_path):
     x, y = _images(4), _labels(4)
     for stem, arr in (("train-images-idx3-ubyte", x), ("train-labels-idx1-ubyte", y),
                       ("t10k-images-idx3-ubyte", x), ("t10k-labels-idx1-ubyte", y)):
-        formats.write_idx(d / stem, arr)
+        writers.write_idx(d / stem, arr)
     with pytest.raises(DatasetCorruptError) as ei:
         load_raw("mnist", tmp_path)
     msg = str(ei.value)
@@ -326,7 +328,7 @@ def test_corrupt_file_error_from_load_raw_names_file_check_and_fix(tmp_path):
     x, y = _images(4), _labels(4)
     for stem, arr in (("train-images-idx3-ubyte", x), ("train-labels-idx1-ubyte", y),
                       ("t10k-images-idx3-ubyte", x), ("t10k-labels-idx1-ubyte", y)):
-        formats.write_idx(d / stem, arr)
+        writers.write_idx(d / stem, arr)
     bad = d / "t10k-labels-idx1-ubyte"
     bad.write_bytes(bad.read_bytes()[:-1])
     with pytest.raises(DatasetCorruptError) as ei:

@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fisherguard.data import datasets, formats, load_raw, sources
-from fisherguard.data.sources import DatasetCorruptError, DatasetMissingError
+from fisherguard.data import catalogue, checksums, datasets, fetching, formats, load_raw, locate
+from fisherguard.data.errors import DatasetCorruptError, DatasetMissingError
+
+import data_writers as writers
 
 USPS_TRAIN = [1194, 1005, 731, 658, 652, 556, 664, 645, 542, 644]
 USPS_TEST = [359, 264, 198, 166, 200, 160, 170, 147, 166, 177]
@@ -39,7 +41,7 @@ def _write_idx_set(directory: Path, n_train: int = 20, n_test: int = 10, gz: boo
         "test-labels": (np.arange(n_test) % 10).astype(np.uint8),
     }
     for logical, arr in arrays.items():
-        formats.write_idx(directory / IDX_STEMS[logical], arr, gz=gz)
+        writers.write_idx(directory / IDX_STEMS[logical], arr, gz=gz)
     return arrays
 
 
@@ -49,7 +51,7 @@ def _pretend_real(monkeypatch, name: str, directory: Path, n_train: int, n_test:
     for stem in IDX_STEMS.values():
         path = directory / stem if (directory / stem).exists() else directory / (stem + ".gz")
         digests[stem] = ("sha256", hashlib.sha256(formats.read_bytes(path)).hexdigest())
-    monkeypatch.setitem(sources._SPECS, name, dataclasses.replace(sources._SPECS[name], digests=digests))
+    monkeypatch.setitem(catalogue.SPECS, name, dataclasses.replace(catalogue.SPECS[name], digests=digests))
     monkeypatch.setitem(datasets.EXPECTED_COUNTS, name, {"train": (n_train // 10,) * 10, "test": (n_test // 10,) * 10})
 
 
@@ -57,23 +59,31 @@ def _pretend_real(monkeypatch, name: str, directory: Path, n_train: int, n_test:
 
 
 def test_data_root_precedence(env, tmp_path):
-    assert sources.data_root() == tmp_path / "xdg" / "fisherguard" / "data"
+    assert locate.data_root() == tmp_path / "xdg" / "fisherguard" / "data"
     env.delenv("XDG_CACHE_HOME")
-    assert sources.data_root() == tmp_path / "home" / ".cache" / "fisherguard" / "data"
+    assert locate.data_root() == tmp_path / "home" / ".cache" / "fisherguard" / "data"
     env.setenv("FISHERGUARD_DATA", str(tmp_path / "envroot"))
-    assert sources.data_root() == tmp_path / "envroot"
-    assert sources.data_root(tmp_path / "explicit") == tmp_path / "explicit"
-    assert sources.data_root(str(tmp_path)) == tmp_path
+    assert locate.data_root() == tmp_path / "envroot"
+    assert locate.data_root(tmp_path / "explicit") == tmp_path / "explicit"
+    assert locate.data_root(str(tmp_path)) == tmp_path
     env.chdir(tmp_path)
-    assert sources.data_root("rel") == tmp_path / "rel"  # absolute, so printed commands paste as is
+    assert locate.data_root("rel") == tmp_path / "rel"  # absolute, so printed commands paste as is
 
 
 def test_canonical_names():
-    assert sources.canonical_name("Fashion_MNIST") == "fashion-mnist"
-    assert sources.canonical_name("cifar-10") == "cifar10"
+    assert catalogue.canonical_name("Fashion_MNIST") == "fashion-mnist"
+    assert catalogue.canonical_name("cifar-10") == "cifar10"
     with pytest.raises(ValueError, match="available: mnist"):
-        sources.canonical_name("imagenet")
-    assert set(datasets.DATASETS) == set(sources.DATASET_NAMES) and datasets.NUM_CLASSES == 10
+        catalogue.canonical_name("imagenet")
+    assert datasets.NUM_CLASSES == 10
+
+
+def test_one_catalogue_of_names():
+    """Every per-dataset table is keyed by the catalogue's names; only synthetic has no files."""
+    assert datasets.DATASETS is catalogue.DATASETS and catalogue.DATASET_NAMES == tuple(catalogue.DATASETS)
+    with_files = set(catalogue.DATASET_NAMES) - {"synthetic"}
+    assert set(catalogue.SPECS) == with_files
+    assert set(datasets.EXPECTED_COUNTS) == set(datasets.CLASS_NAMES) == with_files
 
 
 # --------------------------------------------------------------------------- lookup
@@ -82,19 +92,19 @@ def test_canonical_names():
 def test_find_files_prefers_uncompressed_and_accepts_torchvision_layout(env, tmp_path):
     root = tmp_path / "root"
     _write_idx_set(root / "MNIST" / "raw", gz=True)
-    d, files = sources.find_files("mnist", root)
+    d, files = locate.find_files("mnist", root)
     assert d == root / "MNIST" / "raw" and files["train-images"].name == "train-images-idx3-ubyte.gz"
-    formats.write_idx(d / "train-images-idx3-ubyte", np.zeros((1, 28, 28), np.uint8))
-    _, files = sources.find_files("mnist", root)
+    writers.write_idx(d / "train-images-idx3-ubyte", np.zeros((1, 28, 28), np.uint8))
+    _, files = locate.find_files("mnist", root)
     assert files["train-images"].name == "train-images-idx3-ubyte"
     _write_idx_set(root / "mnist")  # the per-dataset folder comes first
-    assert sources.find_files("mnist", root)[0] == root / "mnist"
+    assert locate.find_files("mnist", root)[0] == root / "mnist"
 
 
 def test_missing_error_lists_dirs_files_and_commands(env, tmp_path):
     root = tmp_path / "my data"
     (root / "fashion-mnist").mkdir(parents=True)
-    formats.write_idx(root / "fashion-mnist" / "train-images-idx3-ubyte.gz", np.zeros((1, 28, 28), np.uint8))
+    writers.write_idx(root / "fashion-mnist" / "train-images-idx3-ubyte.gz", np.zeros((1, 28, 28), np.uint8))
     with pytest.raises(DatasetMissingError) as ei:
         load_raw("fashion-mnist", root)
     err = ei.value
@@ -112,7 +122,7 @@ def test_missing_error_lists_dirs_files_and_commands(env, tmp_path):
     env.setenv("FISHERGUARD_DATA", str(tmp_path / "envroot"))
     if not debian.is_dir():
         with pytest.raises(DatasetMissingError) as ei:
-            sources.find_files("fashion-mnist")
+            locate.find_files("fashion-mnist")
         assert ei.value.searched == [tmp_path / "envroot" / "fashion-mnist",
                                      tmp_path / "envroot" / "FashionMNIST" / "raw", debian]
         assert str(debian) in str(ei.value)
@@ -136,7 +146,7 @@ def test_missing_message_per_dataset(env, tmp_path, name, needle):
 
 def test_explicit_root_never_falls_back_to_the_shared_usps(env, tmp_path):
     with pytest.raises(DatasetMissingError):
-        sources.find_files("usps", tmp_path)
+        locate.find_files("usps", tmp_path)
 
 
 # --------------------------------------------------------------------------- checksums and stamp
@@ -147,19 +157,19 @@ def test_checksum_stamp_written_reused_and_invalidated(env, tmp_path):
     d = root / "mnist"
     _write_idx_set(d, gz=True)
     _pretend_real(env, "mnist", d, 20, 10)
-    sources._MEMO.clear()
+    checksums._MEMO.clear()
     ds = load_raw("mnist", root)
-    assert ds.meta["checksums"] == "computed" and (d / sources.STAMP_NAME).exists()
+    assert ds.meta["checksums"] == "computed" and (d / checksums.STAMP_NAME).exists()
     assert load_raw("mnist", root).meta["checksums"] == "stamp"
 
     # a changed file no longer matches the stamp: it is hashed again and the mismatch reported
     x = formats.read_idx(d / "t10k-images-idx3-ubyte.gz")
     x[0, 0, 0] ^= 1
-    formats.write_idx(d / "t10k-images-idx3-ubyte.gz", x)
+    writers.write_idx(d / "t10k-images-idx3-ubyte.gz", x)
     with pytest.raises(DatasetCorruptError) as ei:
         load_raw("mnist", root)
     msg = str(ei.value)
-    want = sources._SPECS["mnist"].digests["t10k-images-idx3-ubyte"][1]
+    want = catalogue.SPECS["mnist"].digests["t10k-images-idx3-ubyte"][1]
     assert "t10k-images-idx3-ubyte.gz" in msg and want in msg and "decompressed content" in msg
     assert "fisherguard data fetch mnist" in msg
 
@@ -178,12 +188,12 @@ def test_real_usps_from_the_shared_folder(env, tmp_path):
     """The shared folder beside the project (../shared/data/usps/) via the default lookup."""
     env.setenv("FISHERGUARD_DATA", str(tmp_path / "empty-root"))
     try:
-        directory, files = sources.find_files("usps")
+        directory, files = locate.find_files("usps")
     except DatasetMissingError as exc:
         pytest.fail("the shared USPS files (../shared/data/usps/ next to the project root, the "
                     f"directory holding pyproject.toml) were not found:\n{exc}")
     assert directory.parts[-3:] == ("shared", "data", "usps")
-    assert directory == sources.project_root().parent / "shared" / "data" / "usps"
+    assert directory == locate.project_root().parent / "shared" / "data" / "usps"
     before = sorted(p.name for p in directory.iterdir())
     ds = load_raw("usps")
     assert ds.train_x.shape == (7291, 16, 16) and ds.test_x.shape == (2007, 16, 16)
@@ -193,7 +203,7 @@ def test_real_usps_from_the_shared_folder(env, tmp_path):
     assert 0.58 < float((ds.train_x == 0).mean()) < 0.60  # about 59 % background
     assert sorted(p.name for p in directory.iterdir()) == before  # never writes into the shared folder
 
-    report = sources.verify("usps")
+    report = datasets.verify("usps")
     assert report["ok"] and report["counts"]["test"] == USPS_TEST
     assert report["files"]["zip.train.gz"]["sha256"].startswith("66ebf231")
 
@@ -203,21 +213,21 @@ def test_real_usps_from_the_shared_folder(env, tmp_path):
 
 def test_fetch_usps_copies_the_shared_files_and_is_idempotent(env, tmp_path):
     msgs: list[str] = []
-    d = sources.fetch("usps", tmp_path, progress=msgs.append)
+    d = fetching.fetch("usps", tmp_path, progress=msgs.append)
     assert d == tmp_path / "usps" and (d / "zip.train.gz").stat().st_size == 1829071
     assert (d / "zip.train.gz").stat().st_mode & stat.S_IWUSR  # not the shared folder's read-only mode
-    assert (d / sources.STAMP_NAME).exists()
+    assert (d / checksums.STAMP_NAME).exists()
     msgs.clear()
-    assert sources.fetch("usps", tmp_path, progress=msgs.append) == d
+    assert fetching.fetch("usps", tmp_path, progress=msgs.append) == d
     assert any("already present and verified" in m for m in msgs)
     assert load_raw("usps", tmp_path).meta["checksums"] == "stamp"
 
 
 def test_fetch_cifar10_and_synthetic(env, tmp_path):
     with pytest.raises(DatasetMissingError, match="CIFAR-10 cannot be downloaded"):
-        sources.fetch("cifar10", tmp_path, progress=lambda m: None)
-    assert sources.fetch("synthetic", tmp_path, progress=lambda m: None) == tmp_path
-    assert sources.verify("synthetic")["ok"]
+        fetching.fetch("cifar10", tmp_path, progress=lambda m: None)
+    assert fetching.fetch("synthetic", tmp_path, progress=lambda m: None) == tmp_path
+    assert datasets.verify("synthetic")["ok"]
 
 
 def _fake_tools(bin_dir: Path, payload: Path) -> None:
@@ -241,7 +251,7 @@ def test_fetch_fashion_mnist_apt_route(env, tmp_path):
     payload = tmp_path / "payload"
     _write_idx_set(payload, gz=True)
     _pretend_real(env, "fashion-mnist", payload, 20, 10)
-    env.setitem(sources._FALLBACK_URLS, "fashion-mnist", ())  # never touch the network in tests
+    env.setitem(fetching._FALLBACK_URLS, "fashion-mnist", ())  # never touch the network in tests
     _fake_tools(tmp_path / "bin", payload)
     env.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     root = tmp_path / "root"
@@ -249,9 +259,9 @@ def test_fetch_fashion_mnist_apt_route(env, tmp_path):
     is_root = hasattr(os, "geteuid") and os.geteuid() == 0
     if not is_root:
         with pytest.raises(DatasetMissingError, match="sudo apt-get update"):
-            sources.fetch("fashion-mnist", root, progress=msgs.append)
+            fetching.fetch("fashion-mnist", root, progress=msgs.append)
         (tmp_path / "bin" / "updated").touch()
-    d = sources.fetch("fashion-mnist", root, progress=msgs.append)
+    d = fetching.fetch("fashion-mnist", root, progress=msgs.append)
     assert d == root / "fashion-mnist"
     assert sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) == sorted(
         s + ".gz" for s in IDX_STEMS.values())

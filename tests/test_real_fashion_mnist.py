@@ -5,7 +5,7 @@ import pytest
 
 from fisherguard import config
 from fisherguard.data.datasets import load_raw
-from fisherguard.data.sources import DatasetMissingError
+from fisherguard.data.errors import DatasetMissingError
 from fisherguard.engine.federation import prepare
 from fisherguard.engine.runner import run
 

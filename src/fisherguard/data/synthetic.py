@@ -9,12 +9,9 @@ only background: it carries no class signal.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-if TYPE_CHECKING:  # datasets imports this module
-    from .datasets import RawDataset
+from .raw import RawDataset
 
 __all__ = ["make_synthetic", "TASK_SEED", "MARGIN", "KINDS"]
 
@@ -111,8 +108,6 @@ def make_synthetic(
     streams for train and test (so the test set does not depend on ``n_train``).  Same
     arguments give byte-identical arrays.
     """
-    from .datasets import RawDataset
-
     if kind not in KINDS:
         raise ValueError(f"unknown synthetic kind {kind!r}; available: {', '.join(KINDS)}")
     for label, n in (("n_train", n_train), ("n_test", n_test)):
