@@ -277,3 +277,20 @@ def test_every_defense_runs_behind_the_strategy(tmp_path, name):
     weights = rec["clients"]["weights"]
     assert all(w >= 0 for w in weights)
     assert abs(sum(weights) - 1) < 1e-6 or sum(weights) == 0  # 0: the defense rejected everyone
+
+
+def test_both_engines_write_one_round_record_schema(tmp_path, strategy):
+    """The in-process engine and the Flower strategy write the same keys, each naming its engine."""
+    import json
+
+    run(cfg(**{"federation.rounds": 1}), tmp_path / "inprocess", progress=None)
+    inproc = json.loads((tmp_path / "inprocess" / "rounds.jsonl").read_text().splitlines()[0])
+    w0 = strategy.weights
+    f = torch.rand(w0.numel(), generator=torch.Generator().manual_seed(0)) + 0.1
+    begin(strategy, 1).aggregate_train(1, [_reply(100 + c, _good(strategy, c, w0 + 0.01 * c, f))
+                                           for c in strategy.ids])
+    flower = strategy.run_dir.rounds()[-1]
+    assert set(flower) == set(inproc)
+    assert set(flower["timing"]) == set(inproc["timing"]) and set(flower["replies"]) == set(inproc["replies"])
+    assert inproc["engine"] == "inprocess" and inproc["replies"] == {"received": 5, "errors": {}}
+    assert flower["engine"] == strategy.cfg.runtime.engine
