@@ -1,7 +1,7 @@
-"""Import structure: no cycle inside the data room, and the data room stands on nothing else.
+"""Import structure: no cycle between modules, and every room imports only lower layers.
 
-The checker lives in ``import_graph.py`` beside this file; these tests are meant to grow into
-one rule per room.
+The layers are docs/architecture.md §2's; the checker lives in ``import_graph.py`` beside this
+file (module- and function-level imports alike, so a lazy import cannot hide a cycle).
 """
 
 from __future__ import annotations
@@ -40,6 +40,37 @@ def test_data_room_imports_no_other_room_but_seeding(graph):
     # Today it imports no other room at all; fisherguard.seeding is the one room it may use.
     others = rooms(graph)["fisherguard.data"]
     assert others <= {"fisherguard.seeding"}, f"fisherguard.data imports {sorted(others)}"
+
+
+# --------------------------------------------------------------------------- every room
+
+# docs/architecture.md §2, lowest first: a room imports only rooms of strictly lower layers
+LAYERS = [
+    {"fisherguard", "fisherguard.seeding", "fisherguard.allocator", "fisherguard.models",
+     "fisherguard.data", "fisherguard.results", "fisherguard.metrics"},
+    {"fisherguard.fisher"},
+    {"fisherguard.clients"},
+    {"fisherguard.defenses", "fisherguard.attacks"},
+    {"fisherguard.config"},
+    {"fisherguard.engine"},
+    {"fisherguard.cli"},
+    {"fisherguard.__main__"},
+]
+
+
+def test_no_module_imports_in_a_cycle(graph):
+    assert cycles(graph) == [], f"import cycles: {cycles(graph)}"
+
+
+def test_every_room_has_a_layer(graph):
+    placed = set().union(*LAYERS)
+    assert set(rooms(graph)) == placed, f"rooms without a layer: {set(rooms(graph)) - placed}"
+
+
+def test_rooms_import_only_lower_layers(graph):
+    layer = {room: i for i, rs in enumerate(LAYERS) for room in rs}
+    wrong = sorted((a, b) for a, bs in rooms(graph).items() for b in bs if layer[b] >= layer[a])
+    assert wrong == [], f"imports of a room at the same or a higher layer: {wrong}"
 
 
 # --------------------------------------------------------------------------- the checker itself
