@@ -18,7 +18,6 @@ from fisherguard.defenses.base import (DefenseConfigError, RoundInput, check_cho
 
 Tensor = torch.Tensor
 
-PRESETS = ("paper", "code")
 ON_VIOLATION = ("cap", "raise")
 
 

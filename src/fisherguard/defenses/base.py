@@ -17,6 +17,9 @@ Tensor = torch.Tensor
 # Reasons a client can be flagged (weight exactly 0). Upload-validity reasons come first.
 UPLOAD_REASONS = ("missing", "bad_shape", "non_finite", "negative", "constant", "no_samples")
 
+# ``preset``: the published algorithm (``paper``) or what the authors' released code does.
+PRESETS = ("paper", "code")
+
 
 class DefenseConfigError(ValueError):
     """A hyperparameter is out of its allowed range; the message names it and the range."""

@@ -6,11 +6,11 @@ from typing import Any
 
 import torch
 
-from fisherguard.defenses._robust import (PRESETS, AssumedAttackers, CodeMomentumState, ServerMomentum, check_choice,
+from fisherguard.defenses._robust import (AssumedAttackers, CodeMomentumState, ServerMomentum, check_choice,
                                           closest_to_centre_mean, coordinate_median, krum_scores,
                                           marsfl_corrupted_count, pairwise_sq_dists,
                                           share_to_weights, stable_order, valid_rows)
-from fisherguard.defenses.base import (Aggregate, Defense, RoundInput, finish, reject_all,
+from fisherguard.defenses.base import (PRESETS, Aggregate, Defense, RoundInput, finish, reject_all,
                                        validate_uploads)
 
 Tensor = torch.Tensor

@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from fisherguard.defenses._robust import (PRESETS, AssumedAttackers, check_bool, check_choice,
+from fisherguard.defenses._robust import (AssumedAttackers, check_bool, check_choice,
                                           check_finite, check_seed, load_keys, make_generator,
                                           stable_order, valid_rows)
-from fisherguard.defenses.base import (Aggregate, Defense, RoundInput, check_range, finish,
+from fisherguard.defenses.base import (PRESETS, Aggregate, Defense, RoundInput, check_range, finish,
                                        reject_all, validate_uploads)
 
 Tensor = torch.Tensor

@@ -14,14 +14,13 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from fisherguard.defenses.base import (Aggregate, Defense, DefenseConfigError, RoundInput,
+from fisherguard.defenses.base import (PRESETS, Aggregate, Defense, DefenseConfigError, RoundInput,
                                        check_choice, check_flag, check_range, finish,
                                        fisher_estimator_option, reject_all, valid_mask,
                                        validate_uploads)
 
 Tensor = torch.Tensor
 
-PRESETS = ("paper", "code")
 DISCREPANCIES = ("mse", "l2", "cosine")
 CLUSTERINGS = ("finch", "kmeans", "dbscan")
 ORACLE_LABEL = "FDCR-oracle (uses ground truth; not a defense)"

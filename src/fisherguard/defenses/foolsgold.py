@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from fisherguard.defenses._robust import (PRESETS, check_choice, check_finite, check_seed,
+from fisherguard.defenses._robust import (check_choice, check_finite, check_seed,
                                           load_keys, make_generator, valid_rows)
-from fisherguard.defenses.base import (Aggregate, Defense, RoundInput, check_range, finish,
+from fisherguard.defenses.base import (PRESETS, Aggregate, Defense, RoundInput, check_range, finish,
                                        reject_all, validate_uploads)
 
 Tensor = torch.Tensor

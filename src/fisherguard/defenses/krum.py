@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
-from fisherguard.defenses._robust import (PRESETS, AssumedAttackers, CodeMomentumState, Rows, ServerMomentum,
+from fisherguard.defenses._robust import (AssumedAttackers, CodeMomentumState, Rows, ServerMomentum,
                                           check_bool, check_choice, krum_select,
                                           marsfl_corrupted_count, pairwise_sq_dists, valid_rows)
-from fisherguard.defenses.base import (Aggregate, Defense, DefenseConfigError, RoundInput,
+from fisherguard.defenses.base import (PRESETS, Aggregate, Defense, DefenseConfigError, RoundInput,
                                        check_range, finish, reject_all, validate_uploads)
 
 Tensor = torch.Tensor

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from fisherguard.defenses._robust import PRESETS, check_bool, check_choice, check_finite, valid_rows
-from fisherguard.defenses.base import (Aggregate, Defense, RoundInput, check_range, finish,
+from fisherguard.defenses._robust import check_bool, check_choice, check_finite, valid_rows
+from fisherguard.defenses.base import (PRESETS, Aggregate, Defense, RoundInput, check_range, finish,
                                        reject_all, validate_uploads)
 
 

@@ -13,14 +13,13 @@ from typing import Any
 import torch
 
 from fisherguard.clients.fdreg import FDReg
-from fisherguard.defenses.base import (Aggregate, ClientPlan, Defense, PlanInput, RoundInput,
+from fisherguard.defenses.base import (PRESETS, Aggregate, ClientPlan, Defense, PlanInput, RoundInput,
                                        check_choice, check_flag, check_range, finish,
                                        fisher_estimator_option, reject_all, valid_mask,
                                        validate_uploads)
 
 Tensor = torch.Tensor
 
-PRESETS = ("paper", "code")
 DIFFERENCES = ("abs_diff", "local_only", "val_only")
 
 

@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
-from fisherguard.defenses._robust import (PRESETS, AssumedAttackers, CodeMomentumState, ServerMomentum, check_choice,
+from fisherguard.defenses._robust import (AssumedAttackers, CodeMomentumState, ServerMomentum, check_choice,
                                           closest_to_centre_mean, coordinate_median,
                                           share_to_weights, trimmed_mean, valid_rows)
-from fisherguard.defenses.base import (Aggregate, Defense, DefenseConfigError, RoundInput,
+from fisherguard.defenses.base import (PRESETS, Aggregate, Defense, DefenseConfigError, RoundInput,
                                        check_range, finish, reject_all, validate_uploads)
 
 
