@@ -12,6 +12,8 @@ from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 import torch
 
+from fisherguard.clients.regulariser import Regulariser  # noqa: F401 - re-exported for ClientPlan
+
 Tensor = torch.Tensor
 
 # Reasons a client can be flagged (weight exactly 0). Upload-validity reasons come first.
@@ -42,15 +44,6 @@ class ServerData(Protocol):
 
     def loss_and_entropy(self, weights: Tensor) -> tuple[float, float]:
         """Mean cross-entropy and mean predictive entropy of the model on U (eval mode)."""
-
-
-class Regulariser(Protocol):
-    """A client-side loss term added to each mini-batch's cross-entropy (SDFC's FDReg, RSA's L1)."""
-
-    kind: str
-
-    def penalty(self, params: Sequence[Tensor]) -> Tensor:
-        """Scalar added to the loss; ``params`` are the model's parameters in protocol §6 order."""
 
 
 @dataclass
