@@ -13,6 +13,7 @@ from typing import Any, Callable, ClassVar, Protocol, Sequence
 import torch
 
 from fisherguard.clients.regulariser import Regulariser  # noqa: F401 - re-exported for ClientPlan
+from fisherguard.fisher import ESTIMATORS, LABEL_SOURCES
 
 Tensor = torch.Tensor
 
@@ -216,8 +217,8 @@ def fisher_estimator_option(fisher_estimator: str | None, label_source: str, *, 
     """The Fisher estimator a Fisher-based defense uses: the preset's default unless given (algorithms.md §2.4)."""
     estimator = fisher_estimator if fisher_estimator is not None else (
         "official_label_mixed" if code else "per_sample")
-    check_choice("fisher_estimator", estimator, ("per_sample", "official_label_mixed"))
-    check_choice("label_source", label_source, ("dataset", "model_sample", "model_expectation"))
+    check_choice("fisher_estimator", estimator, ESTIMATORS)
+    check_choice("label_source", label_source, LABEL_SOURCES)
     if estimator == "official_label_mixed" and label_source != "dataset":
         raise DefenseConfigError("label_source must be 'dataset' with fisher_estimator "
                                  f"'official_label_mixed', got {label_source!r}")

@@ -17,6 +17,7 @@ from fisherguard.defenses.base import (PRESETS, Aggregate, ClientPlan, Defense, 
                                        check_choice, check_flag, check_range, finish,
                                        fisher_estimator_option, reject_all, valid_mask,
                                        validate_uploads)
+from fisherguard.fisher import IMPORTANCE_METRICS
 
 Tensor = torch.Tensor
 
@@ -107,7 +108,7 @@ class SDFC(Defense):
         check_flag("use_fdreg", use_fdreg)
         check_flag("use_fdagg", use_fdagg)
         check_choice("difference", difference, DIFFERENCES)
-        check_choice("importance_metric", importance_metric, ("squared", "abs"))
+        check_choice("importance_metric", importance_metric, IMPORTANCE_METRICS)
         fisher_estimator = fisher_estimator_option(fisher_estimator, label_source, code=code)
         check_choice("hardening", hardening, ("on", "off"))
         check_range("echo_rtol", echo_rtol, low=0.0, high=1.0, low_open=True, allow_none=True)
