@@ -6,6 +6,7 @@ in-process simulator and the Flower adapter call the same classes.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -256,9 +257,26 @@ class Defense:
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state)}")
 
-    def hyperparameters(self) -> dict[str, Any]:
-        """The constructor's arguments as given (for the results file)."""
-        return dict(getattr(self, "_hparams", {}))
+    def get_params(self) -> dict[str, Any]:
+        """Each constructor parameter with its current value, read from the attribute of the
+        same name (every defense stores its arguments so).
+
+        A value the constructor resolves (``None`` → the preset's choice) comes back resolved,
+        so ``type(d)(**d.get_params())`` rebuilds an equal defense.
+        """
+        names = constructor_params(type(self))
+        missing = [n for n in names if not hasattr(self, n)]
+        if missing:
+            raise AttributeError(f"{type(self).__name__} keeps no attribute for its constructor "
+                                 f"parameter(s) {', '.join(missing)}")
+        return {n: getattr(self, n) for n in names}
+
+
+def constructor_params(cls: type) -> list[str]:
+    """The names a defense's constructor accepts (its hyperparameters), in signature order."""
+    params = inspect.signature(cls.__init__).parameters
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [n for n, p in list(params.items())[1:] if p.kind in kinds]  # [0] is self
 
 
 def check_range(name: str, value: Any, *, low: float | None = None, high: float | None = None,

@@ -33,8 +33,6 @@ class Bulyan(CodeMomentumState, AssumedAttackers, Defense):
         check_choice("preset", preset, PRESETS)
         self.preset = preset
         self._momentum = ServerMomentum(0.9)
-        self._hparams = {"f": f, "assumed_attackers": assumed_attackers,
-                         "on_violation": on_violation, "preset": preset}
 
     def _f_limit(self, k: int) -> tuple[int, str] | None:
         return ((k - 3) // 4, "K >= 4f+3") if self.preset == "paper" else None

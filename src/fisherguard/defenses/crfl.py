@@ -36,8 +36,6 @@ class CRFL(Defense):
         self.slope, self.offset, self.rho_max = float(slope), float(offset), float(rho_max)
         self.sigma, self.seed, self.preset = float(sigma), int(seed), preset
         self._gen = make_generator(seed)
-        self._hparams = {"slope": slope, "offset": offset, "rho_max": rho_max, "sigma": sigma,
-                         "seed": seed, "preset": preset}
 
     def clip_threshold(self, round_idx: int) -> float:
         return min(self.slope * round_idx + self.offset, self.rho_max)

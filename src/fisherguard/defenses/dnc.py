@@ -38,9 +38,6 @@ class DnC(AssumedAttackers, Defense):
         self.b, self.niters, self.c = int(b), int(niters), float(c)
         self.weighted, self.preset, self.seed = weighted, preset, int(seed)
         self._gen = make_generator(seed)
-        self._hparams = {"b": b, "niters": niters, "c": c, "f": f,
-                         "assumed_attackers": assumed_attackers, "on_violation": on_violation,
-                         "weighted": weighted, "seed": seed, "preset": preset}
 
     def _f_limit(self, k: int) -> tuple[int, str]:
         """Largest f with ⌊c·f⌋ ≤ K − 1, i.e. at least one client survives."""

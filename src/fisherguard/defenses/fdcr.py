@@ -234,7 +234,6 @@ class FDCR(Defense):
                  param_slice: list[int] | None = None,
                  fisher_estimator: str | None = None, label_source: str = "dataset",
                  seed: int = 0) -> None:
-        self._hparams = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         check_choice("preset", preset, PRESETS)
         code = preset == "code"
         discrepancy = discrepancy if discrepancy is not None else ("l2" if code else "mse")
@@ -280,7 +279,7 @@ class FDCR(Defense):
         self.hardening = hardening
         self.spiky_ratio = spiky_ratio
         self.max_drop_fraction = max_drop_fraction
-        self.param_slice = tuple(param_slice) if param_slice is not None else None
+        self.param_slice = list(param_slice) if param_slice is not None else None
         self.fisher_estimator = fisher_estimator
         self.label_source = label_source
         self.seed = int(seed)
@@ -456,7 +455,6 @@ class FDCROracle(FDCR):
     def __init__(self, *, fisher_estimator: str | None = None, seed: int = 0) -> None:
         super().__init__(preset="code", min_silhouette=None, hardening="off", spiky_ratio=None,
                          fisher_estimator=fisher_estimator, seed=seed)
-        self._hparams = {"fisher_estimator": fisher_estimator, "seed": seed}
         self._attacker_ids: frozenset[int] | None = None
         self._noise = torch.Generator().manual_seed(int(seed))
 

@@ -19,7 +19,6 @@ class FedAvg(Defense):
         if weights not in ("samples", "uniform"):
             raise DefenseConfigError(f"weights must be 'samples' or 'uniform', got {weights!r}")
         self.weights = weights
-        self._hparams = {"weights": weights}
 
     def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         # summed in RoundInput order (not the rows' client-id order), as FedAvg always has

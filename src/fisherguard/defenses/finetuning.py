@@ -23,7 +23,6 @@ class Finetuning(Defense):
         check_range("epochs", epochs, low=0, integer=True)
         check_choice("weights", weights, ("samples", "uniform"))
         self.epochs, self.weights = int(epochs), weights
-        self._hparams = {"epochs": epochs, "weights": weights}
 
     def requires_server_data(self) -> bool:
         """With 0 epochs the rule is FedAvg and never touches U."""

@@ -24,7 +24,6 @@ class FLTrust(Defense):
     def __init__(self, *, server_epochs: int = 20) -> None:
         check_range("server_epochs", server_epochs, low=1, integer=True)
         self.server_epochs = int(server_epochs)
-        self._hparams = {"server_epochs": server_epochs}
 
     def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         k = ri.num_clients

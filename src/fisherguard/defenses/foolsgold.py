@@ -70,8 +70,6 @@ class FoolsGold(Defense):
         self._history: dict[int, Tensor] = {}
         self._positional: Tensor | None = None
         self._gen = make_generator(seed)
-        self._hparams = {"kappa": kappa, "epsilon": epsilon, "clip_norm": clip_norm,
-                         "preset": preset, "seed": seed}
 
     def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         if self.preset == "code":

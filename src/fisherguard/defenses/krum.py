@@ -67,8 +67,6 @@ class Krum(_KrumBase):
     def __init__(self, *, f: int | None = None, assumed_attackers: int = 0,
                  on_violation: str = "cap", preset: str = "paper") -> None:
         self._init_common(f, assumed_attackers, on_violation, preset)
-        self._hparams = {"f": f, "assumed_attackers": assumed_attackers,
-                         "on_violation": on_violation, "preset": preset}
 
     def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         chosen, _, diag = self._scores(ri, rows, 1)
@@ -97,9 +95,6 @@ class MultiKrum(_KrumBase):
         self._init_common(f, assumed_attackers, on_violation, preset)
         self.m = None if m is None else int(m)
         self.weighted = weighted
-        self._hparams = {"m": m, "weighted": weighted, "f": f,
-                         "assumed_attackers": assumed_attackers, "on_violation": on_violation,
-                         "preset": preset}
 
     def check_clients(self, num_clients: int) -> None:
         super().check_clients(num_clients)

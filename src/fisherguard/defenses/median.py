@@ -21,9 +21,6 @@ class Median(Defense):
     paper = "Yin, Chen, Ramchandran, Bartlett, ICML 2018"
     summary = "coordinate-wise median of the updates (unweighted)"
 
-    def __init__(self) -> None:
-        self._hparams = {}
-
     def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         med, share = coordinate_median(rows.deltas)
         weights = rows.scatter(share_to_weights(share), ri.num_clients)

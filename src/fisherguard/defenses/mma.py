@@ -56,7 +56,6 @@ class MMA(Defense):
         check_range("p", p, low=0.0, low_open=True, high=1.0)
         check_choice("vectors", vectors, ("weights", "deltas"))
         self.p, self.vectors = float(p), vectors
-        self._hparams = {"p": p, "vectors": vectors}
 
     def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         k, n = ri.num_clients, rows.n

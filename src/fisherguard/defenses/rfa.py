@@ -40,7 +40,6 @@ class RFA(Defense):
         check_choice("weights", weights, ("samples", "uniform"))
         self.nu, self.max_iter, self.ftol, self.weights = float(nu), int(max_iter), float(ftol), \
             weights
-        self._hparams = {"nu": nu, "max_iter": max_iter, "ftol": ftol, "weights": weights}
 
     def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         x = rows.deltas

@@ -30,8 +30,8 @@ class RLR(Defense):
         # θ = 4 (paper scripts, MarsFL); the SDFC config's 0.5 only flips coordinates with s_v = 0.
         self.theta = float(theta) if theta is not None else (4.0 if preset == "paper" else 0.5)
         self.server_lr = float(server_lr)
+        self.seed = int(seed)
         self._gen = make_generator(seed)
-        self._hparams = {"theta": theta, "server_lr": server_lr, "preset": preset, "seed": seed}
 
     def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         alpha = rows.counts / rows.counts.sum()

@@ -40,7 +40,6 @@ class RSA(Defense):
         self.lam, self.mu, self.c = float(lam), float(mu), float(c)
         self.client_init = client_init
         self._local: dict[int, Tensor] = {}
-        self._hparams = {"lam": lam, "mu": mu, "c": c, "client_init": client_init}
 
     def step_size(self, round_idx: int) -> float:
         return self.c / math.sqrt(round_idx + 1)

@@ -34,8 +34,6 @@ class Sageflow(Defense):
         check_choice("preset", preset, PRESETS)
         self.entropy_threshold, self.delta = float(entropy_threshold), float(delta)
         self.use_sample_counts, self.preset = use_sample_counts, preset
-        self._hparams = {"entropy_threshold": entropy_threshold, "delta": delta,
-                         "use_sample_counts": use_sample_counts, "preset": preset}
 
     def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         k = ri.num_clients

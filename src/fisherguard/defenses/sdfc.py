@@ -96,7 +96,6 @@ class SDFC(Defense):
                  importance_metric: str = "squared", fisher_estimator: str | None = None,
                  label_source: str = "dataset", hardening: str = "on",
                  echo_rtol: float | None = 1e-3) -> None:
-        self._hparams = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         check_choice("preset", preset, PRESETS)
         code = preset == "code"
         lambda_reg = lambda_reg if lambda_reg is not None else (1.0 if code else 5.0)

@@ -38,8 +38,6 @@ class TrimmedMean(CodeMomentumState, AssumedAttackers, Defense):
         self.beta = None if beta is None else float(beta)
         self.preset = preset
         self._momentum = ServerMomentum(0.9)
-        self._hparams = {"beta": beta, "f": f, "assumed_attackers": assumed_attackers,
-                         "on_violation": on_violation, "preset": preset}
 
     def _f_limit(self, k: int) -> tuple[int, str] | None:
         if self.preset == "code" or self.beta is not None:
