@@ -187,7 +187,7 @@ class AssumedAttackers:
     def check_clients(self, num_clients: int) -> None:
         """Fail before training when the options cannot work with this many clients.
 
-        The same check runs in every ``aggregate``; calling it at configuration time turns a
+        The same check runs in every ``combine``; calling it at configuration time turns a
         K-dependent mistake (an explicit f that is too large) into an error before round 0.
         """
         limit = self._f_limit(num_clients)

@@ -1,6 +1,6 @@
 """SDFC (Huang et al., ECCV 2024): Fisher discrepancy regularisation and aggregation.
 
-Server part (FDAgg, SDFC Eq. 10) in ``aggregate``; client part (FDReg, Eq. 9) handed out by
+Server part (FDAgg, SDFC Eq. 10) in ``combine``; client part (FDReg, Eq. 9) handed out by
 ``plan_clients`` as ``clients.fdreg.FDReg``. algorithms.md §5 and §8.2 (echo check). Equation
 numbers refer to the SDFC paper. Server statistics are float64.
 """
