@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fisherguard.attacks.badnets import stamp
-from fisherguard.clients.regulariser import Regulariser
 from fisherguard.data.transforms import Pipeline
+from fisherguard.clients.regulariser import Regulariser
 from fisherguard.models import flatten, load_flat, trainable
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 import torch
@@ -439,24 +438,28 @@ class Rows:
         self._ri = ri
         self.index = torch.tensor(list(positions), dtype=torch.long)  # positions in RoundInput
         self.ids: list[int] = [ri.client_ids[i] for i in positions]
+        self._deltas: Tensor | None = None
+        self._counts: Tensor | None = None
 
     @property
     def n(self) -> int:
         return int(self.index.numel())
 
-    @cached_property
+    @property
     def deltas(self) -> Tensor:
         """(n, P) float64 updates of the rows."""
-        if self.n == 0:
-            return torch.zeros(0, self._ri.num_params, dtype=torch.float64)
-        return self._ri.updates[self.index].to(torch.float64)
+        if self._deltas is None:
+            self._deltas = (self._ri.updates[self.index].to(torch.float64) if self.n else
+                            torch.zeros(0, self._ri.num_params, dtype=torch.float64))
+        return self._deltas
 
-    @cached_property
+    @property
     def counts(self) -> Tensor:
         """(n,) float64 sample counts of the rows."""
-        if self.n == 0:
-            return torch.zeros(0, dtype=torch.float64)
-        return self._ri.num_samples.to(torch.float64)[self.index]
+        if self._counts is None:
+            self._counts = (self._ri.num_samples.to(torch.float64)[self.index] if self.n else
+                            torch.zeros(0, dtype=torch.float64))
+        return self._counts
 
     def scatter(self, values: Tensor, k: int, fill: float = 0.0) -> Tensor:
         """Place per-row values back at their RoundInput positions (length K, float64)."""
