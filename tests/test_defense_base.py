@@ -118,3 +118,25 @@ def test_nobody_valid_keeps_the_global_model(name: str) -> None:
     out = d.aggregate(ri)  # no server data needed: the round ends before the rule runs
     assert out.status == "no_valid_clients" and torch.equal(out.new_weights, ri.global_weights)
     assert out.reasons == ["non_finite"] * 5 and bool(out.flagged.all())
+
+
+# ------------------------------------------------------------------ rooms
+
+
+def test_clients_never_import_defenses() -> None:
+    """Defenses are the higher room: no module under fisherguard.clients imports them, not even
+    inside a function."""
+    import ast
+    from pathlib import Path
+
+    import fisherguard.clients
+
+    for path in Path(fisherguard.clients.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            assert not any(n.startswith("fisherguard.defenses") for n in names), (path.name, names)
