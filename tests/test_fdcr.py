@@ -484,7 +484,7 @@ def test_registry_builds() -> None:
     d = registry.build("fdcr", {"preset": "code", "clustering": "kmeans", "seed": 4})
     assert isinstance(d, FDCR) and d.discrepancy == "l2" and d.fisher_estimator == "official_label_mixed"
     assert d.fisher_options() == {"estimator": "official_label_mixed", "label_source": "dataset"}
-    assert d.hyperparameters()["clustering"] == "kmeans"
+    assert d.get_params()["clustering"] == "kmeans"
     assert FDCR().fisher_options() == {"estimator": "per_sample", "label_source": "dataset"}
     assert isinstance(registry.build("fdcr-oracle", {}), FDCROracle)
     assert registry.get("fdcr").needs_fisher

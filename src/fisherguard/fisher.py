@@ -5,8 +5,10 @@ exact empirical Fisher F(D; w)[v] = (1/n)·Σ_i s_i[v]² (SDFC Eqs. 5–7, FDCR 
 per-sample gradients: by layer hooks for models made of Linear and Conv2d layers (SimpleCNN;
 ≈1.8–2× a training epoch, performance.md §5), else by ``torch.func`` ``vmap(grad)``.
 ``official_label_mixed`` reproduces what both released codes compute (§2.3); it is a
-reproduction switch, never a speed option. ``per_sample_loop_fisher`` and
-``minibatch_square_fisher`` are test references only.
+reproduction switch, never a speed option. ``per_sample_loop_fisher`` is the slow reference
+(tests, and the benchmark's naive line); the tests' wrong mini-batch estimator is in
+``tests/reference_fisher.py``. ``ESTIMATORS``, ``LABEL_SOURCES`` and ``IMPORTANCE_METRICS`` are
+the catalogue of options every caller (the defenses' options included) checks against.
 
 No function here changes the passed model's parameters or buffers: weights enter through
 ``torch.func.functional_call`` on copies, and the module's train/eval mode is restored on exit.
@@ -32,7 +34,7 @@ LABEL_SOURCES = ("dataset", "model_sample", "model_expectation")
 IMPORTANCE_METRICS = ("squared", "abs")
 
 __all__ = ["ESTIMATORS", "IMPORTANCE_METRICS", "LABEL_SOURCES", "diagonal_fisher",
-           "minibatch_square_fisher", "per_sample_loop_fisher"]
+           "per_sample_loop_fisher"]
 
 
 def diagonal_fisher(model: nn.Module, weights: Tensor, x: Tensor, y: Tensor, *,
@@ -346,22 +348,3 @@ def per_sample_loop_fisher(model: nn.Module, weights: Tensor, x: Tensor, y: Tens
                 if g is not None:
                     a += g.float().square() if importance_metric == "squared" else g.float().abs()
     return torch.cat([a.reshape(-1) for a in acc]) / max(n, 1)
-
-
-def minibatch_square_fisher(model: nn.Module, weights: Tensor, x: Tensor, y: Tensor, *,
-                            batch_size: int = 64) -> Tensor:
-    """Test reference only, a wrong estimator: Σ_b (B_b/n)·(mean_{i∈b} s_i)², in order, last batch kept (§2.2)."""
-    params, buffers = _functional_state(model, weights, requires_grad=True)
-    names = list(params)
-    acc = [torch.zeros_like(params[k], dtype=torch.float32) for k in names]
-    n = int(x.shape[0])
-    with _mode(model, False):
-        for sl in _chunks(n, batch_size):
-            xb, yb = x[sl], y[sl].long()
-            out = functional_call(model, (params, buffers), (xb,))
-            ll = F.log_softmax(out, dim=-1).gather(1, yb.unsqueeze(1)).mean()
-            grads = torch.autograd.grad(ll, [params[k] for k in names], allow_unused=True)
-            for a, g in zip(acc, grads):
-                if g is not None:
-                    a += (xb.shape[0] / n) * g.float().square()
-    return torch.cat([a.reshape(-1) for a in acc])

@@ -11,7 +11,7 @@ Tensor = torch.Tensor
 
 class L1Pull:
     """penalty(x) = λ·‖x − w_server‖₁, whose subgradient λ·sign(x − w) is RSA's worker term
-    (Li et al. 2019, Eq. 7); implements the ``Regulariser`` protocol of ``defenses.base``."""
+    (Li et al. 2019, Eq. 7); implements the ``Regulariser`` protocol of ``clients.regulariser``."""
 
     kind = "l1pull"
 

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from fisherguard.clients.grouped import GroupedTrainer, supports
+from fisherguard.clients.regulariser import Regulariser
 from fisherguard.clients.training import (ClientDataset, ClientJob, ClientResult, FisherRequest,
                                           LocalTrainer, SequentialTrainer, TrainPlan, num_steps)
-from fisherguard.defenses.base import Regulariser
 
 log = logging.getLogger("fisherguard")
 

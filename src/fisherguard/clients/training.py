@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fisherguard.data.transforms import Pipeline
-from fisherguard.defenses.base import Regulariser
+from fisherguard.clients.regulariser import Regulariser
 from fisherguard.models import flatten, load_flat, trainable
 
 

@@ -8,62 +8,19 @@ rule's result does not depend on the order in which clients were presented (base
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
-from fisherguard.defenses.base import (DefenseConfigError, RoundInput, check_choice,  # noqa: F401
-                                       check_flag, check_range, valid_mask)
+from fisherguard.defenses.base import DefenseConfigError, check_choice, check_flag, check_range
 
 Tensor = torch.Tensor
 
-PRESETS = ("paper", "code")
 ON_VIOLATION = ("cap", "raise")
 
 
 # ----------------------------------------------------------------------------------------------
-# Rows of a round
-
-
-@dataclass
-class Rows:
-    """The valid clients of a round in client-id order, with their updates in float64."""
-
-    index: Tensor  # (n,) long: positions in the RoundInput, sorted by client id
-    ids: list[int]  # client ids of those rows
-    deltas: Tensor  # (n, P) float64
-    counts: Tensor  # (n,) float64 sample counts
-
-    @property
-    def n(self) -> int:
-        return int(self.index.numel())
-
-    def scatter(self, values: Tensor, k: int, fill: float = 0.0) -> Tensor:
-        """Place per-row values back at their RoundInput positions (length K, float64)."""
-        out = torch.full((k,), fill, dtype=torch.float64)
-        out[self.index] = values.to(torch.float64)
-        return out
-
-    def per_client(self, values: Tensor | Sequence[float], k: int) -> list[float | None]:
-        """A JSON-friendly per-client list (None for rejected clients) in RoundInput order."""
-        out: list[float | None] = [None] * k
-        vals = values.tolist() if isinstance(values, torch.Tensor) else list(values)
-        for pos, v in zip(self.index.tolist(), vals):
-            out[pos] = float(v)
-        return out
-
-
-def valid_rows(ri: RoundInput, reasons: list[str | None]) -> Rows:
-    """The rows that passed ``validate_uploads``, sorted by client id."""
-    ok = valid_mask(reasons)
-    pos = [i for i in range(ri.num_clients) if bool(ok[i])]
-    pos.sort(key=lambda i: ri.client_ids[i])
-    index = torch.tensor(pos, dtype=torch.long)
-    deltas = ri.updates[index].to(torch.float64) if pos else torch.zeros(0, ri.num_params,
-                                                                         dtype=torch.float64)
-    counts = ri.num_samples.to(torch.float64)[index] if pos else torch.zeros(0, dtype=torch.float64)
-    return Rows(index=index, ids=[ri.client_ids[i] for i in pos], deltas=deltas, counts=counts)
+# Order
 
 
 def stable_order(scores: Tensor) -> list[int]:
@@ -230,7 +187,7 @@ class AssumedAttackers:
     def check_clients(self, num_clients: int) -> None:
         """Fail before training when the options cannot work with this many clients.
 
-        The same check runs in every ``aggregate``; calling it at configuration time turns a
+        The same check runs in every ``combine``; calling it at configuration time turns a
         K-dependent mistake (an explicit f that is too large) into an error before round 0.
         """
         limit = self._f_limit(num_clients)

@@ -6,16 +6,23 @@ in-process simulator and the Flower adapter call the same classes.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, Sequence
 
 import torch
 
+from fisherguard.clients.regulariser import Regulariser  # noqa: F401 - re-exported for ClientPlan
+from fisherguard.fisher import ESTIMATORS, LABEL_SOURCES
+
 Tensor = torch.Tensor
 
 # Reasons a client can be flagged (weight exactly 0). Upload-validity reasons come first.
 UPLOAD_REASONS = ("missing", "bad_shape", "non_finite", "negative", "constant", "no_samples")
+
+# ``preset``: the published algorithm (``paper``) or what the authors' released code does.
+PRESETS = ("paper", "code")
 
 
 class DefenseConfigError(ValueError):
@@ -39,15 +46,6 @@ class ServerData(Protocol):
 
     def loss_and_entropy(self, weights: Tensor) -> tuple[float, float]:
         """Mean cross-entropy and mean predictive entropy of the model on U (eval mode)."""
-
-
-class Regulariser(Protocol):
-    """A client-side loss term added to each mini-batch's cross-entropy (SDFC's FDReg, RSA's L1)."""
-
-    kind: str
-
-    def penalty(self, params: Sequence[Tensor]) -> Tensor:
-        """Scalar added to the loss; ``params`` are the model's parameters in protocol §6 order."""
 
 
 @dataclass
@@ -150,8 +148,49 @@ class Aggregate:
     status: str = "ok"
 
 
+@dataclass
+class Combined:
+    """What a defense's ``combine`` step decided; ``Defense.aggregate`` turns it into the Aggregate.
+
+    ``client_weights`` (K,) are in RoundInput order, 0 for a client the rule removed. A client
+    that ends at weight 0 without a reason of its own gets ``zero_reason`` (``finish``).
+    """
+
+    client_weights: Tensor
+    new_weights: Tensor
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    zero_reason: str = "zero_weight"
+    status: str = "ok"
+    eval_weights: Tensor | None = None
+
+    @classmethod
+    def unchanged(cls, ri: RoundInput, status: str, **kw: Any) -> "Combined":
+        """Every client at weight 0 and w^t kept: the rule refuses the whole round."""
+        return cls(torch.zeros(ri.num_clients, dtype=torch.float64), ri.global_weights.clone(),
+                   status=status, **kw)
+
+
+class MissingServerDataError(ValueError, RuntimeError):
+    """A defense that reads the server's clean data got a RoundInput without it.
+
+    Both a ValueError and a RuntimeError: the copies this replaced raised one or the other.
+    """
+
+
 class Defense:
-    """Base class. Subclasses set the class attributes and implement ``aggregate``."""
+    """Base class: subclasses set the class attributes and implement ``combine``.
+
+    ``aggregate`` is the one round every defense shares (a template method, not overridden):
+
+    1. ``check_ready`` (hook; raises when the defense cannot aggregate at all);
+    2. ``validate_uploads`` with the Fisher rows when ``needs_fisher``;
+    3. the valid rows in client-id order (``valid_rows``);
+    4. ``reject`` (hook, default ``reject_all``) when no upload is valid;
+    5. one clear ``MissingServerDataError`` when ``requires_server_data()`` (hook, default
+       ``needs_server_data``) and ``RoundInput.server_data`` is None;
+    6. ``combine`` (the rule itself) returns a ``Combined``;
+    7. ``finish`` builds the Aggregate (``flagged`` = weight 0, every flag explained).
+    """
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
@@ -163,7 +202,47 @@ class Defense:
     needs_attacker_ids: ClassVar[bool] = False
 
     def aggregate(self, round_input: RoundInput) -> Aggregate:
+        """One round: validation, the rule's ``combine`` step, the Aggregate (see the class)."""
+        ri = round_input
+        self.check_ready(ri)
+        reasons = validate_uploads(ri, require_fisher=self.needs_fisher)
+        rows = valid_rows(ri, reasons)
+        if rows.n == 0:
+            return self.reject(ri, reasons)
+        if ri.server_data is None and self.requires_server_data():
+            raise MissingServerDataError(f"defense {self.name!r} needs the server's clean data "
+                                         "(RoundInput.server_data), got None")
+        out = self.combine(ri, rows, reasons)
+        return finish(ri, out.client_weights, out.new_weights, reasons,
+                      diagnostics=out.diagnostics, zero_reason=out.zero_reason,
+                      status=out.status, eval_weights=out.eval_weights)
+
+    def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
+        """The rule: client weights and w^{t+1} from the valid uploads (at least one).
+
+        ``rows`` holds the valid uploads in client-id order (float64); ``reasons`` is the
+        per-client list in RoundInput order (None = valid). A rule that refuses a valid client
+        writes its reason there (in place); ``aggregate`` passes the same list to ``finish``.
+        """
         raise NotImplementedError
+
+    def check_ready(self, ri: RoundInput) -> None:
+        """Hook: raise when this defense cannot aggregate at all (before validation)."""
+
+    def reject(self, ri: RoundInput, reasons: list[str | None]) -> Aggregate:
+        """Hook: the answer when no upload passed validation (w^t kept, everyone flagged).
+
+        Override to attach a full diagnostics record or to drop per-client state (FDCR, SDFC).
+        """
+        return reject_all(ri, reasons)
+
+    def requires_server_data(self) -> bool:
+        """Hook: whether this configuration reads ``RoundInput.server_data`` in ``combine``.
+
+        Defaults to the class's ``needs_server_data`` (which tells the engine to provide it);
+        a configuration that never touches U (e.g. Finetuning with 0 epochs) says False.
+        """
+        return self.needs_server_data
 
     def check_clients(self, num_clients: int) -> None:
         """Raise DefenseConfigError when the options cannot work with this many clients."""
@@ -187,9 +266,26 @@ class Defense:
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state)}")
 
-    def hyperparameters(self) -> dict[str, Any]:
-        """The constructor's arguments as given (for the results file)."""
-        return dict(getattr(self, "_hparams", {}))
+    def get_params(self) -> dict[str, Any]:
+        """Each constructor parameter with its current value, read from the attribute of the
+        same name (every defense stores its arguments so).
+
+        A value the constructor resolves (``None`` → the preset's choice) comes back resolved,
+        so ``type(d)(**d.get_params())`` rebuilds an equal defense.
+        """
+        names = constructor_params(type(self))
+        missing = [n for n in names if not hasattr(self, n)]
+        if missing:
+            raise AttributeError(f"{type(self).__name__} keeps no attribute for its constructor "
+                                 f"parameter(s) {', '.join(missing)}")
+        return {n: getattr(self, n) for n in names}
+
+
+def constructor_params(cls: type) -> list[str]:
+    """The names a defense's constructor accepts (its hyperparameters), in signature order."""
+    params = inspect.signature(cls.__init__).parameters
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [n for n, p in list(params.items())[1:] if p.kind in kinds]  # [0] is self
 
 
 def check_range(name: str, value: Any, *, low: float | None = None, high: float | None = None,
@@ -230,8 +326,8 @@ def fisher_estimator_option(fisher_estimator: str | None, label_source: str, *, 
     """The Fisher estimator a Fisher-based defense uses: the preset's default unless given (algorithms.md §2.4)."""
     estimator = fisher_estimator if fisher_estimator is not None else (
         "official_label_mixed" if code else "per_sample")
-    check_choice("fisher_estimator", estimator, ("per_sample", "official_label_mixed"))
-    check_choice("label_source", label_source, ("dataset", "model_sample", "model_expectation"))
+    check_choice("fisher_estimator", estimator, ESTIMATORS)
+    check_choice("label_source", label_source, LABEL_SOURCES)
     if estimator == "official_label_mixed" and label_source != "dataset":
         raise DefenseConfigError("label_source must be 'dataset' with fisher_estimator "
                                  f"'official_label_mixed', got {label_source!r}")
@@ -301,7 +397,8 @@ def _positive_integer(n: Any) -> bool:
     return math.isfinite(v) and 0 < v <= MAX_SAMPLES and v.is_integer()
 
 
-def reject_all(ri: RoundInput, reasons: list[str | None], status: str = "no_valid_clients") -> Aggregate:
+def reject_all(ri: RoundInput, reasons: list[str | None], status: str = "no_valid_clients", *,
+               diagnostics: dict[str, Any] | None = None) -> Aggregate:
     """The answer when no client passed validation: the global model is returned unchanged."""
     k = ri.num_clients
     return Aggregate(
@@ -309,18 +406,19 @@ def reject_all(ri: RoundInput, reasons: list[str | None], status: str = "no_vali
         client_weights=torch.zeros(k, dtype=torch.float64),
         flagged=torch.ones(k, dtype=torch.bool),
         reasons=list(reasons),
+        diagnostics={} if diagnostics is None else diagnostics,
         status=status,
     )
 
 
-def finish(ri: RoundInput, weights: Tensor, new_weights: Tensor, reasons: list[str | None],
-           **extra: Any) -> Aggregate:
+def finish(ri: RoundInput, weights: Tensor, new_weights: Tensor, reasons: list[str | None], *,
+           diagnostics: dict[str, Any] | None = None, zero_reason: str = "zero_weight",
+           status: str = "ok", eval_weights: Tensor | None = None) -> Aggregate:
     """Build an Aggregate whose ``flagged`` is exactly "weight 0" (protocol §7.6).
 
-    A client with weight 0 and no reason yet gets ``zero_weight`` so every flag is explained.
+    A client with weight 0 and no reason yet gets ``zero_reason`` so every flag is explained.
     """
     weights = weights.to(torch.float64)
-    status = extra.pop("status", "ok")
     if not bool(torch.isfinite(new_weights).all()):
         # a safety net behind validation: keep w^t rather than spread NaN/inf to every client
         new_weights, status = ri.global_weights.clone(), "non_finite_result"
@@ -328,10 +426,73 @@ def finish(ri: RoundInput, weights: Tensor, new_weights: Tensor, reasons: list[s
     reasons = list(reasons)
     for k in range(ri.num_clients):
         if bool(flagged[k]) and reasons[k] is None:
-            reasons[k] = "zero_weight"
+            reasons[k] = zero_reason
     return Aggregate(new_weights=new_weights.to(ri.global_weights.dtype), client_weights=weights,
-                     flagged=flagged, reasons=reasons, status=status, **extra)
+                     flagged=flagged, reasons=reasons,
+                     diagnostics={} if diagnostics is None else diagnostics,
+                     eval_weights=eval_weights, status=status)
 
 
 def valid_mask(reasons: list[str | None]) -> Tensor:
     return torch.tensor([r is None for r in reasons], dtype=torch.bool)
+
+
+class Rows:
+    """The valid clients of a round in client-id order; their float64 updates on first use.
+
+    ``deltas`` (n, P) and ``counts`` (n,) are built lazily, so a rule that works on the
+    RoundInput directly (FedAvg, FDCR, SDFC) never pays for the float64 copy.
+    """
+
+    def __init__(self, ri: RoundInput, positions: Sequence[int]) -> None:
+        self._ri = ri
+        self.index = torch.tensor(list(positions), dtype=torch.long)  # positions in RoundInput
+        self.ids: list[int] = [ri.client_ids[i] for i in positions]
+        self._deltas: Tensor | None = None
+        self._counts: Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.index.numel())
+
+    @property
+    def deltas(self) -> Tensor:
+        """(n, P) float64 updates of the rows."""
+        if self._deltas is None:
+            self._deltas = (self._ri.updates[self.index].to(torch.float64) if self.n else
+                            torch.zeros(0, self._ri.num_params, dtype=torch.float64))
+        return self._deltas
+
+    @property
+    def counts(self) -> Tensor:
+        """(n,) float64 sample counts of the rows."""
+        if self._counts is None:
+            self._counts = (self._ri.num_samples.to(torch.float64)[self.index] if self.n else
+                            torch.zeros(0, dtype=torch.float64))
+        return self._counts
+
+    def scatter(self, values: Tensor, k: int, fill: float = 0.0) -> Tensor:
+        """Place per-row values back at their RoundInput positions (length K, float64)."""
+        out = torch.full((k,), fill, dtype=torch.float64)
+        out[self.index] = values.to(torch.float64)
+        return out
+
+    def per_client(self, values: Tensor | Sequence[float], k: int) -> list[float | None]:
+        """A JSON-friendly per-client list (None for rejected clients) in RoundInput order."""
+        out: list[float | None] = [None] * k
+        vals = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+        for pos, v in zip(self.index.tolist(), vals):
+            out[pos] = float(v)
+        return out
+
+
+def valid_rows(ri: RoundInput, reasons: list[str | None]) -> Rows:
+    """The rows that passed ``validate_uploads``, sorted by client id.
+
+    Results then do not depend on the order clients were presented in (baselines.md §1; ties
+    go to the lowest client id).
+    """
+    ok = valid_mask(reasons)
+    pos = [i for i in range(ri.num_clients) if bool(ok[i])]
+    pos.sort(key=lambda i: ri.client_ids[i])
+    return Rows(ri, pos)

@@ -6,12 +6,11 @@ from typing import Any
 
 import torch
 
-from fisherguard.defenses._robust import (PRESETS, AssumedAttackers, CodeMomentumState, ServerMomentum, check_choice,
+from fisherguard.defenses._robust import (AssumedAttackers, CodeMomentumState, ServerMomentum,
                                           closest_to_centre_mean, coordinate_median, krum_scores,
                                           marsfl_corrupted_count, pairwise_sq_dists,
-                                          share_to_weights, stable_order, valid_rows)
-from fisherguard.defenses.base import (Aggregate, Defense, RoundInput, finish, reject_all,
-                                       validate_uploads)
+                                          share_to_weights, stable_order)
+from fisherguard.defenses.base import PRESETS, Combined, Defense, RoundInput, Rows, check_choice
 
 Tensor = torch.Tensor
 
@@ -34,18 +33,11 @@ class Bulyan(CodeMomentumState, AssumedAttackers, Defense):
         check_choice("preset", preset, PRESETS)
         self.preset = preset
         self._momentum = ServerMomentum(0.9)
-        self._hparams = {"f": f, "assumed_attackers": assumed_attackers,
-                         "on_violation": on_violation, "preset": preset}
 
     def _f_limit(self, k: int) -> tuple[int, str] | None:
         return ((k - 3) // 4, "K >= 4f+3") if self.preset == "paper" else None
 
-    def aggregate(self, round_input: RoundInput) -> Aggregate:
-        ri = round_input
-        reasons = validate_uploads(ri)
-        rows = valid_rows(ri, reasons)
-        if rows.n == 0:
-            return reject_all(ri, reasons)
+    def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         k, n = ri.num_clients, rows.n
         if self.preset == "paper":
             f, violated = self._resolve_f(k, *self._f_limit(k))
@@ -85,14 +77,14 @@ class Bulyan(CodeMomentumState, AssumedAttackers, Defense):
         weights = rows.scatter(share, k)
         in_set = set(sel_rows)
         for i, pos in enumerate(rows.index.tolist()):
-            if reasons[pos] is None and float(weights[pos]) == 0.0:
-                reasons[pos] = "not_selected" if i not in in_set else "trimmed"
+            if i not in in_set:
+                reasons[pos] = "not_selected"  # the others at weight 0 are "trimmed"
         step = agg if self.preset == "paper" else self._momentum.step(agg)
         diag: dict[str, Any] = {
             "f": f, "f_round": f_round, "assumption_violated": violated, "theta": theta,
             "beta": beta, "selected": sorted(rows.ids[i] for i in sel_rows),
             "selection_order": [rows.ids[i] for i in selected],
             "krum_scores": rows.per_client(first_scores, k), "preset": self.preset}
-        return finish(ri, weights, ri.global_weights.to(torch.float64) + step, reasons,
-                      diagnostics=diag)
+        return Combined(weights, ri.global_weights.to(torch.float64) + step, diag,
+                        zero_reason="trimmed")
 

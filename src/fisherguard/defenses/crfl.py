@@ -6,10 +6,9 @@ from typing import Any
 
 import torch
 
-from fisherguard.defenses._robust import (PRESETS, check_choice, check_finite, check_seed,
-                                          load_keys, make_generator, valid_rows)
-from fisherguard.defenses.base import (Aggregate, Defense, RoundInput, check_range, finish,
-                                       reject_all, validate_uploads)
+from fisherguard.defenses._robust import check_finite, check_seed, load_keys, make_generator
+from fisherguard.defenses.base import (PRESETS, Combined, Defense, RoundInput, Rows, check_choice,
+                                       check_range)
 
 
 class CRFL(Defense):
@@ -37,18 +36,11 @@ class CRFL(Defense):
         self.slope, self.offset, self.rho_max = float(slope), float(offset), float(rho_max)
         self.sigma, self.seed, self.preset = float(sigma), int(seed), preset
         self._gen = make_generator(seed)
-        self._hparams = {"slope": slope, "offset": offset, "rho_max": rho_max, "sigma": sigma,
-                         "seed": seed, "preset": preset}
 
     def clip_threshold(self, round_idx: int) -> float:
         return min(self.slope * round_idx + self.offset, self.rho_max)
 
-    def aggregate(self, round_input: RoundInput) -> Aggregate:
-        ri = round_input
-        reasons = validate_uploads(ri)
-        rows = valid_rows(ri, reasons)
-        if rows.n == 0:
-            return reject_all(ri, reasons)
+    def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         alpha = rows.counts / rows.counts.sum()
         model = ri.global_weights.to(torch.float64) + (alpha[:, None] * rows.deltas).sum(0)
         rho = self.clip_threshold(ri.round_idx)
@@ -68,10 +60,9 @@ class CRFL(Defense):
                                 "norm_after_clip": float(model.norm()),
                                 "noise_added": noise_norm > 0, "noise_norm": noise_norm,
                                 "preset": self.preset}
-        out = finish(ri, rows.scatter(alpha, ri.num_clients), noisy, reasons, diagnostics=diag)
-        if self.preset == "paper":
-            out.eval_weights = model.to(ri.global_weights.dtype)
-        return out
+        return Combined(rows.scatter(alpha, ri.num_clients), noisy, diag,
+                        eval_weights=(model.to(ri.global_weights.dtype) if self.preset == "paper"
+                                      else None))
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self._gen.get_state()}

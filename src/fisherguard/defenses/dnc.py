@@ -7,11 +7,10 @@ from typing import Any
 
 import torch
 
-from fisherguard.defenses._robust import (PRESETS, AssumedAttackers, check_bool, check_choice,
-                                          check_finite, check_seed, load_keys, make_generator,
-                                          stable_order, valid_rows)
-from fisherguard.defenses.base import (Aggregate, Defense, RoundInput, check_range, finish,
-                                       reject_all, validate_uploads)
+from fisherguard.defenses._robust import (AssumedAttackers, check_bool, check_finite, check_seed,
+                                          load_keys, make_generator, stable_order)
+from fisherguard.defenses.base import (PRESETS, Combined, Defense, RoundInput, Rows, check_choice,
+                                       check_range)
 
 Tensor = torch.Tensor
 
@@ -39,9 +38,6 @@ class DnC(AssumedAttackers, Defense):
         self.b, self.niters, self.c = int(b), int(niters), float(c)
         self.weighted, self.preset, self.seed = weighted, preset, int(seed)
         self._gen = make_generator(seed)
-        self._hparams = {"b": b, "niters": niters, "c": c, "f": f,
-                         "assumed_attackers": assumed_attackers, "on_violation": on_violation,
-                         "weighted": weighted, "seed": seed, "preset": preset}
 
     def _f_limit(self, k: int) -> tuple[int, str]:
         """Largest f with ⌊c·f⌋ ≤ K − 1, i.e. at least one client survives."""
@@ -52,12 +48,7 @@ class DnC(AssumedAttackers, Defense):
             f -= 1
         return f, "floor(c*f) < K"
 
-    def aggregate(self, round_input: RoundInput) -> Aggregate:
-        ri = round_input
-        reasons = validate_uploads(ri)
-        rows = valid_rows(ri, reasons)
-        if rows.n == 0:
-            return reject_all(ri, reasons)
+    def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         k, n, p = ri.num_clients, rows.n, ri.num_params
         f, violated = self._resolve_f(k, *self._f_limit(k))
         removal = math.floor(self.c * f)
@@ -83,20 +74,14 @@ class DnC(AssumedAttackers, Defense):
                                 "kept": [rows.ids[i] for i in chosen], "preset": self.preset}
         if not chosen:
             # Only possible with niters > 1: no client survived every iteration.
-            out = finish(ri, torch.zeros(k, dtype=torch.float64), ri.global_weights.clone(),
-                         [r if r is not None else "outlier_score" for r in reasons],
-                         diagnostics=diag)
-            out.status = "all_removed"
-            return out
+            return Combined.unchanged(ri, "all_removed", diagnostics=diag,
+                                      zero_reason="outlier_score")
         w = torch.zeros(n, dtype=torch.float64)
         w[chosen] = rows.counts[chosen] if self.weighted else 1.0
         w = w / w.sum()
-        weights = rows.scatter(w, k)
-        reasons = [r if (r is not None or weights[q] > 0) else "outlier_score"
-                   for q, r in enumerate(reasons)]
         step = (w[:, None] * x).sum(0)
-        return finish(ri, weights, ri.global_weights.to(torch.float64) + step, reasons,
-                      diagnostics=diag)
+        return Combined(rows.scatter(w, k), ri.global_weights.to(torch.float64) + step, diag,
+                        zero_reason="outlier_score")
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self._gen.get_state()}

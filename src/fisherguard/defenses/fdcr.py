@@ -14,14 +14,12 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from fisherguard.defenses.base import (Aggregate, Defense, DefenseConfigError, RoundInput,
-                                       check_choice, check_flag, check_range, finish,
-                                       fisher_estimator_option, reject_all, valid_mask,
-                                       validate_uploads)
+from fisherguard.defenses.base import (PRESETS, Aggregate, Combined, Defense, DefenseConfigError,
+                                       RoundInput, Rows, check_choice, check_flag, check_range,
+                                       fisher_estimator_option, reject_all, valid_mask)
 
 Tensor = torch.Tensor
 
-PRESETS = ("paper", "code")
 DISCREPANCIES = ("mse", "l2", "cosine")
 CLUSTERINGS = ("finch", "kmeans", "dbscan")
 ORACLE_LABEL = "FDCR-oracle (uses ground truth; not a defense)"
@@ -236,7 +234,6 @@ class FDCR(Defense):
                  param_slice: list[int] | None = None,
                  fisher_estimator: str | None = None, label_source: str = "dataset",
                  seed: int = 0) -> None:
-        self._hparams = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         check_choice("preset", preset, PRESETS)
         code = preset == "code"
         discrepancy = discrepancy if discrepancy is not None else ("l2" if code else "mse")
@@ -282,7 +279,7 @@ class FDCR(Defense):
         self.hardening = hardening
         self.spiky_ratio = spiky_ratio
         self.max_drop_fraction = max_drop_fraction
-        self.param_slice = tuple(param_slice) if param_slice is not None else None
+        self.param_slice = list(param_slice) if param_slice is not None else None
         self.fisher_estimator = fisher_estimator
         self.label_source = label_source
         self.seed = int(seed)
@@ -295,26 +292,29 @@ class FDCR(Defense):
     def _fisher_rows(self, ri: RoundInput, fisher: Tensor, valid: Tensor) -> Tensor:
         return fisher
 
-    def _label(self, agg: Aggregate) -> Aggregate:
-        return agg
-
-    def aggregate(self, round_input: RoundInput) -> Aggregate:
-        """One FDCR round (algorithms.md §3.1 steps 0–12)."""
-        ri = round_input
-        k_all, p = ri.num_clients, ri.num_params
-        reasons = validate_uploads(ri, require_fisher=True)  # step 0 (§8.1)
-        valid = valid_mask(reasons)
-        diag: dict[str, Any] = {
+    def _blank_diagnostics(self, k_all: int) -> dict[str, Any]:
+        """Every key of the round's record, filled in as the steps run (also on rejection)."""
+        return {
             "importance_mass": [None] * k_all, "discrepancy": [None] * k_all,
             "cluster": [None] * k_all, "silhouette": None, "gate_fired": False,
             "num_removed": 0, "num_rejected": 0, "num_clusters": None, "fpra_applied": False,
             "drop_capped": False,
         }
-        if not bool(valid.any()):
-            diag["num_rejected"] = k_all
-            agg = reject_all(ri, reasons)
-            agg.diagnostics = diag
-            return self._label(agg)
+
+    def reject(self, ri: RoundInput, reasons: list[str | None]) -> Aggregate:
+        """No valid upload (step 0, §8.1): w^t back, with the full (empty) record."""
+        diag = self._blank_diagnostics(ri.num_clients)
+        diag["num_rejected"] = ri.num_clients
+        return reject_all(ri, reasons, diagnostics=diag)
+
+    def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
+        """One FDCR round after validation (algorithms.md §3.1 steps 1–12).
+
+        Works in RoundInput order (``reasons``), not the rows' client-id order.
+        """
+        k_all, p = ri.num_clients, ri.num_params
+        valid = valid_mask(reasons)
+        diag = self._blank_diagnostics(k_all)
         assert ri.fisher is not None
         wt = ri.global_weights.to(torch.float64)
         fisher = self._fisher_rows(ri, ri.fisher, valid)
@@ -336,9 +336,7 @@ class FDCR(Defense):
         imp = imp[keep_pos]
         diag["num_rejected"] = sum(r is not None for r in reasons)
         if not idx:
-            agg = reject_all(ri, reasons)
-            agg.diagnostics = diag
-            return self._label(agg)
+            return Combined.unchanged(ri, "no_valid_clients", diagnostics=diag)
 
         if self.param_slice is not None and self.param_slice[1] > p:
             raise ValueError(f"param_slice {list(self.param_slice)} exceeds the {p} parameters")
@@ -368,9 +366,7 @@ class FDCR(Defense):
             idx, imp = [idx[pos] for pos in keep_pos], imp[keep_pos]
             diag["num_rejected"] = sum(r is not None for r in reasons)
             if not idx:
-                agg = reject_all(ri, reasons)
-                agg.diagnostics = diag
-                return self._label(agg)
+                return Combined.unchanged(ri, "no_valid_clients", diagnostics=diag)
         for pos, k in enumerate(idx):
             diag["discrepancy"][k] = float(v[pos])
 
@@ -395,8 +391,7 @@ class FDCR(Defense):
         new = wt + (ahat.unsqueeze(1) * steps).sum(0)
         weights = torch.zeros(k_all, dtype=torch.float64)
         weights[idx] = ahat
-        agg = finish(ri, weights, new, reasons, diagnostics=diag)
-        return self._label(agg)
+        return Combined(weights, new, diag)
 
     def select_flagged(self, v: Tensor) -> tuple[list[int], dict[str, Any]]:
         """Positions of ``v`` to remove and the clustering record (§3.1 steps 7–9, §3.2, §3.4).
@@ -460,7 +455,6 @@ class FDCROracle(FDCR):
     def __init__(self, *, fisher_estimator: str | None = None, seed: int = 0) -> None:
         super().__init__(preset="code", min_silhouette=None, hardening="off", spiky_ratio=None,
                          fisher_estimator=fisher_estimator, seed=seed)
-        self._hparams = {"fisher_estimator": fisher_estimator, "seed": seed}
         self._attacker_ids: frozenset[int] | None = None
         self._noise = torch.Generator().manual_seed(int(seed))
 
@@ -482,16 +476,14 @@ class FDCROracle(FDCR):
                     out[k] = noise.to(out.dtype)
         return out
 
-    def _label(self, agg: Aggregate) -> Aggregate:
-        agg.diagnostics["label"] = ORACLE_LABEL
-        return agg
+    def _blank_diagnostics(self, k_all: int) -> dict[str, Any]:
+        return {**super()._blank_diagnostics(k_all), "label": ORACLE_LABEL}
 
-    def aggregate(self, round_input: RoundInput) -> Aggregate:
-        """FDCR with the marked clients' Fisher swapped for noise (§4.3); needs the ids first."""
+    def check_ready(self, ri: RoundInput) -> None:
+        """FDCR with the marked clients' Fisher swapped for noise (§4.3) needs the ids first."""
         if self._attacker_ids is None:
             raise RuntimeError("fdcr-oracle uses ground-truth attacker ids and refuses to aggregate "
                                "until receive_attacker_ids(ids) has been called explicitly")
-        return super().aggregate(round_input)
 
     def state_dict(self) -> dict[str, Any]:
         return {"noise_state": self._noise.get_state()}

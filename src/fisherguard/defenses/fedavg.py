@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from fisherguard.defenses.base import (Aggregate, Defense, DefenseConfigError, RoundInput, finish,
-                                       reject_all, valid_mask, validate_uploads)
+from fisherguard.defenses.base import (Combined, Defense, DefenseConfigError, RoundInput, Rows,
+                                       valid_mask)
 
 
 class FedAvg(Defense):
@@ -19,16 +19,12 @@ class FedAvg(Defense):
         if weights not in ("samples", "uniform"):
             raise DefenseConfigError(f"weights must be 'samples' or 'uniform', got {weights!r}")
         self.weights = weights
-        self._hparams = {"weights": weights}
 
-    def aggregate(self, round_input: RoundInput) -> Aggregate:
-        ri = round_input
-        reasons = validate_uploads(ri)
+    def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
+        # summed in RoundInput order (not the rows' client-id order), as FedAvg always has
         ok = valid_mask(reasons)
-        if not bool(ok.any()):
-            return reject_all(ri, reasons)
         n = ri.num_samples.to(torch.float64) if self.weights == "samples" else torch.ones(ri.num_clients, dtype=torch.float64)
         alpha = torch.where(ok, n, torch.zeros_like(n))
         alpha = alpha / alpha.sum()
         step = (alpha[ok, None] * ri.updates[ok].to(torch.float64)).sum(0)
-        return finish(ri, alpha, ri.global_weights + step.to(ri.global_weights.dtype), reasons)
+        return Combined(alpha, ri.global_weights + step.to(ri.global_weights.dtype))

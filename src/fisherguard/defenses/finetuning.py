@@ -6,9 +6,8 @@ from typing import Any
 
 import torch
 
-from fisherguard.defenses._robust import check_choice, valid_rows
-from fisherguard.defenses.base import (Aggregate, Defense, RoundInput, check_range, finish,
-                                       reject_all, validate_uploads)
+from fisherguard.defenses.base import (Combined, Defense, RoundInput, Rows, check_choice,
+                                       check_range)
 
 
 class Finetuning(Defense):
@@ -24,14 +23,12 @@ class Finetuning(Defense):
         check_range("epochs", epochs, low=0, integer=True)
         check_choice("weights", weights, ("samples", "uniform"))
         self.epochs, self.weights = int(epochs), weights
-        self._hparams = {"epochs": epochs, "weights": weights}
 
-    def aggregate(self, round_input: RoundInput) -> Aggregate:
-        ri = round_input
-        reasons = validate_uploads(ri)
-        rows = valid_rows(ri, reasons)
-        if rows.n == 0:
-            return reject_all(ri, reasons)
+    def requires_server_data(self) -> bool:
+        """With 0 epochs the rule is FedAvg and never touches U."""
+        return self.epochs > 0
+
+    def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         alpha = rows.counts if self.weights == "samples" else torch.ones(rows.n,
                                                                           dtype=torch.float64)
         alpha = alpha / alpha.sum()
@@ -41,9 +38,6 @@ class Finetuning(Defense):
         status = "ok"
         new = averaged
         if self.epochs > 0:
-            if ri.server_data is None:
-                raise ValueError("Finetuning needs the server's clean data "
-                                 "(RoundInput.server_data)")
             tuned = ri.server_data.train(averaged.clone(), self.epochs)
             if tuned.shape == averaged.shape and bool(torch.isfinite(tuned).all()):
                 new = tuned.to(w.dtype)
@@ -51,6 +45,4 @@ class Finetuning(Defense):
                                                 - averaged.to(torch.float64)).norm())
             else:
                 status = "finetune_failed"  # keep the FedAvg model rather than a broken one
-        out = finish(ri, rows.scatter(alpha, ri.num_clients), new, reasons, diagnostics=diag)
-        out.status = status
-        return out
+        return Combined(rows.scatter(alpha, ri.num_clients), new, diag, status=status)

@@ -6,9 +6,7 @@ from typing import Any
 
 import torch
 
-from fisherguard.defenses._robust import valid_rows
-from fisherguard.defenses.base import (Aggregate, Defense, RoundInput, check_range, finish,
-                                       reject_all, validate_uploads)
+from fisherguard.defenses.base import Combined, Defense, RoundInput, Rows, check_range
 
 
 class FLTrust(Defense):
@@ -26,16 +24,8 @@ class FLTrust(Defense):
     def __init__(self, *, server_epochs: int = 20) -> None:
         check_range("server_epochs", server_epochs, low=1, integer=True)
         self.server_epochs = int(server_epochs)
-        self._hparams = {"server_epochs": server_epochs}
 
-    def aggregate(self, round_input: RoundInput) -> Aggregate:
-        ri = round_input
-        if ri.server_data is None:
-            raise ValueError("FLTrust needs the server's clean data (RoundInput.server_data)")
-        reasons = validate_uploads(ri)
-        rows = valid_rows(ri, reasons)
-        if rows.n == 0:
-            return reject_all(ri, reasons)
+    def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         k = ri.num_clients
         w = ri.global_weights
         trained = ri.server_data.train(w.clone(), self.server_epochs)
@@ -53,14 +43,9 @@ class FLTrust(Defense):
         total = float(ts.sum())
         if total <= 0.0:
             # No client agrees with the server's direction: keep w and flag the round.
-            out = finish(ri, torch.zeros(k, dtype=torch.float64), w.clone(),
-                         [r if r is not None else "low_trust" for r in reasons],
-                         diagnostics=diag)
-            out.status = "all_weights_zero"
-            return out
+            return Combined.unchanged(ri, "all_weights_zero", diagnostics=diag,
+                                      zero_reason="low_trust")
         scale = torch.where(usable, g0_norm / norms.clamp_min(1e-300), torch.zeros_like(norms))
         step = ((ts * scale)[:, None] * rows.deltas).sum(0) / total
-        weights = rows.scatter(ts / total, k)
-        reasons = [r if (r is not None or weights[q] > 0) else "low_trust"
-                   for q, r in enumerate(reasons)]
-        return finish(ri, weights, w.to(torch.float64) + step, reasons, diagnostics=diag)
+        return Combined(rows.scatter(ts / total, k), w.to(torch.float64) + step, diag,
+                        zero_reason="low_trust")

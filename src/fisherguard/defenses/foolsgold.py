@@ -6,10 +6,9 @@ from typing import Any
 
 import torch
 
-from fisherguard.defenses._robust import (PRESETS, check_choice, check_finite, check_seed,
-                                          load_keys, make_generator, valid_rows)
-from fisherguard.defenses.base import (Aggregate, Defense, RoundInput, check_range, finish,
-                                       reject_all, validate_uploads)
+from fisherguard.defenses._robust import check_finite, check_seed, load_keys, make_generator
+from fisherguard.defenses.base import (PRESETS, Combined, Defense, RoundInput, Rows, check_choice,
+                                       check_range)
 
 Tensor = torch.Tensor
 
@@ -71,17 +70,10 @@ class FoolsGold(Defense):
         self._history: dict[int, Tensor] = {}
         self._positional: Tensor | None = None
         self._gen = make_generator(seed)
-        self._hparams = {"kappa": kappa, "epsilon": epsilon, "clip_norm": clip_norm,
-                         "preset": preset, "seed": seed}
 
-    def aggregate(self, round_input: RoundInput) -> Aggregate:
-        ri = round_input
-        reasons = validate_uploads(ri)
-        rows = valid_rows(ri, reasons)
-        if rows.n == 0:
-            return reject_all(ri, reasons)
+    def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         if self.preset == "code":
-            return self._aggregate_code(ri, rows, reasons)
+            return self._combine_code(ri, rows)
 
         deltas = rows.deltas
         if self.clip_norm is not None:
@@ -96,9 +88,9 @@ class FoolsGold(Defense):
             self._history[cid] = d.clone() if prev is None else prev + d
             hist.append(self._history[cid])
         a, v = foolsgold_weights(torch.stack(hist), self.kappa, self.epsilon)
-        return self._finish(ri, rows, reasons, a, v, deltas, normalise=True)
+        return self._combined(ri, rows, a, v, deltas, normalise=True)
 
-    def _aggregate_code(self, ri: RoundInput, rows: Any, reasons: list[str | None]) -> Aggregate:
+    def _combine_code(self, ri: RoundInput, rows: Rows) -> Combined:
         """MarsFL: unit-normalised deltas, positional history in a seeded shuffled order, the
         similarity on the first K coordinates only, and an unnormalised weighted sum."""
         n, p = rows.n, ri.num_params
@@ -116,29 +108,23 @@ class FoolsGold(Defense):
         a = torch.empty(n, dtype=torch.float64)
         v = torch.empty(n, dtype=torch.float64)
         a[perm], v[perm] = a_pos, v_pos
-        return self._finish(ri, rows, reasons, a, v, unit, normalise=False)
+        return self._combined(ri, rows, a, v, unit, normalise=False)
 
-    def _finish(self, ri: RoundInput, rows: Any, reasons: list[str | None], a: Tensor, v: Tensor,
-                deltas: Tensor, normalise: bool) -> Aggregate:
+    def _combined(self, ri: RoundInput, rows: Rows, a: Tensor, v: Tensor, deltas: Tensor,
+                  normalise: bool) -> Combined:
         k = ri.num_clients
         diag: dict[str, Any] = {"foolsgold_weights": rows.per_client(a, k),
                                 "max_similarity": rows.per_client(v, k), "preset": self.preset}
         total = float(a.sum())
         if total <= 0.0:
             # Every client looks like a sybil: leave the model unchanged and flag the round.
-            out = finish(ri, torch.zeros(k, dtype=torch.float64), ri.global_weights.clone(),
-                         [r if r is not None else "sybil_similarity" for r in reasons],
-                         diagnostics=diag)
-            out.status = "all_weights_zero"
-            return out
-        weights = rows.scatter(a / total, k)
-        reasons = [r if (r is not None or weights[p] > 0) else "sybil_similarity"
-                   for p, r in enumerate(reasons)]
+            return Combined.unchanged(ri, "all_weights_zero", diagnostics=diag,
+                                      zero_reason="sybil_similarity")
         step = (a[:, None] * deltas).sum(0)
         if normalise:
             step = step / total
-        return finish(ri, weights, ri.global_weights.to(torch.float64) + step, reasons,
-                      diagnostics=diag)
+        return Combined(rows.scatter(a / total, k), ri.global_weights.to(torch.float64) + step,
+                        diag, zero_reason="sybil_similarity")
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": {cid: h.clone() for cid, h in self._history.items()},

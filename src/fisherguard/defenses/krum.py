@@ -6,11 +6,11 @@ from typing import Any
 
 import torch
 
-from fisherguard.defenses._robust import (PRESETS, AssumedAttackers, CodeMomentumState, Rows, ServerMomentum,
-                                          check_bool, check_choice, krum_select,
-                                          marsfl_corrupted_count, pairwise_sq_dists, valid_rows)
-from fisherguard.defenses.base import (Aggregate, Defense, DefenseConfigError, RoundInput,
-                                       check_range, finish, reject_all, validate_uploads)
+from fisherguard.defenses._robust import (AssumedAttackers, CodeMomentumState, ServerMomentum,
+                                          check_bool, krum_select, marsfl_corrupted_count,
+                                          pairwise_sq_dists)
+from fisherguard.defenses.base import (PRESETS, Combined, Defense, DefenseConfigError, RoundInput,
+                                       Rows, check_choice, check_range)
 
 Tensor = torch.Tensor
 
@@ -67,25 +67,16 @@ class Krum(_KrumBase):
     def __init__(self, *, f: int | None = None, assumed_attackers: int = 0,
                  on_violation: str = "cap", preset: str = "paper") -> None:
         self._init_common(f, assumed_attackers, on_violation, preset)
-        self._hparams = {"f": f, "assumed_attackers": assumed_attackers,
-                         "on_violation": on_violation, "preset": preset}
 
-    def aggregate(self, round_input: RoundInput) -> Aggregate:
-        ri = round_input
-        reasons = validate_uploads(ri)
-        rows = valid_rows(ri, reasons)
-        if rows.n == 0:
-            return reject_all(ri, reasons)
+    def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         chosen, _, diag = self._scores(ri, rows, 1)
         i = chosen[0]
         weights = rows.scatter(torch.nn.functional.one_hot(torch.tensor(i), rows.n).double(),
                                ri.num_clients)
-        reasons = [r if (r is not None or weights[p] > 0) else "not_selected"
-                   for p, r in enumerate(reasons)]
         diag["selected"] = [rows.ids[i]]
         step = self._step(rows.deltas[i])
-        return finish(ri, weights, ri.global_weights.to(torch.float64) + step, reasons,
-                      diagnostics=diag)
+        return Combined(weights, ri.global_weights.to(torch.float64) + step, diag,
+                        zero_reason="not_selected")
 
 
 class MultiKrum(_KrumBase):
@@ -104,9 +95,6 @@ class MultiKrum(_KrumBase):
         self._init_common(f, assumed_attackers, on_violation, preset)
         self.m = None if m is None else int(m)
         self.weighted = weighted
-        self._hparams = {"m": m, "weighted": weighted, "f": f,
-                         "assumed_attackers": assumed_attackers, "on_violation": on_violation,
-                         "preset": preset}
 
     def check_clients(self, num_clients: int) -> None:
         super().check_clients(num_clients)
@@ -122,21 +110,13 @@ class MultiKrum(_KrumBase):
         m = 5 if self.preset == "code" else k - f
         return max(1, min(m, n))
 
-    def aggregate(self, round_input: RoundInput) -> Aggregate:
-        ri = round_input
-        reasons = validate_uploads(ri)
-        rows = valid_rows(ri, reasons)
-        if rows.n == 0:
-            return reject_all(ri, reasons)
+    def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         chosen, _, diag = self._scores(ri, rows, None)
         sel = torch.zeros(rows.n, dtype=torch.float64)
         sel[chosen] = rows.counts[chosen] if self.weighted else 1.0
         sel = sel / sel.sum()
-        weights = rows.scatter(sel, ri.num_clients)
-        reasons = [r if (r is not None or weights[p] > 0) else "not_selected"
-                   for p, r in enumerate(reasons)]
         diag["selected"] = sorted(rows.ids[i] for i in chosen)
         diag["m"] = len(chosen)
         step = self._step((sel[:, None] * rows.deltas).sum(0))
-        return finish(ri, weights, ri.global_weights.to(torch.float64) + step, reasons,
-                      diagnostics=diag)
+        return Combined(rows.scatter(sel, ri.num_clients),
+                        ri.global_weights.to(torch.float64) + step, diag, zero_reason="not_selected")

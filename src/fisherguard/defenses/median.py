@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from fisherguard.defenses._robust import coordinate_median, share_to_weights, valid_rows
-from fisherguard.defenses.base import (Aggregate, Defense, RoundInput, finish, reject_all,
-                                       validate_uploads)
+from fisherguard.defenses._robust import coordinate_median, share_to_weights
+from fisherguard.defenses.base import Combined, Defense, RoundInput, Rows
 
 
 class Median(Defense):
@@ -22,19 +21,9 @@ class Median(Defense):
     paper = "Yin, Chen, Ramchandran, Bartlett, ICML 2018"
     summary = "coordinate-wise median of the updates (unweighted)"
 
-    def __init__(self) -> None:
-        self._hparams = {}
-
-    def aggregate(self, round_input: RoundInput) -> Aggregate:
-        ri = round_input
-        reasons = validate_uploads(ri)
-        rows = valid_rows(ri, reasons)
-        if rows.n == 0:
-            return reject_all(ri, reasons)
+    def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         med, share = coordinate_median(rows.deltas)
         weights = rows.scatter(share_to_weights(share), ri.num_clients)
-        reasons = [r if (r is not None or weights[p] > 0) else "trimmed"
-                   for p, r in enumerate(reasons)]
-        return finish(ri, weights, ri.global_weights.to(torch.float64) + med, reasons,
-                      diagnostics={"contribution": rows.per_client(share_to_weights(share),
-                                                                   ri.num_clients)})
+        return Combined(weights, ri.global_weights.to(torch.float64) + med,
+                        {"contribution": rows.per_client(share_to_weights(share), ri.num_clients)},
+                        zero_reason="trimmed")

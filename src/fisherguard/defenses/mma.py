@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from fisherguard.defenses._robust import check_choice, stable_order, valid_rows
-from fisherguard.defenses.base import (Aggregate, Defense, RoundInput, check_range, finish,
-                                       reject_all, validate_uploads)
+from fisherguard.defenses._robust import stable_order
+from fisherguard.defenses.base import (Combined, Defense, RoundInput, Rows, check_choice,
+                                       check_range)
 
 Tensor = torch.Tensor
 
@@ -56,14 +56,8 @@ class MMA(Defense):
         check_range("p", p, low=0.0, low_open=True, high=1.0)
         check_choice("vectors", vectors, ("weights", "deltas"))
         self.p, self.vectors = float(p), vectors
-        self._hparams = {"p": p, "vectors": vectors}
 
-    def aggregate(self, round_input: RoundInput) -> Aggregate:
-        ri = round_input
-        reasons = validate_uploads(ri)
-        rows = valid_rows(ri, reasons)
-        if rows.n == 0:
-            return reject_all(ri, reasons)
+    def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         k, n = ri.num_clients, rows.n
         x = rows.deltas
         if self.vectors == "weights":
@@ -80,14 +74,9 @@ class MMA(Defense):
         w = torch.zeros(n, dtype=torch.float64)
         w[chosen] = rows.counts[chosen]
         w = w / w.sum()
-        weights = rows.scatter(w, k)
-        reasons = [r if (r is not None or weights[q] > 0) else "high_score"
-                   for q, r in enumerate(reasons)]
         step = (w[:, None] * rows.deltas).sum(0)
         diag: dict[str, Any] = {"mma_scores": rows.per_client(scores, k), "keep": keep,
                                 "singular_covariance": singular}
-        out = finish(ri, weights, ri.global_weights.to(torch.float64) + step, reasons,
-                     diagnostics=diag)
-        if singular:
-            out.status = "singular_covariance"
-        return out
+        return Combined(rows.scatter(w, k), ri.global_weights.to(torch.float64) + step, diag,
+                        zero_reason="high_score",
+                        status="singular_covariance" if singular else "ok")

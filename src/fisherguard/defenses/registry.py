@@ -6,7 +6,7 @@ import importlib
 import pkgutil
 from typing import Any
 
-from fisherguard.defenses.base import Defense, DefenseConfigError
+from fisherguard.defenses.base import Defense, DefenseConfigError, constructor_params
 
 _REGISTRY: dict[str, type[Defense]] = {}
 
@@ -43,13 +43,9 @@ def get(name: str) -> type[Defense]:
 
 def build(name: str, options: dict[str, Any] | None = None) -> Defense:
     """Instantiate a defense by name; an unknown option is an error naming the allowed ones."""
-    import inspect
-
     cls = get(name)
     options = dict(options or {})
-    params = inspect.signature(cls.__init__).parameters
-    allowed = [p for p in params if p != "self" and params[p].kind == inspect.Parameter.KEYWORD_ONLY
-               or (p != "self" and params[p].kind == inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    allowed = constructor_params(cls)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise DefenseConfigError(f"defense {name!r} has no option {', '.join(map(repr, unknown))}; "

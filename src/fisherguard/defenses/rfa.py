@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from fisherguard.defenses._robust import check_choice, check_finite, valid_rows
-from fisherguard.defenses.base import (Aggregate, Defense, RoundInput, check_range, finish,
-                                       reject_all, validate_uploads)
+from fisherguard.defenses._robust import check_finite
+from fisherguard.defenses.base import (Combined, Defense, RoundInput, Rows, check_choice,
+                                       check_range)
 
 Tensor = torch.Tensor
 
@@ -40,14 +40,8 @@ class RFA(Defense):
         check_choice("weights", weights, ("samples", "uniform"))
         self.nu, self.max_iter, self.ftol, self.weights = float(nu), int(max_iter), float(ftol), \
             weights
-        self._hparams = {"nu": nu, "max_iter": max_iter, "ftol": ftol, "weights": weights}
 
-    def aggregate(self, round_input: RoundInput) -> Aggregate:
-        ri = round_input
-        reasons = validate_uploads(ri)
-        rows = valid_rows(ri, reasons)
-        if rows.n == 0:
-            return reject_all(ri, reasons)
+    def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         x = rows.deltas
         alpha = rows.counts if self.weights == "samples" else torch.ones(rows.n,
                                                                           dtype=torch.float64)
@@ -66,5 +60,4 @@ class RFA(Defense):
         weights = rows.scatter(beta, ri.num_clients)
         diag: dict[str, Any] = {"objective": objective, "iterations": len(objective) - 1,
                                 "weiszfeld_weights": rows.per_client(beta, ri.num_clients)}
-        return finish(ri, weights, ri.global_weights.to(torch.float64) + z, reasons,
-                      diagnostics=diag)
+        return Combined(weights, ri.global_weights.to(torch.float64) + z, diag)

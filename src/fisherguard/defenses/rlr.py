@@ -6,10 +6,9 @@ from typing import Any
 
 import torch
 
-from fisherguard.defenses._robust import (PRESETS, check_choice, check_finite, check_seed,
-                                          load_keys, make_generator, valid_rows)
-from fisherguard.defenses.base import (Aggregate, Defense, RoundInput, check_range, finish,
-                                       reject_all, validate_uploads)
+from fisherguard.defenses._robust import check_finite, check_seed, load_keys, make_generator
+from fisherguard.defenses.base import (PRESETS, Combined, Defense, RoundInput, Rows, check_choice,
+                                       check_range)
 
 
 class RLR(Defense):
@@ -31,15 +30,10 @@ class RLR(Defense):
         # θ = 4 (paper scripts, MarsFL); the SDFC config's 0.5 only flips coordinates with s_v = 0.
         self.theta = float(theta) if theta is not None else (4.0 if preset == "paper" else 0.5)
         self.server_lr = float(server_lr)
+        self.seed = int(seed)
         self._gen = make_generator(seed)
-        self._hparams = {"theta": theta, "server_lr": server_lr, "preset": preset, "seed": seed}
 
-    def aggregate(self, round_input: RoundInput) -> Aggregate:
-        ri = round_input
-        reasons = validate_uploads(ri)
-        rows = valid_rows(ri, reasons)
-        if rows.n == 0:
-            return reject_all(ri, reasons)
+    def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         alpha = rows.counts / rows.counts.sum()
         if self.preset == "code":
             # MarsFL (C4): sample-count weights are read in a shuffled list order while deltas
@@ -52,8 +46,7 @@ class RLR(Defense):
         diag: dict[str, Any] = {"theta": self.theta,
                                 "flipped_fraction": float((lr < 0).double().mean())
                                 if lr.numel() else 0.0, "preset": self.preset}
-        return finish(ri, weights, ri.global_weights.to(torch.float64) + step, reasons,
-                      diagnostics=diag)
+        return Combined(weights, ri.global_weights.to(torch.float64) + step, diag)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self._gen.get_state()} if self.preset == "code" else {}

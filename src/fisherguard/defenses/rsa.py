@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from fisherguard.clients.l1pull import L1Pull
-from fisherguard.defenses._robust import check_choice, check_finite, load_keys, valid_rows
-from fisherguard.defenses.base import (Aggregate, ClientPlan, Defense, PlanInput, RoundInput,
-                                       check_range, finish, reject_all, validate_uploads)
+from fisherguard.defenses._robust import check_finite, load_keys
+from fisherguard.defenses.base import (ClientPlan, Combined, Defense, PlanInput, RoundInput, Rows,
+                                       check_choice, check_range)
 
 Tensor = torch.Tensor
 
@@ -40,7 +40,6 @@ class RSA(Defense):
         self.lam, self.mu, self.c = float(lam), float(mu), float(c)
         self.client_init = client_init
         self._local: dict[int, Tensor] = {}
-        self._hparams = {"lam": lam, "mu": mu, "c": c, "client_init": client_init}
 
     def step_size(self, round_idx: int) -> float:
         return self.c / math.sqrt(round_idx + 1)
@@ -57,12 +56,7 @@ class RSA(Defense):
                                     start_weights=None if start is None else start.clone())
         return plans
 
-    def aggregate(self, round_input: RoundInput) -> Aggregate:
-        ri = round_input
-        reasons = validate_uploads(ri)
-        rows = valid_rows(ri, reasons)
-        if rows.n == 0:
-            return reject_all(ri, reasons)
+    def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         w = ri.global_weights.to(torch.float64)
         alpha_t = self.step_size(ri.round_idx)
         # sign(w − x_i) = −sign(Δ_i): the server moves towards the clients, one vote each.
@@ -75,7 +69,7 @@ class RSA(Defense):
                                ri.num_clients)
         diag: dict[str, Any] = {"step_size": alpha_t,
                                 "max_abs_step": float(step.abs().max()) if step.numel() else 0.0}
-        return finish(ri, weights, w + step, reasons, diagnostics=diag)
+        return Combined(weights, w + step, diag)
 
     def state_dict(self) -> dict[str, Any]:
         return {"local_models": {cid: x.clone() for cid, x in self._local.items()}}

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from fisherguard.defenses._robust import PRESETS, check_bool, check_choice, check_finite, valid_rows
-from fisherguard.defenses.base import (Aggregate, Defense, RoundInput, check_range, finish,
-                                       reject_all, validate_uploads)
+from fisherguard.defenses._robust import check_bool, check_finite
+from fisherguard.defenses.base import (PRESETS, Combined, Defense, RoundInput, Rows, check_choice,
+                                       check_range)
 
 
 class Sageflow(Defense):
@@ -34,17 +34,8 @@ class Sageflow(Defense):
         check_choice("preset", preset, PRESETS)
         self.entropy_threshold, self.delta = float(entropy_threshold), float(delta)
         self.use_sample_counts, self.preset = use_sample_counts, preset
-        self._hparams = {"entropy_threshold": entropy_threshold, "delta": delta,
-                         "use_sample_counts": use_sample_counts, "preset": preset}
 
-    def aggregate(self, round_input: RoundInput) -> Aggregate:
-        ri = round_input
-        if ri.server_data is None:
-            raise ValueError("Sageflow needs the server's clean data (RoundInput.server_data)")
-        reasons = validate_uploads(ri)
-        rows = valid_rows(ri, reasons)
-        if rows.n == 0:
-            return reject_all(ri, reasons)
+    def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         k = ri.num_clients
         w = ri.global_weights
         if self.preset == "code":
@@ -71,11 +62,7 @@ class Sageflow(Defense):
                 reasons[pos] = "high_entropy"
         total = float(raw.sum())
         if not (total > 0.0 and math.isfinite(total)):
-            out = finish(ri, torch.zeros(k, dtype=torch.float64), w.clone(), reasons,
-                         diagnostics=diag)
-            out.status = "all_weights_zero"
-            return out
+            return Combined.unchanged(ri, "all_weights_zero", diagnostics=diag)
         beta = raw / total
         step = (beta[:, None] * rows.deltas).sum(0)
-        weights = rows.scatter(beta, k)
-        return finish(ri, weights, w.to(torch.float64) + step, reasons, diagnostics=diag)
+        return Combined(rows.scatter(beta, k), w.to(torch.float64) + step, diag)

@@ -1,6 +1,6 @@
 """SDFC (Huang et al., ECCV 2024): Fisher discrepancy regularisation and aggregation.
 
-Server part (FDAgg, SDFC Eq. 10) in ``aggregate``; client part (FDReg, Eq. 9) handed out by
+Server part (FDAgg, SDFC Eq. 10) in ``combine``; client part (FDReg, Eq. 9) handed out by
 ``plan_clients`` as ``clients.fdreg.FDReg``. algorithms.md §5 and §8.2 (echo check). Equation
 numbers refer to the SDFC paper. Server statistics are float64.
 """
@@ -13,14 +13,13 @@ from typing import Any
 import torch
 
 from fisherguard.clients.fdreg import FDReg
-from fisherguard.defenses.base import (Aggregate, ClientPlan, Defense, PlanInput, RoundInput,
-                                       check_choice, check_flag, check_range, finish,
-                                       fisher_estimator_option, reject_all, valid_mask,
-                                       validate_uploads)
+from fisherguard.defenses.base import (PRESETS, Aggregate, ClientPlan, Combined, Defense, PlanInput,
+                                       RoundInput, Rows, check_choice, check_flag, check_range,
+                                       fisher_estimator_option, reject_all)
+from fisherguard.fisher import IMPORTANCE_METRICS
 
 Tensor = torch.Tensor
 
-PRESETS = ("paper", "code")
 DIFFERENCES = ("abs_diff", "local_only", "val_only")
 
 
@@ -97,7 +96,6 @@ class SDFC(Defense):
                  importance_metric: str = "squared", fisher_estimator: str | None = None,
                  label_source: str = "dataset", hardening: str = "on",
                  echo_rtol: float | None = 1e-3) -> None:
-        self._hparams = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         check_choice("preset", preset, PRESETS)
         code = preset == "code"
         lambda_reg = lambda_reg if lambda_reg is not None else (1.0 if code else 5.0)
@@ -108,7 +106,7 @@ class SDFC(Defense):
         check_flag("use_fdreg", use_fdreg)
         check_flag("use_fdagg", use_fdagg)
         check_choice("difference", difference, DIFFERENCES)
-        check_choice("importance_metric", importance_metric, ("squared", "abs"))
+        check_choice("importance_metric", importance_metric, IMPORTANCE_METRICS)
         fisher_estimator = fisher_estimator_option(fisher_estimator, label_source, code=code)
         check_choice("hardening", hardening, ("on", "off"))
         check_range("echo_rtol", echo_rtol, low=0.0, high=1.0, low_open=True, allow_none=True)
@@ -177,54 +175,66 @@ class SDFC(Defense):
 
     # ------------------------------------------------------------------ server side (FDAgg)
 
-    def aggregate(self, round_input: RoundInput) -> Aggregate:
-        """H_k, echo check, FDAgg weights and w^{t+1} = Σ_k α_k w_k (SDFC Eqs. 7–10; algorithms.md §5.1)."""
-        ri = round_input
-        k_all = ri.num_clients
-        reasons = validate_uploads(ri, require_fisher=True)
-        valid = valid_mask(reasons)
-        diag: dict[str, Any] = {"fisher_difference": [None] * k_all, "weight": [0.0] * k_all,
-                                "echo_ratio": [None] * k_all, "num_rejected": 0}
-        wt = ri.global_weights.to(torch.float64)
-        h_rows: dict[int, Tensor] = {}
-        if bool(valid.any()):
-            assert ri.fisher is not None
-            need_val = self.difference != "local_only"
-            if need_val and ri.server_data is None:
-                raise RuntimeError("SDFC needs the server's validation set (RoundInput.server_data)")
-            for k in range(k_all):
-                if reasons[k] is not None:
-                    continue
-                wk = wt + ri.updates[k].to(torch.float64)
-                local = ri.fisher[k].to(torch.float64)
-                val = (ri.server_data.fisher(wk.to(ri.global_weights.dtype)).detach().to(torch.float64)  # type: ignore[union-attr]
-                       if need_val else None)
-                if val is not None and (val.numel() != local.numel()
-                                        or not bool(torch.isfinite(val).all())):
-                    reasons[k] = "non_finite"  # the uploaded model breaks the server's Fisher
-                    continue
-                if val is not None:
-                    rho = echo_ratio(local, val)
-                    diag["echo_ratio"][k] = rho
-                    if (self.hardening == "on" and self.echo_rtol is not None
-                            and self.difference == "abs_diff" and rho < self.echo_rtol):
-                        reasons[k] = "echo"
-                        continue
-                h = fisher_difference(local, val, self.difference)
-                if not bool(torch.isfinite(h.sum())):
-                    reasons[k] = "non_finite"  # T_k overflows float64; min-max would give NaN
-                    continue
-                h_rows[k] = h
-        diag["num_rejected"] = sum(r is not None for r in reasons)
-        # a client rejected this round has no valid history for the next (§5.5)
-        for k in range(k_all):
+    def requires_server_data(self) -> bool:
+        """Every variant but ``local_only`` evaluates M_k(U) on the server's data."""
+        return self.difference != "local_only"
+
+    def _blank_diagnostics(self, k_all: int) -> dict[str, Any]:
+        return {"fisher_difference": [None] * k_all, "weight": [0.0] * k_all,
+                "echo_ratio": [None] * k_all, "num_rejected": 0}
+
+    def _forget_rejected(self, ri: RoundInput, reasons: list[str | None]) -> int:
+        """Drop the history of every client rejected this round (§5.5); their number."""
+        for k in range(ri.num_clients):
             if reasons[k] is not None:
                 self._history.pop(int(ri.client_ids[k]), None)
+        return sum(r is not None for r in reasons)
+
+    def reject(self, ri: RoundInput, reasons: list[str | None]) -> Aggregate:
+        """No valid upload: w^t back, and nobody keeps a history for the next round."""
+        diag = self._blank_diagnostics(ri.num_clients)
+        diag["num_rejected"] = self._forget_rejected(ri, reasons)
+        return reject_all(ri, reasons, diagnostics=diag)
+
+    def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
+        """H_k, echo check, FDAgg weights and w^{t+1} = Σ_k α_k w_k (SDFC Eqs. 7–10; algorithms.md §5.1).
+
+        Works in RoundInput order (``reasons``), not the rows' client-id order.
+        """
+        k_all = ri.num_clients
+        diag = self._blank_diagnostics(k_all)
+        wt = ri.global_weights.to(torch.float64)
+        h_rows: dict[int, Tensor] = {}
+        assert ri.fisher is not None
+        need_val = self.requires_server_data()
+        for k in range(k_all):
+            if reasons[k] is not None:
+                continue
+            wk = wt + ri.updates[k].to(torch.float64)
+            local = ri.fisher[k].to(torch.float64)
+            val = (ri.server_data.fisher(wk.to(ri.global_weights.dtype)).detach().to(torch.float64)  # type: ignore[union-attr]
+                   if need_val else None)
+            if val is not None and (val.numel() != local.numel()
+                                    or not bool(torch.isfinite(val).all())):
+                reasons[k] = "non_finite"  # the uploaded model breaks the server's Fisher
+                continue
+            if val is not None:
+                rho = echo_ratio(local, val)
+                diag["echo_ratio"][k] = rho
+                if (self.hardening == "on" and self.echo_rtol is not None
+                        and self.difference == "abs_diff" and rho < self.echo_rtol):
+                    reasons[k] = "echo"
+                    continue
+            h = fisher_difference(local, val, self.difference)
+            if not bool(torch.isfinite(h.sum())):
+                reasons[k] = "non_finite"  # T_k overflows float64; min-max would give NaN
+                continue
+            h_rows[k] = h
+        # a client rejected this round has no valid history for the next (§5.5)
+        diag["num_rejected"] = self._forget_rejected(ri, reasons)
         idx = sorted(h_rows)
         if not idx:
-            agg = reject_all(ri, reasons)
-            agg.diagnostics = diag
-            return agg
+            return Combined.unchanged(ri, "no_valid_clients", diagnostics=diag)
 
         totals = torch.stack([h_rows[k].sum() for k in idx])
         if self.use_fdagg:
@@ -243,7 +253,7 @@ class SDFC(Defense):
             self._history[cid] = (h_rows[k].to(torch.float32).clone(),
                                   (wt + upd[pos]).to(ri.global_weights.dtype).clone(),
                                   int(ri.round_idx))
-        return finish(ri, weights, new, reasons, diagnostics=diag)
+        return Combined(weights, new, diag)
 
     # ------------------------------------------------------------------ cross-round state
 

@@ -6,11 +6,11 @@ from typing import Any
 
 import torch
 
-from fisherguard.defenses._robust import (PRESETS, AssumedAttackers, CodeMomentumState, ServerMomentum, check_choice,
+from fisherguard.defenses._robust import (AssumedAttackers, CodeMomentumState, ServerMomentum,
                                           closest_to_centre_mean, coordinate_median,
-                                          share_to_weights, trimmed_mean, valid_rows)
-from fisherguard.defenses.base import (Aggregate, Defense, DefenseConfigError, RoundInput,
-                                       check_range, finish, reject_all, validate_uploads)
+                                          share_to_weights, trimmed_mean)
+from fisherguard.defenses.base import (PRESETS, Combined, Defense, DefenseConfigError, RoundInput,
+                                       Rows, check_choice, check_range)
 
 
 class TrimmedMean(CodeMomentumState, AssumedAttackers, Defense):
@@ -38,20 +38,13 @@ class TrimmedMean(CodeMomentumState, AssumedAttackers, Defense):
         self.beta = None if beta is None else float(beta)
         self.preset = preset
         self._momentum = ServerMomentum(0.9)
-        self._hparams = {"beta": beta, "f": f, "assumed_attackers": assumed_attackers,
-                         "on_violation": on_violation, "preset": preset}
 
     def _f_limit(self, k: int) -> tuple[int, str] | None:
         if self.preset == "code" or self.beta is not None:
             return None
         return (k - 1) // 2, "2f < K"
 
-    def aggregate(self, round_input: RoundInput) -> Aggregate:
-        ri = round_input
-        reasons = validate_uploads(ri)
-        rows = valid_rows(ri, reasons)
-        if rows.n == 0:
-            return reject_all(ri, reasons)
+    def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         k, n = ri.num_clients, rows.n
         diag: dict[str, Any] = {"preset": self.preset}
         if self.preset == "code":
@@ -73,10 +66,7 @@ class TrimmedMean(CodeMomentumState, AssumedAttackers, Defense):
             diag.update(cut_per_tail=cut, kept_per_coordinate=n - 2 * cut)
             step = agg
         contribution = share_to_weights(share)
-        weights = rows.scatter(contribution, k)
-        reasons = [r if (r is not None or weights[p] > 0) else "trimmed"
-                   for p, r in enumerate(reasons)]
         diag["contribution"] = rows.per_client(contribution, k)
-        return finish(ri, weights, ri.global_weights.to(torch.float64) + step, reasons,
-                      diagnostics=diag)
+        return Combined(rows.scatter(contribution, k), ri.global_weights.to(torch.float64) + step,
+                        diag, zero_reason="trimmed")
 
