@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""fisherguard's engine benchmark (fast-engine issue; performance.md §8 targets, §9 rules).
+"""fisherguard's engine benchmark (fast-engine issue; docs/performance.md §8 targets, docs/performance.md §9 rules).
 
     python benchmarks/bench.py --quick      # `make bench`: targets 1 and 2, E = 2 (labelled quick mode)
     python benchmarks/bench.py              # the same at E = 10, 5 repetitions
     python benchmarks/bench.py --full       # `make bench-full`: the 50-round paper run (targets 3, 4)
 
 Issue target 1: the engine's client round (local training plus the exact Fisher of every client)
-against the sequential reference loop of performance.md §8 Definition 1, with the same Fisher
+against the sequential reference loop of docs/performance.md §8 Definition 1, with the same Fisher
 routine; a naive line with the per-sample-loop Fisher is printed for information. Issue target 2:
 the exact Fisher of one 5 400-sample client in multiples of one local epoch, 1 and 2 threads.
 ``--full`` runs the Fashion-MNIST paper configuration (FDCR, seed 0) once end to end and reports
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import benchlib
 
-# Threads are pinned before torch loads (performance.md §9); each variant then sets its own count.
+# Threads are pinned before torch loads (docs/performance.md §9); each variant then sets its own count.
 CORES = benchlib.cores()
 benchlib.pin_threads(CORES)
 
@@ -67,11 +67,11 @@ Tensor = torch.Tensor
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_CONFIG = ROOT / "configs" / "fmnist-paper.yaml"
 SEED = 0
-TRAIN_FLOPS_SPEC = 3.386e6  # protocol SimpleCNN on 3×32×32, performance.md §1
+TRAIN_FLOPS_SPEC = 3.386e6  # protocol SimpleCNN on 3×32×32, docs/performance.md §1
 # Assumption for the compute bound: one exact per-sample Fisher costs about one training pass
 # per sample (forward, output gradients and per-sample weight-gradient products).
 FISHER_FLOPS_FACTOR = 1.0
-WEIGHT_TOL = 1e-4  # performance.md §9: agreement after the first round
+WEIGHT_TOL = 1e-4  # docs/performance.md §9: agreement after the first round
 # The gate round: the same configuration on the first 3 000 pool images with E = 2, so every
 # client runs at most ≈12 SGD steps. Rounding differences of any reordering grow by roughly
 # 100× per 20 steps in this training (float32 vs float64 reference: 2.5e-8 after 10 steps,
@@ -120,7 +120,7 @@ def paper_config(*, epochs: int, rounds: int | None = None, train_subset: int | 
 
 
 def training_flops_per_sample(model: nn.Module, shape: tuple[int, ...]) -> float:
-    """Training FLOPs of one sample, counted from the layers as specified (performance.md §1).
+    """Training FLOPs of one sample, counted from the layers as specified (docs/performance.md §1).
 
     Forward, input gradient and weight gradient of every Conv2d/Linear, one multiply-add = 2
     FLOPs; the first layer needs no input gradient. Independent of any shortcut the engine takes.
@@ -170,7 +170,7 @@ def engine_round(trainer: LocalTrainer, threads: int, fed: federation.Federation
                     fisher_s=sum(r.timing.get("fisher_s", 0.0) for r in results))
 
 
-# --- the reference loop of performance.md §8 Definition 1 ------------------------------------
+# --- the reference loop of docs/performance.md §8 Definition 1 ------------------------------------
 
 
 class ReplaySampler(Sampler[int]):
@@ -274,7 +274,7 @@ def build_engine(fed: federation.Federation, workers: int, threads: int
 
 
 def engine_shapes() -> list[tuple[int, int]]:
-    """workers × threads = cores (performance.md §9): one process with all threads, and
+    """workers × threads = cores (docs/performance.md §9): one process with all threads, and
     one-thread workers."""
     return [(1, CORES)] + ([(CORES, 1)] if CORES > 1 else [])
 
@@ -420,9 +420,9 @@ def run_bench(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) 
     max_attempts = args.max_attempts
     labels = []
     if epochs != 10:
-        labels.append(f"E = {epochs} (labelled quick mode, performance.md §8 def. 1; targets are set at E = 10)")
+        labels.append(f"E = {epochs} (labelled quick mode, docs/performance.md §8 def. 1; targets are set at E = 10)")
     if reps < 5:
-        labels.append(f"{reps} repetitions (§9 asks for at least 5)")
+        labels.append(f"{reps} repetitions (docs/performance.md §9 asks for at least 5)")
     if args.train_subset:
         labels.append(f"SUBSET: only the first {args.train_subset} images of the client pool")
 
@@ -459,7 +459,7 @@ def run_bench(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) 
         print(f"  NOTE: {text}")
 
     gate = {} if args.strict_gate else exactness_gate(synthetic, fisher_opts, jl)
-    # engine variants: workers × threads = cores (performance.md §9); forked before any timing
+    # engine variants: workers × threads = cores (docs/performance.md §9); forked before any timing
     engines: list[tuple[str, LocalTrainer, int]] = []
     shape_of: dict[str, tuple[int, int]] = {}
     for workers, threads in engine_shapes():
@@ -647,7 +647,7 @@ def run_bench(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) 
 
 
 # ---------------------------------------------------------------------------------------------
-# the full paper run (issue target 3; performance.md §8 rows 4 and 5)
+# the full paper run (issue target 3; docs/performance.md §8 rows 4 and 5)
 
 
 def run_full(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) -> int:
@@ -690,7 +690,7 @@ def run_full(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) -
             shutil.rmtree(out_dir, ignore_errors=True)
     n = summary.get("rounds", f.rounds)
     # training and Fisher FLOPs of the model as specified, whatever shortcuts the engine takes;
-    # counted on the client pool (Σ n_k) as performance.md §8 states it
+    # counted on the client pool (Σ n_k) as docs/performance.md §8 states it
     total_n = int(sum(partition["sizes"]))
     bound = n * (f.local_epochs + FISHER_FLOPS_FACTOR) * total_n * flops / (gflops2 * 1e9)
     ratio = wall / bound
@@ -744,7 +744,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-attempts", type=int,
                    help="attempts per repetition when the machine is busy (default 3, quick 2)")
     p.add_argument("--strict-gate", action="store_true",
-                   help="gate target 1 on the full-size first round at 1e-4 (performance.md §9 "
+                   help="gate target 1 on the full-size first round at 1e-4 (docs/performance.md §9 "
                         "literally; fails from rounding growth beyond ≈40 SGD steps)")
     p.add_argument("--naive-samples", type=int, default=256,
                    help="samples per client the per-sample-loop Fisher is timed on (default 256)")
@@ -797,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
             net = build_model("simplecnn", 3)
             flops = training_flops_per_sample(net, (3, 32, 32))
             if abs(flops / TRAIN_FLOPS_SPEC - 1) > 1e-3:
-                raise RuntimeError(f"counted {flops:.0f} training FLOPs per sample, performance.md §1 "
+                raise RuntimeError(f"counted {flops:.0f} training FLOPs per sample, docs/performance.md §1 "
                                    f"says {TRAIN_FLOPS_SPEC:.0f}: the model changed")
             if args.full:
                 code = run_full(args, jl, gflops2)

@@ -1,4 +1,4 @@
-"""Shared machinery of fisherguard's benchmarks (performance.md §9).
+"""Shared machinery of fisherguard's benchmarks (docs/performance.md §9).
 
 Process-tree CPU time and memory from ``/proc``, the busy check that drops repetitions disturbed
 by foreign processes, robust statistics, the system report and the JSON-lines writer. Nothing here
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-BUSY_THRESHOLD = 0.06  # share of total CPU capacity foreign processes may use (performance.md §9)
+BUSY_THRESHOLD = 0.06  # share of total CPU capacity foreign processes may use (docs/performance.md §9)
 
 
 def cores() -> int:
@@ -195,7 +195,7 @@ def foreign_share(seconds: float) -> float:
 
 @dataclass
 class Repeater:
-    """Times callables with the busy check of performance.md §9.
+    """Times callables with the busy check of docs/performance.md §9.
 
     A repetition during which foreign processes used more than ``threshold`` of the machine is
     discarded and redone, but only once the machine is quiet again (a 1 s window under the
@@ -298,7 +298,7 @@ def verdict(ok: bool | None) -> str:
 
 
 def system_info() -> dict[str, Any]:
-    """CPU, ISA level, core count, thread settings, library versions and load (performance.md §9)."""
+    """CPU, ISA level, core count, thread settings, library versions and load (docs/performance.md §9)."""
     import torch
 
     model = platform.processor() or "unknown"

@@ -1,4 +1,4 @@
-"""Workload 2 of performance.md §8/§9: the in-process engine against Flower's simulation.
+"""Workload 2 of docs/performance.md §8 and docs/performance.md §9: the in-process engine against Flower's simulation.
 
 10 clients × 600 synthetic samples, 3 rounds, E = 1, FDCR with Fisher. Each variant is the
 command a user runs, timed from launch to the saved final model (start-up included):
@@ -30,8 +30,8 @@ from typing import Any
 
 import benchlib
 
-TARGET = 3.0  # in-process must be ≥ 3× faster than Flower's simulation (performance.md §8 row 2)
-TOLERANCE = 1e-4  # max-abs agreement of the final weights (§9 "same work")
+TARGET = 3.0  # in-process must be ≥ 3× faster than Flower's simulation (docs/performance.md §8 row 2)
+TOLERANCE = 1e-4  # max-abs agreement of the final weights (docs/performance.md §9 "same work")
 FOREIGN_LIMIT = benchlib.BUSY_THRESHOLD  # foreign share of the machine that marks a busy repetition
 
 WORKLOAD = {
@@ -104,7 +104,7 @@ def main() -> int:
                     help="add pairs while the elapsed time stays under this many seconds")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of the in-process engine (default 1: with any other "
-                    "CPU-heavy process on a 2-core box, 2 threads run 3-5× slower, flower.md §8.2; "
+                    "CPU-heavy process on a 2-core box, 2 threads run 3-5× slower, docs/flower.md §8.2; "
                     "pass the core count on an idle machine)")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                     help="runtime.workers of the in-process engine (default: 2 on a multi-core "
@@ -126,12 +126,12 @@ def main() -> int:
 
     from fisherguard.engine.flower import FLOWER_ENV
 
-    # in-process: one process with all cores; Flower: one actor per core, 1 thread each (§9)
+    # in-process: one process with all cores; Flower: one actor per core, 1 thread each (docs/performance.md §9)
     env = {**os.environ, **FLOWER_ENV, "OMP_NUM_THREADS": str(args.threads),
            "MKL_NUM_THREADS": str(args.threads)}
     flower_env = {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     info = benchlib.system_info()
-    print(f"# Flower benchmark (performance.md §8 row 2, workload 2): FDCR, 10 clients × 600 "
+    print(f"# Flower benchmark (docs/performance.md §8 row 2, workload 2): FDCR, 10 clients × 600 "
           f"synthetic samples, 3 rounds, E=1; whole run from launch to saved final model, "
           f"start-up included")
     print(f"# cpu: {info['cpu']} | isa {info['isa']} | {info['cores']} cores | torch {info['torch']}"

@@ -3,7 +3,7 @@
 
     python benchmarks/kernel_floor.py            # `make bench-floor`; part of `make bench`
 
-The fast engine trains a round's clients as one grouped convolution (performance.md §3). Every
+The fast engine trains a round's clients as one grouped convolution (docs/performance.md §3). Every
 SGD step must run five convolution kernels: conv1 forward and weight gradient (conv1 needs no
 input gradient), conv2 forward, input gradient and weight gradient. This script times each kernel
 alone at the engine's exact shapes (batch 64 per client, groups of G clients, channels_last,
@@ -35,7 +35,7 @@ from typing import Callable
 
 import benchlib
 
-benchlib.pin_threads(1)  # the engine's workers run one thread each (performance.md §3)
+benchlib.pin_threads(1)  # the engine's workers run one thread each (docs/performance.md §3)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -48,7 +48,7 @@ from fisherguard.models import SimpleCNN, trainable  # noqa: E402
 Tensor = torch.Tensor
 CL = torch.channels_last
 BATCH = 64
-POOL = 54_000  # protocol.md: the Fashion-MNIST client pool
+POOL = 54_000  # docs/protocol.md §2: the Fashion-MNIST client pool
 TARGET_S = 20 * 60
 conv_backward = torch.ops.aten.convolution_backward
 

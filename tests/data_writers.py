@@ -1,4 +1,4 @@
-"""Writers of the datasets' on-disk formats (spec data.md §5-§7), for test fixtures only.
+"""Writers of the datasets' on-disk formats (docs/data.md §5–§7), for test fixtures only.
 
 They produce IDX, USPS (ESL text and LIBSVM) and CIFAR-10 python batches from arrays, so every
 reader in ``fisherguard.data.formats`` is exercised without real data.  The package never

@@ -1,7 +1,7 @@
 """Helper of test_flower_runtime (not a test module): one round of FedAvg, FDCR and SDFC through
 the in-process engine and through Flower's simulation (one Flower run for the three), printed as
 one JSON line. The test runs it inside a network namespace that has only loopback, because Ray
-binds ports on every interface (flower.md §8.0)."""
+binds ports on every interface (docs/flower.md §8.0)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Fisher estimators only the tests use: a deliberately wrong reference next to the real ones.
 
 ``minibatch_square_fisher`` squares mini-batch mean gradients instead of per-sample gradients
-(algorithms.md §2.2); the tests show how far it is from ``fisherguard.fisher.diagonal_fisher``.
+(docs/algorithms.md §2.2); the tests show how far it is from ``fisherguard.fisher.diagonal_fisher``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ Tensor = torch.Tensor
 
 def minibatch_square_fisher(model: nn.Module, weights: Tensor, x: Tensor, y: Tensor, *,
                             batch_size: int = 64) -> Tensor:
-    """Test reference only, a wrong estimator: Σ_b (B_b/n)·(mean_{i∈b} s_i)², in order, last batch kept (§2.2)."""
+    """Test reference only, a wrong estimator: Σ_b (B_b/n)·(mean_{i∈b} s_i)², in order, last batch kept (docs/algorithms.md §2.2)."""
     params, buffers = _functional_state(model, weights, requires_grad=True)
     names = list(params)
     acc = [torch.zeros_like(params[k], dtype=torch.float32) for k in names]

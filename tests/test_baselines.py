@@ -1,4 +1,4 @@
-"""Baseline defenses (spec/baselines.md §3): contract tests and one property test per rule."""
+"""Baseline defenses (docs/baselines.md §3): contract tests and one property test per rule."""
 
 from __future__ import annotations
 
@@ -701,7 +701,7 @@ def test_crfl_properties():
     assert code.eval_weights is None  # MarsFL evaluates the noisy model
 
 
-# `code` presets: MarsFL transcriptions (baselines.md §2, C1/C3)
+# `code` presets: MarsFL transcriptions (docs/baselines.md §2, C1/C3)
 
 
 def marsfl_krum_index(grads: np.ndarray, corrupted: int) -> int:

@@ -1,4 +1,4 @@
-"""Readers of data/formats.py on fixtures from tests/data_writers.py (spec data.md §5-§7, §11)."""
+"""Readers of data/formats.py on fixtures from tests/data_writers.py (docs/data.md §5–§7, docs/data.md §11)."""
 
 from __future__ import annotations
 

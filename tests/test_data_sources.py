@@ -1,4 +1,4 @@
-"""Data root, lookup, checksums/stamps, error messages and fetch (spec data.md §2, §8, §9)."""
+"""Data root, lookup, checksums/stamps, error messages and fetch (docs/data.md §2, docs/data.md §8, docs/data.md §9)."""
 
 from __future__ import annotations
 

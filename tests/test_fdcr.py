@@ -1,4 +1,4 @@
-"""FDCR (algorithms.md §3, §4, §8): worked examples A, A′, B, F and behavioural properties."""
+"""FDCR (docs/algorithms.md §3, docs/algorithms.md §4, docs/algorithms.md §8): worked examples A, A′, B, F and behavioural properties."""
 
 from __future__ import annotations
 
@@ -376,7 +376,7 @@ def test_identical_clients_remove_nobody() -> None:
 
 def test_gate_keeps_clean_rounds() -> None:
     # 10 benign clients, no attacker: the published rule drops a cluster almost every round
-    # (§3.3); the gate rarely does (§3.4 calibration: a few per cent)
+    # (docs/algorithms.md §3.3); the gate rarely does (docs/algorithms.md §3.4 calibration: a few per cent)
     gated = published = 0
     draws = 60
     for seed in range(draws):

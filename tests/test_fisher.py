@@ -1,4 +1,4 @@
-"""Diagonal Fisher estimators (algorithms.md §2) against worked example E and the per-sample loop."""
+"""Diagonal Fisher estimators (docs/algorithms.md §2) against worked example E and the per-sample loop."""
 
 from __future__ import annotations
 

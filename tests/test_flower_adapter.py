@@ -50,7 +50,7 @@ def cfg(**sets):
 def test_weights_round_trip_exactly_through_an_arrayrecord():
     w = torch.randn(LAYOUT.size)
     rec = to_record(w, LAYOUT)
-    assert list(rec.keys()) == list(LAYOUT.names)  # parameter names in protocol §6 order
+    assert list(rec.keys()) == list(LAYOUT.names)  # parameter names in docs/protocol.md §6 order
     assert torch.equal(read_flat(rec, LAYOUT), w)
 
 

@@ -1,5 +1,5 @@
 """Our Krum, Multi-Krum, Bulyan, median and trimmed mean against Flower's own aggregation on the
-same inputs (spec/baselines.md §4), with the definitional differences pinned explicitly."""
+same inputs (docs/baselines.md §4), with the definitional differences pinned explicitly."""
 
 from __future__ import annotations
 

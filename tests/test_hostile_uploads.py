@@ -1,4 +1,4 @@
-"""Hostile uploads never crash a defense and never produce a non-finite model (algorithms.md §8.1)."""
+"""Hostile uploads never crash a defense and never produce a non-finite model (docs/algorithms.md §8.1)."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""SDFC (algorithms.md §5, §8.2): worked examples C, D, the echo rule of F, FDReg and FDAgg."""
+"""SDFC (docs/algorithms.md §5, docs/algorithms.md §8.2): worked examples C, D, the echo rule of F, FDReg and FDAgg."""
 
 from __future__ import annotations
 

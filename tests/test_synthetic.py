@@ -1,4 +1,4 @@
-"""The synthetic dataset (spec data.md §10): exact, balanced, shaped like the real sets, trigger-safe."""
+"""The synthetic dataset (docs/data.md §10): exact, balanced, shaped like the real sets, trigger-safe."""
 
 from __future__ import annotations
 

@@ -339,7 +339,7 @@ def resolve(raw: Mapping[str, Any] | Config) -> Config:
         if sec != "variants" and values is not None and not isinstance(values, dict):
             raise ConfigError(f"{sec}: expected a mapping of keys, got {values!r}")
     part = raw.get("partition") or {}
-    if part.get("beta") == "iid":  # protocol §3 alias
+    if part.get("beta") == "iid":  # docs/protocol.md §3 alias
         part["beta"] = 0.0
     cfg = defaults()
     preset = (raw.get("experiment") or {}).get("preset", "paper")

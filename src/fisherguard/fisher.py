@@ -1,10 +1,10 @@
-"""Diagonal Fisher information of a model on a data set (algorithms.md §2).
+"""Diagonal Fisher information of a model on a data set (docs/algorithms.md §2).
 
 ``diagonal_fisher`` is the only estimator the engine calls. Its default, ``per_sample``, is the
 exact empirical Fisher F(D; w)[v] = (1/n)·Σ_i s_i[v]² (SDFC Eqs. 5–7, FDCR Eq. 5) from exact
 per-sample gradients: by layer hooks for models made of Linear and Conv2d layers (SimpleCNN;
-≈1.8–2× a training epoch, performance.md §5), else by ``torch.func`` ``vmap(grad)``.
-``official_label_mixed`` reproduces what both released codes compute (§2.3); it is a
+≈1.8–2× a training epoch, docs/performance.md §5), else by ``torch.func`` ``vmap(grad)``.
+``official_label_mixed`` reproduces what both released codes compute (docs/algorithms.md §2.3); it is a
 reproduction switch, never a speed option. ``per_sample_loop_fisher`` is the slow reference
 (tests, and the benchmark's naive line); the tests' wrong mini-batch estimator is in
 ``tests/reference_fisher.py``. ``ESTIMATORS``, ``LABEL_SOURCES`` and ``IMPORTANCE_METRICS`` are
@@ -129,7 +129,7 @@ def _functional_state(model: nn.Module, weights: Tensor, requires_grad: bool = F
         if not p.requires_grad:
             continue
         n = p.numel()
-        # contiguous NCHW: channels_last weights ran ≈10 % slower under functional_call (performance.md §5)
+        # contiguous NCHW: channels_last weights ran ≈10 % slower under functional_call (docs/performance.md §5)
         t = weights[offset:offset + n].to(dtype=p.dtype, device=p.device).reshape(p.shape).clone(
             memory_format=torch.contiguous_format)
         params[name] = t.requires_grad_(requires_grad)
@@ -156,7 +156,7 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
 def _per_sample_vmap(model: nn.Module, weights: Tensor, x: Tensor, y: Tensor, label_source: str,
                      importance_metric: str, chunk_size: int,
                      generator: torch.Generator | None) -> Tensor:
-    """Exact per-sample scores by ``vmap(grad)`` in chunks; squares (or |·|) summed then / n (§2.2)."""
+    """Exact per-sample scores by ``vmap(grad)`` in chunks; squares (or |·|) summed then / n (docs/algorithms.md §2.2)."""
     params, buffers = _functional_state(model, weights)
     names = list(params)
     n = int(x.shape[0])
@@ -213,7 +213,7 @@ def _hooks_supported(model: nn.Module) -> bool:
 def _per_sample_hooks(model: nn.Module, weights: Tensor, x: Tensor, y: Tensor, label_source: str,
                       importance_metric: str, chunk_size: int,
                       generator: torch.Generator | None) -> Tensor:
-    """Exact per-sample squares from layer inputs a_i and output gradients g_i (performance.md §5).
+    """Exact per-sample squares from layer inputs a_i and output gradients g_i (docs/performance.md §5).
 
     A Linear sample's weight gradient is the outer product g_i a_iᵀ, so Σ_i (g_i a_iᵀ)² =
     (g²)ᵀ(a²) needs no per-sample tensor at all; a convolution's is g_i · unfold(a_i)ᵀ, formed per
@@ -301,7 +301,7 @@ def _accumulate_layer(mod: nn.Module, a: Tensor, g: Tensor, wgt: Tensor | None, 
 def _official_label_mixed(model: nn.Module, weights: Tensor, x: Tensor, y: Tensor,
                           importance_metric: str, batch_size: int,
                           generator: torch.Generator | None) -> Tensor:
-    """The released ``fish_calculate`` (§2.3): (mean over batches of ∇ mean_{i,j} log p(y_j|x_i))², train mode.
+    """The released ``fish_calculate`` (docs/algorithms.md §2.3): (mean over batches of ∇ mean_{i,j} log p(y_j|x_i))², train mode.
 
     Each sample is scored against the whole batch's label vector (defect 1) and the batch
     gradients are averaged before squaring (defect 2); shuffled, last partial batch dropped.
@@ -333,7 +333,7 @@ def _official_label_mixed(model: nn.Module, weights: Tensor, x: Tensor, y: Tenso
 
 def per_sample_loop_fisher(model: nn.Module, weights: Tensor, x: Tensor, y: Tensor, *,
                            importance_metric: str = "squared") -> Tensor:
-    """Test reference: one backward pass per sample, dataset labels, eval mode (§2.2; 7–22 epochs)."""
+    """Test reference: one backward pass per sample, dataset labels, eval mode (docs/algorithms.md §2.2; 7–22 epochs)."""
     _check_options("per_sample", "dataset", importance_metric)
     params, buffers = _functional_state(model, weights, requires_grad=True)
     names = list(params)

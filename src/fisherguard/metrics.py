@@ -1,4 +1,4 @@
-"""The papers' metrics and the project's diagnostics (protocol §7). The only room that knows who attacked."""
+"""The papers' metrics and the project's diagnostics (docs/protocol.md §7). The only room that knows who attacked."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ LAST = 5  # tables average the models of the last five rounds (both papers)
 
 def backdoor_metrics(pred_clean: np.ndarray, labels: np.ndarray, pred_triggered: np.ndarray,
                      target: int = 2, num_classes: int = 10) -> dict[str, float | bool]:
-    """A, ASR_all, R = 100 − ASR_all, standard ASR, V = (A+R)/2, histogram stats, collapse (§7.3–7.4)."""
+    """A, ASR_all, R = 100 − ASR_all, standard ASR, V = (A+R)/2, histogram stats, collapse (docs/protocol.md §7.3–§7.4)."""
     pred_clean, labels, pred_triggered = map(np.asarray, (pred_clean, labels, pred_triggered))
     if not (len(pred_clean) == len(labels) == len(pred_triggered)) or len(labels) == 0:
         raise ValueError("predictions and labels must be non-empty and of equal length")
@@ -50,7 +50,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000,
 
 
 def detection(flagged: Sequence[bool], client_ids: Sequence[int], attackers: Sequence[int]) -> dict[str, float | None]:
-    """TPR and FPR of flagged (weight exactly 0) clients against the true attacker set (§7.6)."""
+    """TPR and FPR of flagged (weight exactly 0) clients against the true attacker set (docs/protocol.md §7.6)."""
     att = set(attackers)
     is_att = [c in att for c in client_ids]
     n_att = sum(is_att)

@@ -1,4 +1,4 @@
-"""The papers' SimpleCNN (protocol §6) and the flat parameter layout shared by every room."""
+"""The papers' SimpleCNN (docs/protocol.md §6) and the flat parameter layout shared by every room."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from torch import nn
 
 
 class SimpleCNN(nn.Module):
-    """conv 5×5 → pool → conv 5×5 → pool → 400→120→84→84→256→10 (protocol §6).
+    """conv 5×5 → pool → conv 5×5 → pool → 400→120→84→84→256→10 (docs/protocol.md §6).
 
     Max-pool runs before ReLU: the two commute, so outputs and gradients are identical, and it is
-    cheaper (performance.md §3).
+    cheaper (docs/performance.md §3).
     """
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10) -> None:
@@ -48,7 +48,7 @@ def build_model(name: str = "simplecnn", in_channels: int = 3, num_classes: int 
 def fold_input_channels(weights: torch.Tensor, channels: int = 3) -> torch.Tensor:
     """SimpleCNN weights for C identical input channels → the 1-channel model computing the same function.
 
-    conv1 sees x_c = x_0 for every c, so Σ_c W_c * x_c = (Σ_c W_c) * x_0 (performance.md §8 lever).
+    conv1 sees x_c = x_0 for every c, so Σ_c W_c * x_c = (Σ_c W_c) * x_0 (docs/performance.md §8 lever).
     """
     k = 6 * channels * 25  # conv1.weight is the first parameter: (6, C, 5, 5)
     w1 = weights[:k].view(6, channels, 5, 5).sum(1)
@@ -66,7 +66,7 @@ def unfold_input_channels(per_param: torch.Tensor, channels: int = 3) -> torch.T
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
-    """Trainable parameters in registration order, which is protocol §6's vector order."""
+    """Trainable parameters in registration order, which is docs/protocol.md §6's vector order."""
     return [p for p in model.parameters() if p.requires_grad]
 
 

@@ -180,7 +180,7 @@ SEED_METRICS = ("A", "R", "ASR", "V", "TPR", "FPR")
 
 
 def aggregate_seeds(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per label: mean ± sample std (ddof = 1) over seeds; collapse as †k/n (protocol §7.4–7.5)."""
+    """One row per label: mean ± sample std (ddof = 1) over seeds; collapse as †k/n (docs/protocol.md §7.4–§7.5)."""
     import numpy as np
 
     groups: dict[str, list[dict[str, Any]]] = {}

@@ -1,4 +1,4 @@
-"""Named random streams derived from the run seed (protocol §7.5).
+"""Named random streams derived from the run seed (docs/protocol.md §7.5).
 
 Every consumer (partition, U sampling, poisoning, model init, each client's batches in each round,
 a defense's own randomness) gets an independent stream from (seed, name, ...), so the order in

@@ -1,4 +1,4 @@
-"""BadNets (Gu et al. 2017) in the papers' setting (protocol §5, attacks.md §2)."""
+"""BadNets (Gu et al. 2017) in the papers' setting (docs/protocol.md §5, docs/attacks.md §2)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ class BadNets(Attack):
         cd = ClientDataset(labels=labels, pipeline=pipeline, images=images, poisoned=poisoned,
                            trigger=self.trigger)
         if self.augmentation == "frozen":
-            # the release transforms each attacker sample once and trains on it all run (§5.5)
+            # the release transforms each attacker sample once and trains on it all run (docs/protocol.md §5.5)
             idx = torch.arange(len(labels))
             frozen = cd.batch(idx, torch_stream(seed, "attacker-augmentation", client_id))[0]
             cd = ClientDataset(labels=labels, pipeline=pipeline, frozen=frozen.contiguous())

@@ -17,7 +17,7 @@ import torch
 from fisherguard.clients.training import ClientDataset, Upload
 from fisherguard.data.transforms import Pipeline
 
-# attacks.md §1: what an attacker knows, from least to most
+# docs/attacks.md §1: what an attacker knows, from least to most
 KNOWLEDGE = ("data-only", "model", "colluding", "omniscient")
 ATTACKER_CHOICE = ("last", "random")
 
@@ -29,7 +29,7 @@ def num_attackers(num_clients: int, fraction: float) -> int:
 
 def choose_attackers(num_clients: int, fraction: float, *, mode: str = "last",
                      rng: np.random.Generator | None = None) -> list[int]:
-    """The last ⌊K·Υ⌋ client ids (protocol §5.1), or a seeded random set of that size."""
+    """The last ⌊K·Υ⌋ client ids (docs/protocol.md §5.1), or a seeded random set of that size."""
     count = num_attackers(num_clients, fraction)
     if mode == "last":
         return list(range(num_clients - count, num_clients))

@@ -10,10 +10,10 @@ Tensor = torch.Tensor
 
 
 class FDReg:
-    """penalty(w) = λ·Σ_v H_v·(w_v − w̄_v)² with H and the anchor w̄ constant (SDFC Eq. 9; algorithms.md §5.2).
+    """penalty(w) = λ·Σ_v H_v·(w_v − w̄_v)² with H and the anchor w̄ constant (SDFC Eq. 9; docs/algorithms.md §5.2).
 
     No ½ and no normalisation, so the gradient is 2λ·H ⊙ (w − w̄). Implements the ``Regulariser``
-    protocol of ``clients.regulariser``; ``params`` arrive in protocol §6 order.
+    protocol of ``clients.regulariser``; ``params`` arrive in docs/protocol.md §6 order.
     """
 
     kind = "fdreg"

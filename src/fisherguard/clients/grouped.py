@@ -5,7 +5,7 @@ convolution in channels_last, linear layers as one batched matmul, and the loss 
 clients' mean cross-entropies so each client's gradient stays its own. SGD's momentum and weight
 decay are element-wise, so one optimiser over the stacked tensors equals K separate ones; a client
 that has run all its steps leaves the group (its slice and momentum are dropped), so no compute
-is wasted on finished clients (performance.md §3). The result equals ``SequentialTrainer`` to
+is wasted on finished clients (docs/performance.md §3). The result equals ``SequentialTrainer`` to
 float rounding; ``tests/test_grouped.py`` proves it.
 """
 
@@ -41,7 +41,7 @@ def grouped_forward(params: list[Tensor], x: Tensor, *, summed_conv1: bool) -> T
     if summed_conv1:
         w1 = w1.sum(2, keepdim=True)
     h = F.conv2d(x, w1.reshape(g * w1.shape[1], *w1.shape[2:]), b1.reshape(-1), groups=g)
-    h = F.relu(F.max_pool2d(h, 2))  # pool before ReLU: identical, cheaper (performance.md §3)
+    h = F.relu(F.max_pool2d(h, 2))  # pool before ReLU: identical, cheaper (docs/performance.md §3)
     h = F.conv2d(h, w2.reshape(g * w2.shape[1], *w2.shape[2:]), b2.reshape(-1), groups=g)
     h = F.relu(F.max_pool2d(h, 2))
     batch = h.shape[0]

@@ -1,4 +1,4 @@
-"""RSA's client-side L1 pull towards the server model, Li et al., AAAI 2019 (baselines.md §3.12)."""
+"""RSA's client-side L1 pull towards the server model, Li et al., AAAI 2019 (docs/baselines.md §3.12)."""
 
 from __future__ import annotations
 

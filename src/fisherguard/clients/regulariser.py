@@ -19,4 +19,4 @@ class Regulariser(Protocol):
     kind: str
 
     def penalty(self, params: Sequence[Tensor]) -> Tensor:
-        """Scalar added to the loss; ``params`` are the model's parameters in protocol §6 order."""
+        """Scalar added to the loss; ``params`` are the model's parameters in docs/protocol.md §6 order."""

@@ -3,7 +3,7 @@
 Workers split the clients (largest total work first, each to the least-loaded worker), train
 their share with the same trainer class and return weights and Fisher; every client draws from
 its own named stream, so the result does not depend on the split. Fork shares the clients' data
-copy-on-write (performance.md §3, §6).
+copy-on-write (docs/performance.md §3, docs/performance.md §6).
 """
 
 from __future__ import annotations

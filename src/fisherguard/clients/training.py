@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fisherguard.data.transforms import Pipeline
 from fisherguard.clients.regulariser import Regulariser
+from fisherguard.data.transforms import Pipeline
 from fisherguard.models import flatten, load_flat, trainable
 
 
@@ -34,7 +34,7 @@ class ClientDataset:
     """One client's samples. Attackers' poisoned samples carry label ``target`` already.
 
     Benign clients (and attackers with per-epoch augmentation) keep uint8 images and draw a fresh
-    crop each time a sample is loaded; attackers with frozen augmentation (protocol §5.5) keep
+    crop each time a sample is loaded; attackers with frozen augmentation (docs/protocol.md §5.5) keep
     the normalised, stamped tensors built once.
     """
 
@@ -54,7 +54,7 @@ class ClientDataset:
         """True when every sample this client trains on has identical channels (grey data, 3 channels).
 
         Then a 3-channel first convolution equals a 1-channel one with its kernel summed over the
-        input channels (performance.md §8, lever for target 4); an ``sdfc``-family trigger on
+        input channels (docs/performance.md §8, lever for target 4); an ``sdfc``-family trigger on
         channel 0 alone breaks it.
         """
         if self._replicated is None:
@@ -79,7 +79,7 @@ class ClientDataset:
         return self._stamp(x, idx), self.labels[idx]
 
     def fisher_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All n_k samples without random augmentation (algorithms.md §2.4)."""
+        """All n_k samples without random augmentation (docs/algorithms.md §2.4)."""
         if self.frozen is not None:
             return self.frozen, self.labels
         assert self.images is not None
@@ -98,7 +98,7 @@ class ClientDataset:
 
 @dataclass(frozen=True)
 class TrainPlan:
-    """Local optimiser settings (protocol §4): a fresh SGD per client and round."""
+    """Local optimiser settings (docs/protocol.md §4): a fresh SGD per client and round."""
 
     epochs: int = 10
     batch_size: int = 64
@@ -154,7 +154,7 @@ class Upload:
 
 def client_fisher(model: nn.Module, data: ClientDataset, weights: torch.Tensor,
                   request: FisherRequest) -> torch.Tensor:
-    """The client's diagonal Fisher over all its samples without augmentation (algorithms.md §2.4)."""
+    """The client's diagonal Fisher over all its samples without augmentation (docs/algorithms.md §2.4)."""
     from fisherguard.fisher import diagonal_fisher
 
     x, y = data.fisher_data()
@@ -198,18 +198,18 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[t
 
 
 def make_optimizer(params: list[nn.Parameter], plan: TrainPlan) -> torch.optim.Optimizer:
-    # fused SGD is the same update rule as the default, ≈15 % faster here (performance.md §3)
+    # fused SGD is the same update rule as the default, ≈15 % faster here (docs/performance.md §3)
     return torch.optim.SGD(params, lr=plan.lr, momentum=plan.momentum,
                            weight_decay=plan.weight_decay, fused=True)
 
 
 class SequentialTrainer:
-    """Reference path: each client trains its own model copy in turn (protocol §4)."""
+    """Reference path: each client trains its own model copy in turn (docs/protocol.md §4)."""
 
     name = "sequential"
 
     def __init__(self, model_factory: Callable[[], nn.Module]) -> None:
-        # channels_last vectorises the small convolutions better on CPU (performance.md §3)
+        # channels_last vectorises the small convolutions better on CPU (docs/performance.md §3)
         self.model = model_factory().to(memory_format=torch.channels_last)
         self.fisher_model = model_factory()
 

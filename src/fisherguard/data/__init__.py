@@ -1,4 +1,4 @@
-"""Datasets: finding, fetching, checking and reading the raw files (spec data.md).
+"""Datasets: finding, fetching, checking and reading the raw files (docs/data.md).
 
 ``load_raw(name, root)`` returns uint8 arrays; ``fetch`` and ``verify`` back the
 ``fisherguard data`` commands; ``make_synthetic`` is the always-available stand-in.

@@ -1,4 +1,4 @@
-"""The dataset catalogue (spec data.md §2-§6): names, aliases and each dataset's files.
+"""The dataset catalogue (docs/data.md §2–§6): names, aliases and each dataset's files.
 
 A :class:`Spec` says where a dataset's files go under the data root, which sets of file names
 (:class:`Layout`) are accepted and the published digest of each file.  Nothing here touches the
@@ -59,7 +59,7 @@ class Spec:
     title: str
     folders: tuple[str, ...]  # under the data root; the first is where fetch writes
     layouts: tuple[Layout, ...]
-    # file name (decompressed name for IDX) -> (algorithm, hex digest); data.md §3-§6
+    # file name (decompressed name for IDX) -> (algorithm, hex digest); docs/data.md §3–§6
     digests: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
 
@@ -71,7 +71,7 @@ def _idx_layout() -> Layout:
         "test-images": "t10k-images-idx3-ubyte",
         "test-labels": "t10k-labels-idx1-ubyte",
     }
-    # uncompressed first: data.md §2 prefers it when both exist
+    # uncompressed first: docs/data.md §2 prefers it when both exist
     return Layout("idx", {k: (v, v + ".gz") for k, v in names.items()})
 
 
@@ -109,7 +109,7 @@ SPECS: dict[str, Spec] = {
         ("usps",),
         (
             Layout("usps-text", {"train": ("zip.train.gz",), "test": ("zip.test.gz",)}),
-            # the LIBSVM files torchvision downloads (data.md §5)
+            # the LIBSVM files torchvision downloads (docs/data.md §5)
             Layout("usps-libsvm", {"train": ("usps.bz2",), "test": ("usps.t.bz2",)}),
         ),
         {

@@ -1,4 +1,4 @@
-"""Checksums of dataset files (spec data.md §8): digests, the stamp file that remembers them,
+"""Checksums of dataset files (docs/data.md §8): digests, the stamp file that remembers them,
 and :func:`check_checksums`, which compares files with the catalogue's published digests.
 """
 
@@ -42,7 +42,7 @@ def file_hash(path: Path, algorithm: str) -> str:
 
 
 def _content_name(path: Path, fmt: str) -> str:
-    """The key of data.md's checksum tables: IDX files are hashed decompressed."""
+    """The key of docs/data.md's checksum tables: IDX files are hashed decompressed."""
     if fmt == "idx" and path.name.endswith(".gz"):
         return path.name[:-3]
     return path.name
@@ -57,7 +57,7 @@ def _open_content(path: Path, fmt: str) -> IO[bytes]:
 
 def _digest(path: Path, fmt: str, algorithm: str, content: bytes | None = None, *,
             use_memo: bool = True) -> str:
-    """The digest data.md publishes for ``path``; ``content`` saves re-reading already-read bytes."""
+    """The digest docs/data.md lists for ``path``; ``content`` saves re-reading already-read bytes."""
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns, algorithm)
     if use_memo and key in _MEMO:
@@ -122,7 +122,7 @@ def check_checksums(
     use_stamp: bool = True,
     contents: Mapping[str, bytes] | None = None,
 ) -> dict:
-    """Compare every file with data.md's published digest (§8).
+    """Compare every file with docs/data.md's digest (docs/data.md §8).
 
     ``contents`` may hold already-read bytes per logical file (decompressed for IDX) so that a
     loader does not read a file twice.  With ``use_stamp``, a valid stamp (names, sizes, mtimes

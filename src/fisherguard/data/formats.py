@@ -1,4 +1,4 @@
-"""Readers for the datasets' on-disk formats (spec data.md §5-§7).
+"""Readers for the datasets' on-disk formats (docs/data.md §5–§7).
 
 Every reader validates what it reads and raises :class:`DatasetCorruptError` naming the file and
 the failing check.  The package only reads these formats; the writers that build fixtures in
@@ -69,7 +69,7 @@ def read_bytes(path: PathLike) -> bytes:
 
 
 def parse_idx(data: bytes, path: PathLike = "<bytes>", *, expect_magic: int | None = None) -> np.ndarray:
-    """Decode an IDX buffer (data.md §7) into a uint8 array; ``path`` only names it in errors."""
+    """Decode an IDX buffer (docs/data.md §7) into a uint8 array; ``path`` only names it in errors."""
     if len(data) < 4:
         raise _corrupt(path, "header", f"{len(data)} bytes, shorter than the 4-byte magic number")
     if data[0] != 0 or data[1] != 0:
@@ -133,7 +133,7 @@ def read_idx_pair(images: PathLike | bytes, labels: PathLike | bytes, *,
 def _usps_to_uint8(values: np.ndarray) -> np.ndarray:
     # torchvision's arithmetic, float32 included: ((x + 1) / 2 * 255) truncated.  Exact
     # arithmetic would differ at x = -0.6 (51 vs torchvision's 50), so this is what "follows
-    # torchvision" means (protocol §1.1).
+    # torchvision" means (docs/protocol.md §1.1).
     x = values.astype(np.float32)
     return ((x + np.float32(1)) / np.float32(2) * np.float32(255)).astype(np.uint8)
 
@@ -234,7 +234,7 @@ def _numpy_reconstruct() -> Any:
 
 
 class _CifarUnpickler(pickle.Unpickler):
-    """Admits only the globals the CIFAR-10 python batches need (data.md §6).
+    """Admits only the globals the CIFAR-10 python batches need (docs/data.md §6).
 
     Unpickling can call any importable callable; refusing every other global in ``find_class``
     means nothing else is ever imported or called.

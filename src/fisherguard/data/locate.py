@@ -1,4 +1,4 @@
-"""Where dataset files live (spec data.md §2, §9): the data root, the searched folders, the
+"""Where dataset files live (docs/data.md §2, docs/data.md §9): the data root, the searched folders, the
 lookup, and the commands that put missing files in place.
 
 Loaders never download; the messages here name the commands that do.
@@ -30,7 +30,7 @@ _DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def data_root(root: str | os.PathLike[str] | None = None) -> Path:
-    """The data root of data.md §2: ``root`` if given, else ``$FISHERGUARD_DATA``, else the cache dir."""
+    """The data root of docs/data.md §2: ``root`` if given, else ``$FISHERGUARD_DATA``, else the cache dir."""
     if root is not None:
         return Path(root).expanduser().absolute()
     env = os.environ.get("FISHERGUARD_DATA")
@@ -65,7 +65,7 @@ def candidate_dirs(spec: Spec, root: str | os.PathLike[str] | None) -> list[Path
     """The folders searched for a dataset, in order: its folders under the root, then extra places."""
     base = data_root(root)
     dirs = [base / folder for folder in spec.folders]
-    if root is None:  # an explicit root is the only place searched (data.md §2)
+    if root is None:  # an explicit root is the only place searched (docs/data.md §2)
         if spec.name == "fashion-mnist":
             dirs.append(_DEBIAN_FASHION_DIR)
         elif spec.name == "usps":
@@ -123,7 +123,7 @@ def find_files(name: str, root: str | os.PathLike[str] | None = None) -> tuple[P
 
 
 def fix_commands(name: str, root: str | os.PathLike[str]) -> list[str]:
-    """The commands of data.md §9 with the real root filled in: the project's, then the plain one(s)."""
+    """The commands of docs/data.md §9 with the real root filled in: the project's, then the plain one(s)."""
     key = catalogue.canonical_name(name)
     r = str(Path(root))
     ours = f'fisherguard data fetch {key} --data-dir "{r}"'

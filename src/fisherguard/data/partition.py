@@ -1,4 +1,4 @@
-"""Client pool / validation split and the Dirichlet label-skew partition (protocol §2–§3)."""
+"""Client pool / validation split and the Dirichlet label-skew partition (docs/protocol.md §2–§3)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class Split:
 def train_validation_split(n_train: int, *, val_size: int | None, rng: np.random.Generator) -> Split:
     """Tail 10 % of the training file is the validation pool P; U = ``val_size`` drawn from P.
 
-    ``val_size=None`` takes all of P (the release's behaviour, protocol §2 `code`).
+    ``val_size=None`` takes all of P (the release's behaviour, docs/protocol.md §2 `code`).
     """
     n_tr = int(0.9 * n_train)
     pool = np.arange(n_tr)
@@ -53,7 +53,7 @@ class Partition:
 
 def dirichlet(labels: np.ndarray, num_clients: int, beta: float, rng: np.random.Generator, *,
               min_size: int = 10, num_classes: int = 10, max_attempts: int = 1000) -> Partition:
-    """Dirichlet(β) label skew with the releases' retry rule and per-client cap (protocol §3).
+    """Dirichlet(β) label skew with the releases' retry rule and per-client cap (docs/protocol.md §3).
 
     ``beta == 0`` means IID: each shuffled class split into K nearly equal parts.
     """

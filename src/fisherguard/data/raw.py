@@ -1,4 +1,4 @@
-"""The in-memory form every loader returns: :class:`RawDataset` (spec data.md §1).
+"""The in-memory form every loader returns: :class:`RawDataset` (docs/data.md §1).
 
 It lives apart from the loaders so that :mod:`~fisherguard.data.synthetic` (a producer) and
 :mod:`~fisherguard.data.datasets` (which dispatches to it) both import it without importing

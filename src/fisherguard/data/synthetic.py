@@ -1,9 +1,9 @@
-"""The ``synthetic`` dataset (spec data.md §10): seeded, balanced, learnable, backdoor-ready.
+"""The ``synthetic`` dataset (docs/data.md §10): seeded, balanced, learnable, backdoor-ready.
 
 Each class has a smooth prototype (a random binary coarse grid, upsampled with softened edges).
 A sample is its prototype times a random contrast factor, plus Gaussian noise, clipped, and pasted with a random shift of up to ``max_shift`` pixels into a black canvas.  The
 canvas keeps a dark margin of at least ``MARGIN`` pixels on every side after the shift, so the
-top-left trigger box of protocol §5.2 (rows 0-2, columns 0-6 of the 32×32 tensor) covers
+top-left trigger box of docs/protocol.md §5.2 (rows 0-2, columns 0-6 of the 32×32 tensor) covers
 only background: it carries no class signal.
 """
 

@@ -1,4 +1,4 @@
-"""Raw uint8 images → the model's normalised 3×32×32 (or 1×32×32) tensors (protocol §1.2).
+"""Raw uint8 images → the model's normalised 3×32×32 (or 1×32×32) tensors (docs/protocol.md §1.2).
 
 Images are resized once and kept as uint8 at 32×32 (one channel for grey sets, to save memory);
 crop, flip, scaling, channel replication and normalisation run per batch.
@@ -76,7 +76,7 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, *, flip: bool)
 
 @dataclass(frozen=True)
 class Pipeline:
-    """The training and test transforms of one dataset (protocol §1.2–1.3)."""
+    """The training and test transforms of one dataset (docs/protocol.md §1.2–§1.3)."""
 
     grey: bool
     out_channels: int = 3

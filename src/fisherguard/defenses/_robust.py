@@ -1,7 +1,7 @@
-"""Helpers shared by the distance- and statistics-based baselines (baselines.md §1–§3).
+"""Helpers shared by the distance- and statistics-based baselines (docs/baselines.md §1–§3).
 
 Everything here works in float64 on the *valid* rows of a round, ordered by client id, so that a
-rule's result does not depend on the order in which clients were presented (baselines.md §1,
+rule's result does not depend on the order in which clients were presented (docs/baselines.md §1,
 "results must not depend on client order"; ties are broken by lowest client id).
 """
 
@@ -36,7 +36,7 @@ def pairwise_sq_dists(x: Tensor) -> Tensor:
     """Squared Euclidean distances (n, n) in float64, from explicit differences.
 
     The Gram-matrix shortcut ‖x‖²+‖y‖²−2x·y cancels catastrophically for close points (Flower's
-    new API shows tiny negative values, baselines.md §4); n is small, so the exact form is cheap.
+    new API shows tiny negative values, docs/baselines.md §4); n is small, so the exact form is cheap.
     """
     x = x.to(torch.float64)
     n = x.shape[0]
@@ -54,7 +54,7 @@ def krum_scores(dist: Tensor, f: int, neighbours: int | None = None) -> Tensor:
 
     Default neighbours = max(1, n − f − 2) (Blanchard et al. 2017, §4). The point itself is
     excluded by index, not by assuming it sorts first, so exact duplicates are handled correctly
-    (Flower's ``argsort(row)[1:]`` can skip a duplicate instead, baselines.md §4).
+    (Flower's ``argsort(row)[1:]`` can skip a duplicate instead, docs/baselines.md §4).
     """
     n = dist.shape[0]
     if n == 1:
@@ -164,7 +164,7 @@ def make_generator(seed: int) -> torch.Generator:
 
 
 class AssumedAttackers:
-    """The assumed attacker count f of baselines.md §1.
+    """The assumed attacker count f of docs/baselines.md §1.
 
     ``f`` set explicitly wins and must satisfy the rule's precondition for the round's K (a
     configuration error otherwise); when it is None the engine's ``assumed_attackers``
@@ -215,7 +215,7 @@ class AssumedAttackers:
 
 
 class ServerMomentum:
-    """MarsFL's heavy-ball server step (baselines.md §2, C1), with C2 fixed.
+    """MarsFL's heavy-ball server step (docs/baselines.md §2, C1), with C2 fixed.
 
     MarsFL steps v ← 0.9·v − η·G on the robust pseudo-gradient G = (w − w_agg)/η, so
     −η·G = agg(Δ) and the server copy moves by v. Initialising that copy from the true global
@@ -243,7 +243,7 @@ class ServerMomentum:
 
 def marsfl_corrupted_count(k: int) -> int:
     """MarsFL's "corrupted count" f − k with f = ⌊K/2⌋, k = K − f − 1: 1 for even K, 0 for odd
-    (baselines.md §2, C3)."""
+    (docs/baselines.md §2, C3)."""
     f = k // 2
     return f - (k - f - 1)
 

@@ -39,7 +39,7 @@ class ServerData(Protocol):
     size: int
 
     def fisher(self, weights: Tensor) -> Tensor:
-        """Diagonal Fisher (P,) of the model with these flat weights on U (algorithms.md §2)."""
+        """Diagonal Fisher (P,) of the model with these flat weights on U (docs/algorithms.md §2)."""
 
     def train(self, weights: Tensor, epochs: int) -> Tensor:
         """Flat weights after ``epochs`` of the clients' SGD on U, starting from ``weights``."""
@@ -323,7 +323,7 @@ def check_flag(name: str, value: Any) -> None:
 
 
 def fisher_estimator_option(fisher_estimator: str | None, label_source: str, *, code: bool) -> str:
-    """The Fisher estimator a Fisher-based defense uses: the preset's default unless given (algorithms.md §2.4)."""
+    """The Fisher estimator a Fisher-based defense uses: the preset's default unless given (docs/algorithms.md §2.4)."""
     estimator = fisher_estimator if fisher_estimator is not None else (
         "official_label_mixed" if code else "per_sample")
     check_choice("fisher_estimator", estimator, ESTIMATORS)
@@ -335,7 +335,7 @@ def fisher_estimator_option(fisher_estimator: str | None, label_source: str, *, 
 
 
 def validate_uploads(ri: RoundInput, *, require_fisher: bool = False) -> list[str | None]:
-    """Per-client rejection reason or None (algorithms.md §8.1), checked in the spec's order.
+    """Per-client rejection reason or None (docs/algorithms.md §8.1), checked in that section's order.
 
     Updates and Fisher rows are treated as hostile input: any shape, dtype or value is possible.
     """
@@ -414,7 +414,7 @@ def reject_all(ri: RoundInput, reasons: list[str | None], status: str = "no_vali
 def finish(ri: RoundInput, weights: Tensor, new_weights: Tensor, reasons: list[str | None], *,
            diagnostics: dict[str, Any] | None = None, zero_reason: str = "zero_weight",
            status: str = "ok", eval_weights: Tensor | None = None) -> Aggregate:
-    """Build an Aggregate whose ``flagged`` is exactly "weight 0" (protocol §7.6).
+    """Build an Aggregate whose ``flagged`` is exactly "weight 0" (docs/protocol.md §7.6).
 
     A client with weight 0 and no reason yet gets ``zero_reason`` so every flag is explained.
     """
@@ -489,7 +489,7 @@ class Rows:
 def valid_rows(ri: RoundInput, reasons: list[str | None]) -> Rows:
     """The rows that passed ``validate_uploads``, sorted by client id.
 
-    Results then do not depend on the order clients were presented in (baselines.md §1; ties
+    Results then do not depend on the order clients were presented in (docs/baselines.md §1; ties
     go to the lowest client id).
     """
     ok = valid_mask(reasons)

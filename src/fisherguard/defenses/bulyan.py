@@ -1,4 +1,4 @@
-"""Bulyan, El Mhamdi, Guerraoui, Rouault, ICML 2018 (baselines.md §3.10)."""
+"""Bulyan, El Mhamdi, Guerraoui, Rouault, ICML 2018 (docs/baselines.md §3.10)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Certifiably robust FL (CRFL) training, Xie, Chen, Chen, Li, ICML 2021 (baselines.md §3.16)."""
+"""Certifiably robust FL (CRFL) training, Xie, Chen, Chen, Li, ICML 2021 (docs/baselines.md §3.16)."""
 
 from __future__ import annotations
 

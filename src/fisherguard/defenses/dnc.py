@@ -1,4 +1,4 @@
-"""Divide-and-Conquer (DnC), Shejwalkar, Houmansadr, NDSS 2021 (baselines.md §3.6)."""
+"""Divide-and-Conquer (DnC), Shejwalkar, Houmansadr, NDSS 2021 (docs/baselines.md §3.6)."""
 
 from __future__ import annotations
 

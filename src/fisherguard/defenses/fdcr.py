@@ -1,7 +1,7 @@
 """FDCR (Huang et al., NeurIPS 2024): Fisher-weighted discrepancy clustering and rescaling.
 
-Server steps per algorithms.md §3.1, degenerate cases §3.2, the separation gate §3.4 and the
-released code's ground-truth oracle as a labelled ablation (§4). Equation numbers refer to the
+Server steps per docs/algorithms.md §3.1, degenerate cases docs/algorithms.md §3.2, the separation gate docs/algorithms.md §3.4 and the
+released code's ground-truth oracle as a labelled ablation (docs/algorithms.md §4). Equation numbers refer to the
 FDCR paper. Server statistics are float64.
 """
 
@@ -25,7 +25,7 @@ CLUSTERINGS = ("finch", "kmeans", "dbscan")
 ORACLE_LABEL = "FDCR-oracle (uses ground truth; not a defense)"
 # The released discrepancy is torch's pairwise_distance, whose eps is added to the difference.
 L2_EPS = 1e-6
-# Scores this close count as equal: all-equal V skips clustering (§3.2); tied cluster means unite.
+# Scores this close count as equal: all-equal V skips clustering (docs/algorithms.md §3.2); tied cluster means unite.
 EQUAL_V_RTOL = 1e-12
 TIE_RTOL = 1e-12
 
@@ -120,7 +120,7 @@ def finch_level0(points: Tensor | Sequence[float]) -> list[int]:
 
 
 def separation_silhouette(scores: Tensor | Sequence[float], flagged: Sequence[bool]) -> float:
-    """Mean silhouette of the split {E, S∖E} of the 1-D scores V (gate of §3.4, after FDCR Eq. 10)."""
+    """Mean silhouette of the split {E, S∖E} of the 1-D scores V (gate of docs/algorithms.md §3.4, after FDCR Eq. 10)."""
     v = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
     e = torch.as_tensor(list(flagged), dtype=torch.bool)
     n = v.numel()
@@ -184,7 +184,7 @@ def dbscan_partition(scores: Tensor) -> list[int]:
 
 
 def top_cluster(scores: Tensor, labels: Sequence[int]) -> list[int]:
-    """Positions in the cluster(s) with the largest mean score; tied clusters are united (§3.1 step 8)."""
+    """Positions in the cluster(s) with the largest mean score; tied clusters are united (docs/algorithms.md §3.1 step 8)."""
     v = scores.to(torch.float64).reshape(-1)
     means: dict[int, float] = {}
     for c in sorted(set(labels)):
@@ -285,7 +285,7 @@ class FDCR(Defense):
         self.seed = int(seed)
 
     def fisher_options(self) -> dict[str, Any]:
-        """Options for ``fisherguard.fisher.diagonal_fisher`` on every client (algorithms.md §2.4)."""
+        """Options for ``fisherguard.fisher.diagonal_fisher`` on every client (docs/algorithms.md §2.4)."""
         return {"estimator": self.fisher_estimator, "label_source": self.label_source}
 
     # The oracle subclass replaces rows here; the honest defense uses the uploads as they are.
@@ -302,13 +302,13 @@ class FDCR(Defense):
         }
 
     def reject(self, ri: RoundInput, reasons: list[str | None]) -> Aggregate:
-        """No valid upload (step 0, §8.1): w^t back, with the full (empty) record."""
+        """No valid upload (step 0, docs/algorithms.md §8.1): w^t back, with the full (empty) record."""
         diag = self._blank_diagnostics(ri.num_clients)
         diag["num_rejected"] = ri.num_clients
         return reject_all(ri, reasons, diagnostics=diag)
 
     def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
-        """One FDCR round after validation (algorithms.md §3.1 steps 1–12).
+        """One FDCR round after validation (docs/algorithms.md §3.1 steps 1–12).
 
         Works in RoundInput order (``reasons``), not the rows' client-id order.
         """
@@ -319,7 +319,7 @@ class FDCR(Defense):
         wt = ri.global_weights.to(torch.float64)
         fisher = self._fisher_rows(ri, ri.fisher, valid)
 
-        # step 2: importance on every valid client, then the spikiness check (§8.2)
+        # step 2: importance on every valid client, then the spikiness check (docs/algorithms.md §8.2)
         idx = [k for k in range(k_all) if reasons[k] is None]
         layer = self.layer_sizes if self.importance_scope == "layer" else None
         imp = fisher_importance(fisher[idx], layer)
@@ -394,7 +394,7 @@ class FDCR(Defense):
         return Combined(weights, new, diag)
 
     def select_flagged(self, v: Tensor) -> tuple[list[int], dict[str, Any]]:
-        """Positions of ``v`` to remove and the clustering record (§3.1 steps 7–9, §3.2, §3.4).
+        """Positions of ``v`` to remove and the clustering record (docs/algorithms.md §3.1 steps 7–9, docs/algorithms.md §3.2, docs/algorithms.md §3.4).
 
         The record holds ``labels``, ``num_clusters``, ``silhouette``, ``gate_fired``,
         ``drop_capped`` and ``single_cluster`` (no partition: FPRA then follows
@@ -440,7 +440,7 @@ class FDCR(Defense):
 
 
 class FDCROracle(FDCR):
-    """The released FDCR server (§4.2): marked clients' Fisher replaced by N(0, 1) noise. Not a defense.
+    """The released FDCR server (docs/algorithms.md §4.2): marked clients' Fisher replaced by N(0, 1) noise. Not a defense.
 
     ``code`` preset, gate and spikiness check off. It refuses to aggregate until
     ``receive_attacker_ids`` has been called; every result carries the label
@@ -459,7 +459,7 @@ class FDCROracle(FDCR):
         self._noise = torch.Generator().manual_seed(int(seed))
 
     def receive_attacker_ids(self, ids: Iterable[int]) -> None:
-        """Hand over the ground-truth attacker ids (the released server's oracle, §4.2 step 1)."""
+        """Hand over the ground-truth attacker ids (the released server's oracle, docs/algorithms.md §4.2 step 1)."""
         warnings.warn(f"{ORACLE_LABEL}: fdcr-oracle replaces the Fisher of the ground-truth "
                       "attackers by noise; its results measure the oracle, not FDCR",
                       UserWarning, stacklevel=2)
@@ -480,7 +480,7 @@ class FDCROracle(FDCR):
         return {**super()._blank_diagnostics(k_all), "label": ORACLE_LABEL}
 
     def check_ready(self, ri: RoundInput) -> None:
-        """FDCR with the marked clients' Fisher swapped for noise (§4.3) needs the ids first."""
+        """FDCR with the marked clients' Fisher swapped for noise (docs/algorithms.md §4.3) needs the ids first."""
         if self._attacker_ids is None:
             raise RuntimeError("fdcr-oracle uses ground-truth attacker ids and refuses to aggregate "
                                "until receive_attacker_ids(ids) has been called explicitly")

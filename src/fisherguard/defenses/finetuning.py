@@ -1,4 +1,4 @@
-"""Server-side fine-tuning of the FedAvg model on clean data (baselines.md §3.15)."""
+"""Server-side fine-tuning of the FedAvg model on clean data (docs/baselines.md §3.15)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fisherguard.defenses.base import (Combined, Defense, RoundInput, Rows, chec
 
 class Finetuning(Defense):
     """w^{t+1} = E_ft epochs of the clients' SGD on U from FedAvg(w_k) (no method paper; both
-    papers cite Quinn et al. 2019 for it, baselines.md §3.15)."""
+    papers cite Quinn et al. 2019 for it, docs/baselines.md §3.15)."""
 
     name = "finetuning"
     paper = "no method paper (FDCR/SDFC cite Quinn et al., Dive into Deep Learning, 2019)"

@@ -1,4 +1,4 @@
-"""FLTrust, Cao, Fang, Liu, Gong, NDSS 2021 (baselines.md §3.13)."""
+"""FLTrust, Cao, Fang, Liu, Gong, NDSS 2021 (docs/baselines.md §3.13)."""
 
 from __future__ import annotations
 

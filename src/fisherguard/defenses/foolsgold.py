@@ -1,4 +1,4 @@
-"""FoolsGold, Fung, Yoon, Beschastnikh, arXiv 1808.04866 / RAID 2020 (baselines.md §3.4)."""
+"""FoolsGold, Fung, Yoon, Beschastnikh, arXiv 1808.04866 / RAID 2020 (docs/baselines.md §3.4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Krum and Multi-Krum, Blanchard et al., NeurIPS 2017 (baselines.md §3.2, §3.3)."""
+"""Krum and Multi-Krum, Blanchard et al., NeurIPS 2017 (docs/baselines.md §3.2, docs/baselines.md §3.3)."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ class MultiKrum(_KrumBase):
         if self.m is not None:
             self.check_clients(k)
             return min(self.m, n)
-        # MarsFL keeps a hard-coded 5 (baselines.md §3.3); the paper default is m = K − f.
+        # MarsFL keeps a hard-coded 5 (docs/baselines.md §3.3); the paper default is m = K − f.
         m = 5 if self.preset == "code" else k - f
         return max(1, min(m, n))
 

@@ -1,4 +1,4 @@
-"""Coordinate-wise median, Yin, Chen, Ramchandran, Bartlett, ICML 2018 (baselines.md §3.8)."""
+"""Coordinate-wise median, Yin, Chen, Ramchandran, Bartlett, ICML 2018 (docs/baselines.md §3.8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Multi-Metrics aggregation (MMA), Huang, Li, Chen, Shi, Gao, ICCV 2023 (baselines.md §3.7)."""
+"""Multi-Metrics aggregation (MMA), Huang, Li, Chen, Shi, Gao, ICCV 2023 (docs/baselines.md §3.7)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def multi_metric_features(x: Tensor) -> Tensor:
     """t_i = (Σ_j (1 − cos)², Σ_j ‖x_i − x_j‖₁, Σ_j |‖x_i‖₂ − ‖x_j‖₂|) over j ≠ i, (n, 3).
 
     The third metric is the norm difference of the official code, not the paper's Euclidean
-    distance (baselines.md §3.7).
+    distance (docs/baselines.md §3.7).
     """
     n = x.shape[0]
     norms = x.norm(dim=1)

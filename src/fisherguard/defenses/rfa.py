@@ -1,5 +1,5 @@
 """Robust federated aggregation (RFA, geometric median), Pillutla, Kakade, Harchaoui,
-IEEE TSP 2022 (baselines.md §3.11)."""
+IEEE TSP 2022 (docs/baselines.md §3.11)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Robust learning rate (RLR), Ozdayi, Kantarcioglu, Gel, AAAI 2021 (baselines.md §3.5)."""
+"""Robust learning rate (RLR), Ozdayi, Kantarcioglu, Gel, AAAI 2021 (docs/baselines.md §3.5)."""
 
 from __future__ import annotations
 

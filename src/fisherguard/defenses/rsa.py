@@ -1,5 +1,5 @@
 """Byzantine-robust stochastic aggregation (RSA), Li, Xu, Chen, Giannakis, Ling, AAAI 2019
-(baselines.md §3.12)."""
+(docs/baselines.md §3.12)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Sageflow, Park, Han, Choi, Moon, NeurIPS 2021 (baselines.md §3.14)."""
+"""Sageflow, Park, Han, Choi, Moon, NeurIPS 2021 (docs/baselines.md §3.14)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class Sageflow(Defense):
     models on the server's clean data (Park et al. 2021, Eq. 5–6; synchronous case).
 
     Preset ``code`` reproduces MarsFL, which evaluates the *global* model for every client, so
-    all clients get equal weight (baselines.md §3.14).
+    all clients get equal weight (docs/baselines.md §3.14).
     """
 
     name = "sageflow"

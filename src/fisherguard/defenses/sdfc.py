@@ -1,7 +1,7 @@
 """SDFC (Huang et al., ECCV 2024): Fisher discrepancy regularisation and aggregation.
 
 Server part (FDAgg, SDFC Eq. 10) in ``combine``; client part (FDReg, Eq. 9) handed out by
-``plan_clients`` as ``clients.fdreg.FDReg``. algorithms.md §5 and §8.2 (echo check). Equation
+``plan_clients`` as ``clients.fdreg.FDReg``. docs/algorithms.md §5 and docs/algorithms.md §8.2 (echo check). Equation
 numbers refer to the SDFC paper. Server statistics are float64.
 """
 
@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from fisherguard.clients.fdreg import FDReg
-from fisherguard.defenses.base import (PRESETS, Aggregate, ClientPlan, Combined, Defense, PlanInput,
-                                       RoundInput, Rows, check_choice, check_flag, check_range,
+from fisherguard.defenses.base import (PRESETS, Aggregate, ClientPlan, Combined, Defense,
+                                       MissingServerDataError, PlanInput, RoundInput, Rows,
+                                       check_choice, check_flag, check_range,
                                        fisher_estimator_option, reject_all)
 from fisherguard.fisher import IMPORTANCE_METRICS
 
@@ -40,7 +41,7 @@ def fisher_difference(local: Tensor | None, val: Tensor | None, kind: str = "abs
 
 
 def echo_ratio(local: Tensor, val: Tensor) -> float:
-    """ρ_k = Σ_v |M_k(D_k) − M_k(U)| / Σ_v (M_k(D_k) + M_k(U)), the echo statistic (§8.2, after SDFC Eq. 8b)."""
+    """ρ_k = Σ_v |M_k(D_k) − M_k(U)| / Σ_v (M_k(D_k) + M_k(U)), the echo statistic (docs/algorithms.md §8.2, after SDFC Eq. 8b)."""
     lo, va = local.to(torch.float64), val.to(torch.float64)
     denom = float((lo + va).sum())
     return float((lo - va).abs().sum()) / denom if denom > 0 else 0.0
@@ -123,25 +124,25 @@ class SDFC(Defense):
         self.label_source = label_source
         self.hardening = hardening
         self.echo_rtol = echo_rtol
-        # client id → (H_k, anchor w_k, round it was computed in): cross-round state (§5.1 step 4)
+        # client id → (H_k, anchor w_k, round it was computed in): cross-round state (docs/algorithms.md §5.1 step 4)
         self._history: dict[int, tuple[Tensor, Tensor, int]] = {}
 
     def fisher_options(self) -> dict[str, Any]:
-        """Options for ``diagonal_fisher`` on clients and on U (both Fishers alike, algorithms.md §2.4)."""
+        """Options for ``diagonal_fisher`` on clients and on U (both Fishers alike, docs/algorithms.md §2.4)."""
         return {"estimator": self.fisher_estimator, "label_source": self.label_source,
                 "importance_metric": self.importance_metric}
 
     # ------------------------------------------------------------------ client side (FDReg)
 
     def plan_fisher_requests(self, plan_input: PlanInput) -> dict[int, Tensor]:
-        """F(D_k; w^t) of every client without a usable H_k from an earlier round (§5.5)."""
+        """F(D_k; w^t) of every client without a usable H_k from an earlier round (docs/algorithms.md §5.5)."""
         if not self.use_fdreg or self.difference == "val_only":
             return {}
         wt = plan_input.global_weights.detach()
         return {int(cid): wt for cid in plan_input.client_ids if int(cid) not in self._history}
 
     def plan_clients(self, plan_input: PlanInput) -> dict[int, ClientPlan]:
-        """FDReg (Eq. 9) for every client: own H_k and anchor w_k^{t−1}, else H at w^t (§5.5)."""
+        """FDReg (Eq. 9) for every client: own H_k and anchor w_k^{t−1}, else H at w^t (docs/algorithms.md §5.5)."""
         if not self.use_fdreg:
             return {}
         pi = plan_input
@@ -157,7 +158,8 @@ class SDFC(Defense):
                 # [code] round 0, [project] any client without a valid previous round: anchor w^t
                 if val_at_global is None and self.difference != "local_only":
                     if pi.server_data is None:
-                        raise RuntimeError("SDFC needs the server's validation set (server_data)")
+                        raise MissingServerDataError("defense 'sdfc' needs the server's clean data "
+                                                     "(PlanInput.server_data), got None")
                     val_at_global = pi.server_data.fisher(wt).detach().to(torch.float64)
                 local = (_asked_fisher(pi, int(cid), wt).detach().to(torch.float64)
                          if self.difference != "val_only" else None)
@@ -184,7 +186,7 @@ class SDFC(Defense):
                 "echo_ratio": [None] * k_all, "num_rejected": 0}
 
     def _forget_rejected(self, ri: RoundInput, reasons: list[str | None]) -> int:
-        """Drop the history of every client rejected this round (§5.5); their number."""
+        """Drop the history of every client rejected this round (docs/algorithms.md §5.5); their number."""
         for k in range(ri.num_clients):
             if reasons[k] is not None:
                 self._history.pop(int(ri.client_ids[k]), None)
@@ -197,7 +199,7 @@ class SDFC(Defense):
         return reject_all(ri, reasons, diagnostics=diag)
 
     def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
-        """H_k, echo check, FDAgg weights and w^{t+1} = Σ_k α_k w_k (SDFC Eqs. 7–10; algorithms.md §5.1).
+        """H_k, echo check, FDAgg weights and w^{t+1} = Σ_k α_k w_k (SDFC Eqs. 7–10; docs/algorithms.md §5.1).
 
         Works in RoundInput order (``reasons``), not the rows' client-id order.
         """
@@ -230,7 +232,7 @@ class SDFC(Defense):
                 reasons[k] = "non_finite"  # T_k overflows float64; min-max would give NaN
                 continue
             h_rows[k] = h
-        # a client rejected this round has no valid history for the next (§5.5)
+        # a client rejected this round has no valid history for the next (docs/algorithms.md §5.5)
         diag["num_rejected"] = self._forget_rejected(ri, reasons)
         idx = sorted(h_rows)
         if not idx:

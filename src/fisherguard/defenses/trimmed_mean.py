@@ -1,4 +1,4 @@
-"""Coordinate-wise trimmed mean ("Trim Median"), Yin et al., ICML 2018 (baselines.md §3.9)."""
+"""Coordinate-wise trimmed mean ("Trim Median"), Yin et al., ICML 2018 (docs/baselines.md §3.9)."""
 
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ class Federation:
 
 
 def prepare(cfg: Config) -> Federation:
-    """Load data, split, partition, choose attackers and poison their data (protocol §1–§5)."""
+    """Load data, split, partition, choose attackers and poison their data (docs/protocol.md §1–§5)."""
     d, seed = cfg.data, cfg.experiment.seed
     if d.dataset == "synthetic":
         raw = load_raw("synthetic", n_train=d.synthetic_train, n_test=d.synthetic_test)
@@ -104,21 +104,21 @@ def prepare(cfg: Config) -> Federation:
 
 
 def initial_weights(fed: Federation) -> torch.Tensor:
-    """One PyTorch default initialisation from the run seed (protocol §4)."""
+    """One PyTorch default initialisation from the run seed (docs/protocol.md §4)."""
     with torch.random.fork_rng():
         torch.manual_seed(derive_seed(fed.cfg.experiment.seed, "model-init"))
         return flatten(fed.model_factory()).clone()
 
 
 def train_plan(cfg: Config) -> TrainPlan:
-    """The clients' local optimiser settings of a config (protocol §4)."""
+    """The clients' local optimiser settings of a config (docs/protocol.md §4)."""
     f = cfg.federation
     return TrainPlan(epochs=f.local_epochs, batch_size=f.batch_size, lr=f.lr,
                      momentum=f.momentum, weight_decay=f.weight_decay)
 
 
 def server_data(fed: Federation, defense: Defense, plan: TrainPlan) -> ValidationSet | None:
-    """The server's clean set U, for the defenses that read it (protocol §2)."""
+    """The server's clean set U, for the defenses that read it (docs/protocol.md §2)."""
     if not defense.needs_server_data:
         return None
     return ValidationSet(fed.model_factory, fed.server_images, fed.server_labels, fed.pipeline,
@@ -144,7 +144,7 @@ def fisher_request(fed: Federation, cid: int, tag: int | str,
 
 def local_fisher(fed: Federation, model: nn.Module, cid: int, weights: torch.Tensor,
                  tag: int | str, fisher_options: dict[str, Any]) -> torch.Tensor:
-    """F(D_k; w), client ``cid``'s diagonal Fisher on its own data (algorithms.md §2), stream ``tag``."""
+    """F(D_k; w), client ``cid``'s diagonal Fisher on its own data (docs/algorithms.md §2), stream ``tag``."""
     return client_fisher(model, fed.clients[cid], weights,
                          fisher_request(fed, cid, tag, fisher_options))
 
@@ -155,7 +155,7 @@ def plan_tag(round_idx: int) -> str:
 
 
 def evaluate(fed: Federation, model: nn.Module, weights: torch.Tensor) -> dict[str, Any]:
-    """Clean accuracy and backdoor metrics of a global model (protocol §7), trigger from the attack."""
+    """Clean accuracy and backdoor metrics of a global model (docs/protocol.md §7), trigger from the attack."""
     load_flat(model, weights)
     bs = fed.cfg.eval.batch_size
     clean = metrics.predict(model, fed.test_x, bs, fed.pipeline.test)

@@ -93,7 +93,7 @@ class Server:
             self.weights = initial_weights(fed)
             (run_dir.path / "partition.json").write_text(json.dumps(fed.partition_info))
             run_dir.write_json("defense.json", {"name": cfg.defense.name,
-                                                "params": self.defense.hyperparameters()})
+                                                "params": self.defense.get_params()})
         self.bar = Progress(self.total, label, progress)
 
     @property
@@ -157,7 +157,7 @@ class Server:
 
     def record(self, round_idx: int, counts: torch.Tensor, agg: Any, scores: dict[str, Any],
                train_stats: list[dict[str, float]], wall_time_s: float) -> dict[str, Any]:
-        """One line of rounds.jsonl: metrics, detection, per-client weights/flags/reasons (architecture §5)."""
+        """One line of rounds.jsonl: metrics, detection, per-client weights/flags/reasons (docs/architecture.md §5)."""
         cw = agg.client_weights.tolist()
         det = metrics.detection(agg.flagged.tolist(), self.ids, self.fed.attackers)
         det["attacker_share"] = metrics.attacker_weight_share(cw, self.ids, self.fed.attackers)

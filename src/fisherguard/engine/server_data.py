@@ -15,7 +15,7 @@ from fisherguard.seeding import torch_stream
 
 
 class ValidationSet:
-    """U (protocol §2) with the transform of the preset (§1.3); randomness per round and call."""
+    """U (docs/protocol.md §2) with the transform of the preset (docs/protocol.md §1.3); randomness per round and call."""
 
     def __init__(self, model_factory: Callable[[], nn.Module], images: torch.Tensor,
                  labels: torch.Tensor, pipeline: Pipeline, *, transform: str, plan: TrainPlan,

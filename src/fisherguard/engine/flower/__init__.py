@@ -1,5 +1,5 @@
 """fisherguard on Flower (``flwr``): a strategy that wraps any defense, a ClientApp running the
-same client layer, a ServerApp, and a launcher for simulation and deployment (spec flower.md).
+same client layer, a ServerApp, and a launcher for simulation and deployment (docs/flower.md).
 
 flwr is optional (``pip install 'fisherguard[flower]'``); the core never imports it.
 """
@@ -10,7 +10,7 @@ import os
 
 INSTALL_HINT = "pip install 'fisherguard[flower]' torch==2.13.0"
 
-# flower.md §6: no telemetry, no update check, never `uv sync` an app's dependencies (that could
+# docs/flower.md §6: no telemetry, no update check, never `uv sync` an app's dependencies (that could
 # pull another torch). Set before flwr is imported so every process that imports us inherits them.
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",

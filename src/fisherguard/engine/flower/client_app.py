@@ -50,7 +50,7 @@ class Node:
 
 @functools.lru_cache(maxsize=2)
 def _node(config_hash: str, config_text: str) -> Node:
-    """Resolve the config and build the federation once per process and config (protocol §1–§5)."""
+    """Resolve the config and build the federation once per process and config (docs/protocol.md §1–§5)."""
     del config_hash  # the cache key; hashing long texts once keeps lookups cheap
     cfg = config_mod.resolve(yaml.safe_load(config_text))
     if cfg.runtime.retain_memory:

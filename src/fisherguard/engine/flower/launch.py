@@ -3,8 +3,8 @@ and a one-machine deployment (SuperLink + SuperNodes on 127.0.0.1) for tests and
 
 Every daemon starts in its own session with a run-unique tag in its environment; stopping
 collects the started PIDs, their descendants and every process carrying the tag *before*
-signalling, sends SIGTERM, then SIGKILL to survivors (flower.md §8.1: superexec children outlive
-their parents). The Flower environment switches of flower.md §6 are set for every process.
+signalling, sends SIGTERM, then SIGKILL to survivors (docs/flower.md §8.1: superexec children outlive
+their parents). The Flower environment switches of docs/flower.md §6 are set for every process.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class FlowerOptions:
     min_replies: int = 1  # fewer replying clients in a round stops the run with a clear message
     round_timeout: float = 600.0  # seconds a round waits for replies (a lost node never replies)
     threads: int = 1  # torch threads per client process / Ray actor
-    cpus_per_client: int = 1  # Ray CPUs per simulated client (flower.md §3)
+    cpus_per_client: int = 1  # Ray CPUs per simulated client (docs/flower.md §3)
     run_timeout: float | None = None  # whole run; None waits for ever
     keep_logs: Path | None = None  # copy the daemons' logs here
 
@@ -66,7 +66,7 @@ def options(**changes: Any) -> Iterator[FlowerOptions]:
 
 
 def app_pyproject() -> str:
-    """The Flower App's pyproject.toml: a thin shim over the installed fisherguard (flower.md §3).
+    """The Flower App's pyproject.toml: a thin shim over the installed fisherguard (docs/flower.md §3).
 
     Dependencies list flwr only, never torch: a runtime installer must not choose a torch.
     """
@@ -121,13 +121,13 @@ def write_app(directory: Path) -> Path:
 
 
 def flower_env(home: Path, tag: str, threads: int = 1) -> dict[str, str]:
-    """The environment for every Flower process (flower.md §6), tagged for clean-up."""
+    """The environment for every Flower process (docs/flower.md §6), tagged for clean-up."""
     env = dict(os.environ)
     env.update(FLOWER_ENV)
     env["FLWR_HOME"] = str(home)
     env[TAG_VAR] = tag
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    # threads are set before torch starts (performance.md §9); the ClientApp also sets them
+    # threads are set before torch starts (docs/performance.md §9); the ClientApp also sets them
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -243,7 +243,7 @@ class Processes:
 
 
 def wait_http(port: int, proc: subprocess.Popen, timeout: float, what: str, logfile: Path) -> None:
-    """Wait until ``GET /health`` answers on 127.0.0.1:port (flower.md §3)."""
+    """Wait until ``GET /health`` answers on 127.0.0.1:port (docs/flower.md §3)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -384,7 +384,7 @@ def _finish(out_dir: Path, rc: int, logdir: Path) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _session(opts: FlowerOptions, prefix: str) -> Iterator[tuple[Path, Processes]]:
-    """A private FLWR_HOME and log directory outside any app directory (flower.md §8.6)."""
+    """A private FLWR_HOME and log directory outside any app directory (docs/flower.md §8.6)."""
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         root = Path(tmp)
         (root / "logs").mkdir()

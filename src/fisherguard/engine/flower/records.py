@@ -1,4 +1,4 @@
-"""The Message record layout of fisherguard on Flower (flower.md §4): flat weights ↔ ArrayRecord,
+"""The Message record layout of fisherguard on Flower (docs/flower.md §4): flat weights ↔ ArrayRecord,
 client plans (SDFC's FDReg, RSA's L1 pull, own start weights) ↔ records, replies → rows.
 
 A reply is hostile input: ``read_flat`` never trusts keys, shapes, dtypes or values; a malformed
@@ -38,7 +38,7 @@ class BadRecord(ValueError):
 
 @dataclass(frozen=True)
 class Layout:
-    """Names and shapes of the model's trainable parameters in protocol §6 (flat-vector) order."""
+    """Names and shapes of the model's trainable parameters in docs/protocol.md §6 (flat-vector) order."""
 
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
@@ -54,7 +54,7 @@ class Layout:
 
 
 def to_record(flat: torch.Tensor, layout: Layout) -> ArrayRecord:
-    """A (P,) float32 vector as an ArrayRecord keyed by parameter name (flower.md §4)."""
+    """A (P,) float32 vector as an ArrayRecord keyed by parameter name (docs/flower.md §4)."""
     flat = flat.detach().to(torch.float32).reshape(-1).contiguous()
     if flat.numel() != layout.size:
         raise ValueError(f"vector has {flat.numel()} entries, the model needs {layout.size}")

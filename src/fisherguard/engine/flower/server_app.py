@@ -143,7 +143,7 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_one(grid: Grid, s: Settings) -> None:
     """One experiment on the grid's nodes, written to ``s.out`` as the in-process engine would."""
-    # FedAvg's node sampling uses Python's global `random` (flower.md §8.3)
+    # FedAvg's node sampling uses Python's global `random` (docs/flower.md §8.3)
     random.seed(derive_seed(s.cfg.experiment.seed, "flower-sampling"))
     strategy = DefenseStrategy(s.cfg, s.out, label=s.label, resume=s.resume,
                                min_replies=s.min_replies, threads=s.threads)

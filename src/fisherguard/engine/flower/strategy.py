@@ -1,4 +1,4 @@
-"""A Flower strategy around any fisherguard defense (flower.md §5): the engine's round
+"""A Flower strategy around any fisherguard defense (docs/flower.md §5): the engine's round
 (``engine.round.Server``) behind Flower's ``configure_train`` / ``aggregate_train`` hooks.
 
 ``configure_train`` begins the round (``Server.begin``; the client Fishers a defense's plan asks
@@ -44,7 +44,7 @@ class TooFewReplies(RuntimeError):
 
 
 class DefenseStrategy(FedAvg):
-    """FedAvg's plumbing with fisherguard's round, defense and results (flower.md §5, §9.3)."""
+    """FedAvg's plumbing with fisherguard's round, defense and results (docs/flower.md §5, docs/flower.md §9.3)."""
 
     def __init__(self, cfg: Config, out_dir: Any, *, label: str | None = None,
                  resume: bool = False, min_replies: int = 1, threads: int = 1,
