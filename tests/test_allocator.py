@@ -11,6 +11,8 @@ from fisherguard import config
 from fisherguard.allocator import retain_freed_memory
 from fisherguard.engine import simulator
 
+pytestmark = pytest.mark.unit
+
 # A fresh interpreter, so the allocator starts from glibc's defaults; prints faults per step.
 STEPS = textwrap.dedent("""
     import resource, sys

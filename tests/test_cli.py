@@ -1,4 +1,8 @@
+import pytest
+
 from fisherguard.cli import main
+
+pytestmark = pytest.mark.unit
 
 
 def test_defenses_lists_every_registered_defense(capsys):

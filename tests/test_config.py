@@ -3,6 +3,8 @@ import pytest
 from fisherguard import config
 from fisherguard.config import ConfigError
 
+pytestmark = pytest.mark.unit
+
 
 def test_defaults_and_presets():
     cfg = config.resolve({})

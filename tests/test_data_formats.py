@@ -17,6 +17,8 @@ import pytest
 from fisherguard.data import formats, load_raw
 from fisherguard.data.sources import DatasetCorruptError
 
+pytestmark = pytest.mark.unit
+
 
 def _images(n: int, shape=(28, 28), seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, *shape), dtype=np.uint8)

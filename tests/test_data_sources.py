@@ -14,6 +14,8 @@ import pytest
 from fisherguard.data import datasets, formats, load_raw, sources
 from fisherguard.data.sources import DatasetCorruptError, DatasetMissingError
 
+pytestmark = pytest.mark.unit
+
 USPS_TRAIN = [1194, 1005, 731, 658, 652, 556, 664, 645, 542, 644]
 USPS_TEST = [359, 264, 198, 166, 200, 160, 170, 147, 166, 177]
 IDX_STEMS = {"train-images": "train-images-idx3-ubyte", "train-labels": "train-labels-idx1-ubyte",

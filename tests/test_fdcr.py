@@ -17,6 +17,8 @@ from fisherguard.defenses.fdcr import (FDCR, ORACLE_LABEL, FDCROracle, discrepan
                                        separation_silhouette, top_cluster)
 from fisherguard.defenses.sdfc import SDFC
 
+pytestmark = pytest.mark.unit
+
 D = torch.float64
 TOL = dict(atol=1e-6, rtol=0)
 

@@ -19,6 +19,8 @@ from fisherguard.fisher import diagonal_fisher
 from fisherguard.models import SimpleCNN, fold_input_channels, unfold_input_channels
 from fisherguard.seeding import torch_stream
 
+pytestmark = pytest.mark.unit
+
 PLAN = TrainPlan(epochs=2, batch_size=32, lr=0.05)  # momentum 0.9 and weight decay on
 # L1's subgradient sign(w − anchor) flips on rounding-level differences where w ≈ anchor; one flip
 # moves a coordinate by at most 2·λ·lr/(1 − momentum), so L1 clients get that as tolerance

@@ -8,6 +8,8 @@ from fisherguard.data.datasets import load_raw
 from fisherguard.data.sources import DatasetMissingError
 from fisherguard.engine.simulator import prepare, run
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def fmnist():
