@@ -176,6 +176,7 @@ def test_wrong_counts_are_reported(env, tmp_path):
     assert ei.value.check == "counts" and "train-images-idx3-ubyte" in str(ei.value)
 
 
+@pytest.mark.integration  # real data (the shared USPS files)
 def test_real_usps_from_the_shared_folder(env, tmp_path):
     """The shared folder beside the project (../shared/data/usps/) via the default lookup."""
     env.setenv("FISHERGUARD_DATA", str(tmp_path / "empty-root"))
@@ -203,6 +204,7 @@ def test_real_usps_from_the_shared_folder(env, tmp_path):
 # --------------------------------------------------------------------------- fetch
 
 
+@pytest.mark.integration  # real data (the shared USPS files)
 def test_fetch_usps_copies_the_shared_files_and_is_idempotent(env, tmp_path):
     msgs: list[str] = []
     d = sources.fetch("usps", tmp_path, progress=msgs.append)

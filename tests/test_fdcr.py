@@ -213,6 +213,7 @@ def test_finch_ties_go_to_lowest_index() -> None:
     assert partition(finch_level0(t(0, 0.5, 2, 3.5, 4))) == {frozenset({0, 1, 2}), frozenset({3, 4})}
 
 
+@pytest.mark.integration  # 200 finch-clust runs (~1 s)
 def test_finch_matches_finch_clust() -> None:
     import finch  # finch-clust, a test dependency
     import numpy as np
