@@ -39,8 +39,10 @@ test: data
 # The same suite by class (pytest markers, tests/conftest.py); `make test` runs all three.
 # test-fast: the unit tests, under a minute, no data download; test-integration: engine runs,
 # real data (Fashion-MNIST, the shared USPS files), subprocesses and workers; test-flower: Flower.
+# The unit tests' tensors are small: one torch thread does them as fast, and on a busy 2-core
+# machine waiting for a second one more than doubled their time (17-20 s against 41-52 s).
 test-fast: install
-	$(PY) -m pytest -q -m unit
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m unit
 
 test-integration: data
 	$(PY) -m pytest -q -m integration
