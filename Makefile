@@ -12,7 +12,7 @@ export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
-.PHONY: demo test test-latest lock data install clean-runs table-defenses table-fisher bench bench-full bench-floor
+.PHONY: demo test test-fast test-integration test-flower test-latest lock data install clean-runs table-defenses table-fisher bench bench-full bench-floor
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -35,6 +35,20 @@ demo: data
 
 test: data
 	$(PY) -m pytest -q
+
+# The same suite by class (pytest markers, tests/conftest.py); `make test` runs all three.
+# test-fast: the unit tests, under a minute, no data download; test-integration: engine runs,
+# real data (Fashion-MNIST, the shared USPS files), subprocesses and workers; test-flower: Flower.
+# The unit tests' tensors are small: one torch thread does them as fast, and on a busy 2-core
+# machine waiting for a second one more than doubled their time (17-20 s against 41-52 s).
+test-fast: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m unit
+
+test-integration: data
+	$(PY) -m pytest -q -m integration
+
+test-flower: install
+	$(PY) -m pytest -q -m flower
 
 # The suite against the newest releases the package's ranges admit (not part of .ci/run): drift is
 # seen on purpose here, in its own venv, before `make lock` adopts it.

@@ -11,6 +11,8 @@ from fisherguard import config
 from fisherguard.allocator import retain_freed_memory
 from fisherguard.engine import runner
 
+pytestmark = pytest.mark.unit
+
 # A fresh interpreter, so the allocator starts from glibc's defaults; prints faults per step.
 STEPS = textwrap.dedent("""
     import resource, sys
@@ -49,6 +51,7 @@ def faults_per_step(mode: str) -> tuple[str, float]:
     return out[0], float(out[1])
 
 
+@pytest.mark.integration  # a fresh interpreter measuring page faults (~5 s)
 def test_retained_memory_removes_page_faults_from_training_steps():
     applied, retained = faults_per_step("retain")
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
@@ -65,6 +68,7 @@ def test_limit_out_of_range_is_refused(limit):
         retain_freed_memory(limit)
 
 
+@pytest.mark.integration  # runs the engine end to end
 @pytest.mark.parametrize("retain", [True, False])
 def test_the_engine_applies_runtime_retain_memory(monkeypatch, tmp_path, retain):
     calls = []

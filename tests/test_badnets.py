@@ -1,7 +1,10 @@
 import numpy as np
+import pytest
 import torch
 
 from fisherguard.attacks.badnets import poison_draw, stamp, trigger_mask
+
+pytestmark = pytest.mark.unit
 
 
 def test_trigger_pixels_are_exact_fdcr_family():

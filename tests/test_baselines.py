@@ -21,6 +21,8 @@ from fisherguard.defenses.base import DefenseConfigError, PlanInput, RoundInput
 from fisherguard.defenses.foolsgold import FoolsGold
 from fisherguard.defenses.mma import mahalanobis_scores, multi_metric_features
 
+pytestmark = pytest.mark.unit
+
 BASELINES = ["krum", "multi-krum", "foolsgold", "rlr", "dnc", "mma", "median", "trimmed-mean",
              "bulyan", "rfa", "rsa", "fltrust", "sageflow", "finetuning", "crfl"]
 CODE_PRESETS = ["krum", "multi-krum", "foolsgold", "rlr", "dnc", "trimmed-mean", "bulyan",

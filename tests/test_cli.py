@@ -1,4 +1,8 @@
+import pytest
+
 from fisherguard.cli import main
+
+pytestmark = pytest.mark.unit
 
 
 def test_defenses_lists_every_registered_defense(capsys):
@@ -19,6 +23,7 @@ def test_bad_config_is_one_clear_line(tmp_path, capsys):
     assert err.strip() == "fisherguard: error: federation.rounds: must be > 0, got -1"
 
 
+@pytest.mark.integration  # a CLI run that trains
 def test_run_prints_the_table_and_writes_results(tmp_path, capsys):
     p = tmp_path / "c.yaml"
     p.write_text("data: {dataset: synthetic, synthetic_train: 600, synthetic_test: 200}\n"
@@ -41,6 +46,7 @@ def test_missing_dataset_names_the_fetch_command(tmp_path, capsys):
     assert "fisherguard data fetch mnist" in err and "Traceback" not in err
 
 
+@pytest.mark.integration  # a CLI run that trains
 def test_seeds_give_mean_and_std_and_table_rereads_run_dirs(tmp_path, capsys):
     p = tmp_path / "c.yaml"
     p.write_text("data: {dataset: synthetic, synthetic_train: 600, synthetic_test: 200}\n"

@@ -6,6 +6,8 @@ from fisherguard.clients.trainers import TRAINERS
 from fisherguard.config import ConfigError
 from fisherguard.data import catalogue
 
+pytestmark = pytest.mark.unit
+
 
 def test_defaults_and_presets():
     cfg = config.resolve({})

@@ -19,6 +19,8 @@ from fisherguard.data.errors import DatasetCorruptError
 
 import data_writers as writers
 
+pytestmark = pytest.mark.unit
+
 
 def _images(n: int, shape=(28, 28), seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, *shape), dtype=np.uint8)

@@ -16,6 +16,8 @@ from fisherguard.data.errors import DatasetCorruptError, DatasetMissingError
 
 import data_writers as writers
 
+pytestmark = pytest.mark.unit
+
 USPS_TRAIN = [1194, 1005, 731, 658, 652, 556, 664, 645, 542, 644]
 USPS_TEST = [359, 264, 198, 166, 200, 160, 170, 147, 166, 177]
 IDX_STEMS = {"train-images": "train-images-idx3-ubyte", "train-labels": "train-labels-idx1-ubyte",
@@ -184,6 +186,7 @@ def test_wrong_counts_are_reported(env, tmp_path):
     assert ei.value.check == "counts" and "train-images-idx3-ubyte" in str(ei.value)
 
 
+@pytest.mark.integration  # real data (the shared USPS files)
 def test_real_usps_from_the_shared_folder(env, tmp_path):
     """The shared folder beside the project (../shared/data/usps/) via the default lookup."""
     env.setenv("FISHERGUARD_DATA", str(tmp_path / "empty-root"))
@@ -211,6 +214,7 @@ def test_real_usps_from_the_shared_folder(env, tmp_path):
 # --------------------------------------------------------------------------- fetch
 
 
+@pytest.mark.integration  # real data (the shared USPS files)
 def test_fetch_usps_copies_the_shared_files_and_is_idempotent(env, tmp_path):
     msgs: list[str] = []
     d = fetching.fetch("usps", tmp_path, progress=msgs.append)

@@ -7,6 +7,8 @@ import pytest
 from fisherguard import config
 from fisherguard.engine.runner import run
 
+pytestmark = pytest.mark.integration
+
 BASE = {
     "experiment": {"name": "e2e", "seed": 0},
     "data": {"dataset": "synthetic", "synthetic_train": 3000, "synthetic_test": 500},

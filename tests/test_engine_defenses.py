@@ -10,6 +10,8 @@ from fisherguard import config
 from fisherguard.defenses import registry
 from fisherguard.engine.runner import run
 
+pytestmark = pytest.mark.integration
+
 BASE = {
     "data": {"dataset": "synthetic", "synthetic_train": 600, "synthetic_test": 200},
     "federation": {"clients": 5, "rounds": 2, "local_epochs": 1},

@@ -17,6 +17,8 @@ from fisherguard.defenses.fdcr import (FDCR, ORACLE_LABEL, FDCROracle, discrepan
                                        separation_silhouette, top_cluster)
 from fisherguard.defenses.sdfc import SDFC
 
+pytestmark = pytest.mark.unit
+
 D = torch.float64
 TOL = dict(atol=1e-6, rtol=0)
 
@@ -211,6 +213,7 @@ def test_finch_ties_go_to_lowest_index() -> None:
     assert partition(finch_level0(t(0, 0.5, 2, 3.5, 4))) == {frozenset({0, 1, 2}), frozenset({3, 4})}
 
 
+@pytest.mark.integration  # 200 finch-clust runs (~1 s)
 def test_finch_matches_finch_clust() -> None:
     import finch  # finch-clust, a test dependency
     import numpy as np

@@ -10,6 +10,8 @@ from fisherguard.fisher import diagonal_fisher, per_sample_loop_fisher
 from fisherguard.models import SimpleCNN, flatten
 from reference_fisher import minibatch_square_fisher
 
+pytestmark = pytest.mark.unit
+
 
 class LinearSoftmax(nn.Module):
     """Example E's model: logits = W x, no bias, W row-major (W00, W01, W10, W11)."""

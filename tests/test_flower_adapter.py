@@ -30,6 +30,8 @@ from fisherguard.engine.flower.server_app import Settings  # noqa: E402
 from fisherguard.engine.flower.strategy import ERROR_FILE, DefenseStrategy, TooFewReplies  # noqa: E402
 from fisherguard.models import build_model  # noqa: E402
 
+pytestmark = pytest.mark.flower
+
 REPO = Path(__file__).resolve().parents[1]
 LAYOUT = Layout.of(build_model("simplecnn", 3))
 

@@ -29,6 +29,8 @@ from fisherguard.defenses import registry
 from fisherguard.defenses._robust import pairwise_sq_dists
 from fisherguard.defenses.base import DefenseConfigError, RoundInput
 
+pytestmark = pytest.mark.flower
+
 ATOL = 1e-6  # the baselines issue's agreement bound
 SHAPES = [(6, 5), (6,), (16, 6), (16,), (30,)]  # a toy layered model, flattened in this order
 

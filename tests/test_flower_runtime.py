@@ -22,6 +22,8 @@ from fisherguard import config
 from fisherguard.engine.runner import run
 from fisherguard.engine.flower import FLOWER_ENV, launch
 
+pytestmark = pytest.mark.flower
+
 HERE = Path(__file__).resolve().parent
 MARK = "FISHERGUARD_TEST_TAG"
 

@@ -19,6 +19,8 @@ from fisherguard.fisher import diagonal_fisher
 from fisherguard.models import SimpleCNN, fold_input_channels, unfold_input_channels
 from fisherguard.seeding import torch_stream
 
+pytestmark = pytest.mark.unit
+
 PLAN = TrainPlan(epochs=2, batch_size=32, lr=0.05)  # momentum 0.9 and weight decay on
 # L1's subgradient sign(w − anchor) flips on rounding-level differences where w ≈ anchor; one flip
 # moves a coordinate by at most 2·λ·lr/(1 − momentum), so L1 clients get that as tolerance
@@ -79,6 +81,7 @@ def reference(fdcr_fed):
     return SequentialTrainer(fed.model_factory).train_round(make_jobs(fed, w), PLAN)
 
 
+@pytest.mark.integration  # a reference and a grouped round of six clients (~2 s)
 def test_grouped_equals_sequential_with_attackers_regularisers_and_uneven_clients(fdcr_fed, reference):
     fed, w = fdcr_fed
     sizes = [len(c) for c in fed.clients]
@@ -90,12 +93,14 @@ def test_grouped_equals_sequential_with_attackers_regularisers_and_uneven_client
     assert all(r.fisher is not None and r.fisher.shape == w.shape for r in got)
 
 
+@pytest.mark.integration  # a grouped round against the reference one (~1 s)
 def test_several_groups_equal_one(fdcr_fed, reference):
     fed, w = fdcr_fed
     got = GroupedTrainer(fed.model_factory, group_size=4).train_round(make_jobs(fed, w), PLAN)
     assert_same(reference, got, w)
 
 
+@pytest.mark.integration  # a reference and a grouped round (~2.5 s)
 def test_channel_0_trigger_uses_the_full_three_channel_path():
     fed, w = federation("sdfc")
     assert not all(c.replicated_channels for c in fed.clients)  # sdfc trigger: channel 0 only
@@ -153,6 +158,7 @@ def test_fold_and_unfold_are_consistent():
     assert u.numel() == w.numel() and torch.equal(u[450:], v[150:])
 
 
+@pytest.mark.integration  # worker processes
 def test_parallel_workers_equal_one_worker_and_stop(fdcr_fed, reference):
     fed, w = fdcr_fed
     make = lambda: GroupedTrainer(fed.model_factory)  # noqa: E731
@@ -178,6 +184,7 @@ class _Boom:
         raise ValueError("regulariser exploded")
 
 
+@pytest.mark.integration  # worker processes
 def test_worker_error_reaches_the_caller_and_stops_the_workers(fdcr_fed):
     fed, w = fdcr_fed
     trainer = ParallelTrainer(lambda: GroupedTrainer(fed.model_factory), fed.clients, workers=2)
@@ -238,6 +245,7 @@ def _alive(pid):
         return False
 
 
+@pytest.mark.integration  # engine runs with workers
 def test_engine_runs_agree_across_trainers_and_workers(tmp_path):
     from fisherguard.engine.runner import run
 
@@ -256,6 +264,7 @@ def test_engine_runs_agree_across_trainers_and_workers(tmp_path):
         assert float((finals[name] - finals["sequential"]).abs().max()) < 1e-4, name
 
 
+@pytest.mark.integration  # a CLI subprocess with workers (~9 s)
 def test_ctrl_c_stops_the_run_and_its_workers(tmp_path):
     import json
     import signal

@@ -1,9 +1,12 @@
 """Hostile uploads never crash a defense and never produce a non-finite model (docs/algorithms.md §8.1)."""
 
+import pytest
 import torch
 
 from fisherguard.defenses import registry
 from fisherguard.defenses.base import RoundInput, validate_uploads
+
+pytestmark = pytest.mark.unit
 
 
 def _ri(**kw):

@@ -3,6 +3,8 @@ import pytest
 
 from fisherguard.metrics import backdoor_metrics, detection, summarize
 
+pytestmark = pytest.mark.unit
+
 
 def test_model_that_always_predicts_one_non_target_class():
     labels = np.repeat(np.arange(10), 100)

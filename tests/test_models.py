@@ -1,7 +1,10 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
 from fisherguard.models import SimpleCNN, flatten, load_flat, num_params, unflatten
+
+pytestmark = pytest.mark.unit
 
 
 def test_protocol_shapes_and_parameter_counts():

@@ -4,6 +4,8 @@ import pytest
 from fisherguard.data.partition import (PartitionError, dirichlet,
                                         train_validation_split)
 
+pytestmark = pytest.mark.unit
+
 
 def labels(n_per_class=300, classes=10):
     return np.repeat(np.arange(classes), n_per_class)

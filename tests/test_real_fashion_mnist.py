@@ -9,6 +9,8 @@ from fisherguard.data.errors import DatasetMissingError
 from fisherguard.engine.federation import prepare
 from fisherguard.engine.runner import run
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def fmnist():

@@ -10,6 +10,8 @@ import pytest
 
 from regression_digests import SYNTHETIC, digest, final_weights
 
+pytestmark = pytest.mark.integration
+
 STORED = {
     "fedavg": "f344bc17d5d46ed6",
     "fdcr": "d480b3d1cc338397",

@@ -16,6 +16,8 @@ from fisherguard.defenses.base import DefenseConfigError, PlanInput, RoundInput
 from fisherguard.defenses.sdfc import SDFC, echo_ratio, fdagg_weights, fisher_difference
 from fisherguard.models import SimpleCNN, flatten, trainable
 
+pytestmark = pytest.mark.unit
+
 D = torch.float64
 TOL = dict(atol=1e-6, rtol=0)
 

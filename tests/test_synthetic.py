@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from fisherguard.data import load_raw, make_synthetic
 from fisherguard.data.synthetic import MARGIN, prototypes
 
+pytestmark = pytest.mark.unit
+
 
 def _digest(ds) -> str:
     h = hashlib.sha256()

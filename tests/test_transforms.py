@@ -5,6 +5,8 @@ import torch.nn.functional as F
 
 from fisherguard.data.transforms import Pipeline, random_crop_flip, resize_to_32
 
+pytestmark = pytest.mark.unit
+
 
 def test_resize_grey_to_uint8_32():
     img = np.full((2, 28, 28), 77, dtype=np.uint8)
