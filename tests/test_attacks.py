@@ -10,6 +10,8 @@ from fisherguard.attacks.base import Attack, NoAttack, choose_attackers, num_att
 from fisherguard.clients.training import Upload
 from fisherguard.data.transforms import Pipeline
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("k,frac,n", [(10, 0.3, 3), (10, 0.2, 2), (10, 0.5, 5), (7, 0.3, 2),
                                       (10, 0.0, 0), (10, 0.29, 2)])

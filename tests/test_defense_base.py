@@ -7,6 +7,8 @@ from fisherguard.defenses import registry
 from fisherguard.defenses.base import (Defense, MissingServerDataError, RoundInput,
                                        constructor_params)
 
+pytestmark = pytest.mark.unit
+
 NAMES = sorted(registry.available())
 
 # One non-default option set per defense, so the round trip also carries values that differ

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.unit
+
 SEC = r"\d+(?:\.\d+)*"
 CANONICAL = re.compile(rf"docs/(?P<file>[a-z][a-z-]*)\.md §(?P<a>{SEC})(?:–§(?P<b>{SEC}))?")
 PAPER = re.compile(rf"(?:\bet al\.,? \d{{4}}[a-z]?,\s*|\b(?:FDCR|SDFC)(?: paper)? |\bpaper )§{SEC}")

@@ -12,6 +12,8 @@ import pytest
 
 from import_graph import cycles, import_graph, room_of, rooms, within
 
+pytestmark = pytest.mark.unit
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
