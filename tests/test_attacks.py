@@ -7,7 +7,7 @@ import torch
 from fisherguard import config
 from fisherguard.attacks.badnets import BadNets, trigger_mask
 from fisherguard.attacks.base import Attack, NoAttack, choose_attackers, num_attackers
-from fisherguard.clients.training import Upload
+from fisherguard.clients.training import ClientDataset, Upload
 from fisherguard.data.transforms import Pipeline
 
 pytestmark = pytest.mark.unit
@@ -52,8 +52,9 @@ def test_badnets_poisons_a_seeded_share_and_relabels_to_the_target():
     imgs = torch.randint(0, 255, (400, 1, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (400,))
     attack = BadNets(channels=3, target=2, poison_prob=0.5, augmentation="per_epoch")
-    data = attack.poison(7, imgs, labels, Pipeline(grey=True, out_channels=3), seed=0)
-    again = attack.poison(7, imgs, labels, Pipeline(grey=True, out_channels=3), seed=0)
+    clean = ClientDataset(labels=labels, pipeline=Pipeline(grey=True, out_channels=3), images=imgs)
+    data = attack.poison(7, clean, seed=0)
+    again = attack.poison(7, clean, seed=0)
     assert torch.equal(data.poisoned, again.poisoned)
     share = float(data.poisoned.float().mean())
     assert 0.4 < share < 0.6
@@ -71,4 +72,5 @@ def test_the_metrics_trigger_comes_from_the_attack():
     assert torch.equal(stamped[0] == 1.0, trigger_mask(3, "sdfc"))
     # no attacker: the control trigger still measures the backdoor's base rate
     control = cfg.replace({"attack.name": "none"}).build_attack()
-    assert isinstance(control, NoAttack) and torch.equal(control.test_trigger()(x), stamped)
+    assert isinstance(control.stages[0], NoAttack) and not control.active(0)
+    assert torch.equal(control.test_trigger()(x), stamped)

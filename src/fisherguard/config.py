@@ -89,10 +89,19 @@ def _trainer_names() -> tuple[str, ...]:
     return TRAINERS
 
 
-def _attack_names() -> tuple[str, ...]:
-    from fisherguard.attacks.registry import ATTACKS
+def _attack_stages(v: Any) -> str | None:
+    from fisherguard.attacks.registry import ATTACKS, stage_names
 
-    return tuple(ATTACKS)
+    unknown = [n for n in stage_names(v) if n not in ATTACKS]
+    if unknown:
+        return f"unknown attack {unknown[0]!r}; choose from {', '.join(sorted(ATTACKS))}"
+    return None
+
+
+def _schedules() -> tuple[str, ...]:
+    from fisherguard.attacks.plan import SCHEDULES
+
+    return SCHEDULES
 
 
 PRESETS_BY_NAME: dict[str, dict[str, Any]] = {
@@ -143,12 +152,23 @@ class Federation:
 
 @dataclass(frozen=True)
 class Attack:
-    name: str = setting("badnets", choices=_attack_names)
+    name: str = setting("badnets", check=_attack_stages,
+                        help="an attack, or stages joined by '+' (badnets+pgd); none = no attacker")
+    options: Mapping[str, Any] = setting({}, help="the attack's options (keyed by stage when "
+                                                   "composed)")
     fraction: float = setting(0.3, check=_fraction, help="share of malicious clients Υ")
     attackers: str = setting("last", choices=("last", "random"))
     target: int = setting(2, check=_label)
     poison_prob: float = setting(0.5, check=_probability)
     augmentation: str = setting("frozen", choices=("frozen", "per_epoch"))
+    schedule: str = setting("multi-shot", choices=_schedules,
+                            help="multi-shot (every round), single-shot (round start), window "
+                                 "[start, end], every (every k-th round from start)")
+    start: int | None = setting(None, check=_positive, help="first (or only) attack round, from 1")
+    end: int | None = setting(None, check=_positive, help="last attack round (inclusive)")
+    every: int | None = setting(None, check=_positive, help="k of the `every` schedule")
+    follow_protocol: bool = setting(True, help="attackers apply the defense's client-side terms "
+                                               "(SDFC's FDReg, RSA's L1 pull)")
 
 
 @dataclass(frozen=True)
@@ -232,7 +252,7 @@ class Config:
         return opts
 
     def build_attack(self) -> Any:
-        """The run's attack object (``fisherguard.attacks``)."""
+        """The run's attack plan (``fisherguard.attacks.plan.AttackPlan``)."""
         from fisherguard.attacks.registry import from_config
 
         return from_config(self)
@@ -361,6 +381,7 @@ def resolve(raw: Mapping[str, Any] | Config) -> Config:
                                           for k, v in values.items()})
                     for sec, values in cfg.items()})
     _check_defense(out)
+    _check_attack(out)
     return out
 
 
@@ -371,6 +392,27 @@ def _check_defense(cfg: Config) -> None:
         cfg.build_defense().check_clients(cfg.federation.clients)
     except DefenseConfigError as e:
         raise ConfigError(f"defense: {e}") from None
+
+
+def _check_attack(cfg: Config) -> None:
+    """Build the attack plan once, so a bad option or an engine it cannot run on stops the run now."""
+    from fisherguard.attacks.base import Attack as AttackBase
+    from fisherguard.attacks.base import AttackConfigError
+
+    try:
+        plan = cfg.build_attack()
+    except AttackConfigError as e:
+        raise ConfigError(f"attack: {e}") from None
+    engine = cfg.runtime.engine
+    if engine == "flower-deployment" and plan.knowledge == "omniscient":
+        raise ConfigError(f"attack: {plan.name!r} is omniscient (it reads the benign clients' "
+                          "uploads), which a real deployment cannot give it; run it in process or "
+                          "on flower-sim")
+    dynamic = [s.name for s in plan.stages if type(s).begin_round is not AttackBase.begin_round]
+    if engine != "inprocess" and dynamic:
+        raise ConfigError(f"attack: {', '.join(dynamic)} updates its trigger from the global model "
+                          f"each round, which runs in process only for now (runtime.engine is "
+                          f"{engine!r})")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

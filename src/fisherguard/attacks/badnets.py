@@ -8,9 +8,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fisherguard.attacks.base import Attack
+from fisherguard.attacks.base import Attack, AttackConfigError
 from fisherguard.clients.training import ClientDataset
-from fisherguard.data.transforms import Pipeline
 from fisherguard.seeding import numpy_stream, torch_stream
 
 TRIGGER_ROWS = (0, 2)
@@ -64,25 +63,32 @@ class BadNets(Attack):
     name = "badnets"
     paper = "Gu et al., arXiv 2017 / IEEE Access 2019"
     summary = "data poisoning: fixed top-left trigger, label flipped to the target"
+    kind = "data poisoning"
     knowledge = "data-only"
 
     def __init__(self, *, channels: int = 3, family: str = "fdcr", target: int = 2,
                  poison_prob: float = 0.5, augmentation: str = "frozen") -> None:
+        if augmentation not in ("frozen", "per_epoch"):
+            raise AttackConfigError(f"badnets augmentation must be 'frozen' or 'per_epoch', "
+                                    f"got {augmentation!r}")
+        self.channels, self.family = channels, family
         self.trigger = Trigger(trigger_mask(channels, family))
         self.target, self.poison_prob, self.augmentation = target, poison_prob, augmentation
 
-    def poison(self, client_id: int, images: torch.Tensor, labels: torch.Tensor,
-               pipeline: Pipeline, seed: int) -> ClientDataset:
+    def poison(self, client_id: int, data: ClientDataset, seed: int) -> ClientDataset:
+        if data.images is None:
+            raise AttackConfigError("badnets poisons raw images; put it first among the stages")
+        labels = data.labels
         poisoned = torch.from_numpy(poison_draw(len(labels), numpy_stream(seed, "poison", client_id),
                                                 self.poison_prob))
         labels = torch.where(poisoned, torch.full_like(labels, self.target), labels)
-        cd = ClientDataset(labels=labels, pipeline=pipeline, images=images, poisoned=poisoned,
-                           trigger=self.trigger)
+        cd = ClientDataset(labels=labels, pipeline=data.pipeline, images=data.images,
+                           poisoned=poisoned, trigger=self.trigger)
         if self.augmentation == "frozen":
             # the release transforms each attacker sample once and trains on it all run (docs/protocol.md §5.5)
             idx = torch.arange(len(labels))
             frozen = cd.batch(idx, torch_stream(seed, "attacker-augmentation", client_id))[0]
-            cd = ClientDataset(labels=labels, pipeline=pipeline, frozen=frozen.contiguous())
+            cd = ClientDataset(labels=labels, pipeline=data.pipeline, frozen=frozen.contiguous())
         return cd
 
     def test_trigger(self) -> Callable[[torch.Tensor], torch.Tensor]:

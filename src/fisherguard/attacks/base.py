@@ -1,25 +1,36 @@
 """The attack interface (docs/attacks.md §1): who attacks, then the attack's stages.
 
-An attack poisons its clients' data before the run (``poison``), and may transform the uploads of
-its clients after each round's local training (``after_training``). What that stage may read is
+An attack is a pipeline of optional stages, each a hook of ``Attack`` that changes nothing by
+default: ``poison`` (the attacker's training data, before the run), ``begin_round`` (state an
+attack updates from the global model, e.g. an optimised trigger), ``training`` (a
+``TrainingModifier``: loss terms, gradient masks, projections, optimiser overrides) and
+``after_training`` (update transforms and upload forgeries). What the last stage may read is
 bounded by the attack's knowledge level: the benign uploads of the round are handed over only to
-an ``omniscient`` attack.
+an ``omniscient`` attack, the other attackers' uploads only from ``colluding`` up.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
 
+from fisherguard.clients.modifier import TrainingModifier
 from fisherguard.clients.training import ClientDataset, Upload
-from fisherguard.data.transforms import Pipeline
 
 # docs/attacks.md §1: what an attacker knows, from least to most
 KNOWLEDGE = ("data-only", "model", "colluding", "omniscient")
 ATTACKER_CHOICE = ("last", "random")
+# docs/attacks.md §0: what a stage changes
+KINDS = ("data poisoning", "model poisoning", "trigger optimisation", "upload forgery",
+         "byzantine", "none")
+
+
+class AttackConfigError(ValueError):
+    """An attack option is unknown or out of range; the message names it and what is allowed."""
 
 
 def num_attackers(num_clients: int, fraction: float) -> int:
@@ -41,6 +52,17 @@ def choose_attackers(num_clients: int, fraction: float, *, mode: str = "last",
 
 
 @dataclass
+class AttackContext:
+    """Run facts an attack stage may use: never the defense's state."""
+
+    num_clients: int
+    attackers: list[int]  # the attack knows its own clients
+    seed: int
+    target: int
+    num_classes: int = 10
+
+
+@dataclass
 class RoundView:
     """What an attack's after-training stage sees of one round, by its knowledge level."""
 
@@ -51,25 +73,39 @@ class RoundView:
 
 
 class Attack:
-    """Base class: a data-poisoning stage and an (identity) after-training stage."""
+    """Base class: every stage is the identity; subclasses override the stages they have."""
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    kind: ClassVar[str] = "none"
     knowledge: ClassVar[str] = "data-only"
+    # the stage needs its clients trained one by one (it changes their training)
+    per_client: ClassVar[bool] = False
 
-    def poison(self, client_id: int, images: torch.Tensor, labels: torch.Tensor,
-               pipeline: Pipeline, seed: int) -> ClientDataset:
-        """An attacker's training data (default: its own data, unchanged)."""
-        return ClientDataset(labels=labels, pipeline=pipeline, images=images)
+    def bind(self, ctx: AttackContext) -> None:
+        """Learn the run's facts once, before ``poison`` (default: keep them)."""
+        self.ctx = ctx
+
+    def poison(self, client_id: int, data: ClientDataset, seed: int) -> ClientDataset:
+        """An attacker's training data (default: unchanged)."""
+        return data
+
+    def begin_round(self, round_idx: int, global_weights: torch.Tensor) -> None:
+        """Update per-round state from the global model every client receives (default: none)."""
+
+    def training(self, client_id: int, round_idx: int,
+                 start_weights: torch.Tensor) -> TrainingModifier | None:
+        """How an attacker's local training changes this round (default: not at all)."""
+        return None
+
+    def after_training(self, view: RoundView) -> dict[int, Upload]:
+        """The attackers' uploads of this round after the update/upload stage (default: as trained)."""
+        return view.own
 
     def test_trigger(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The map from a normalised test batch to its triggered version (None: no backdoor)."""
         return None
-
-    def after_training(self, view: RoundView) -> dict[int, Upload]:
-        """The attackers' uploads of this round after the attack's update/upload stage."""
-        return view.own
 
     def round_view(self, round_idx: int, global_weights: torch.Tensor,
                    uploads: dict[int, Upload], attackers: list[int]) -> RoundView:
@@ -79,8 +115,20 @@ class Attack:
                   if self.knowledge == "omniscient" else None)
         return RoundView(round_idx, global_weights, own, benign)
 
+    @classmethod
+    def options(cls) -> dict[str, Any]:
+        """The constructor's keyword options and their defaults."""
+        params = inspect.signature(cls.__init__).parameters
+        return {n: p.default for n, p in params.items()
+                if n != "self" and p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+    def get_params(self) -> dict[str, Any]:
+        """The options this attack was built with (attribute of the same name)."""
+        return {n: getattr(self, n) for n in self.options()}
+
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "paper": self.paper, "knowledge": self.knowledge}
+        return {"name": self.name, "paper": self.paper, "kind": self.kind,
+                "knowledge": self.knowledge, "options": self.get_params()}
 
 
 class NoAttack(Attack):
@@ -91,6 +139,10 @@ class NoAttack(Attack):
 
     def __init__(self, *, control_trigger: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.control_trigger = control_trigger
+
+    @classmethod
+    def options(cls) -> dict[str, Any]:
+        return {}
 
     def test_trigger(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         return self.control_trigger

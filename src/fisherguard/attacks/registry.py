@@ -1,12 +1,14 @@
-"""Attacks by name, and the one place that builds a run's attack from its config."""
+"""Attacks by name, and the one place that builds a run's attack plan from its config."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from fisherguard.attacks.badnets import BadNets, Trigger, trigger_mask
-from fisherguard.attacks.base import Attack, NoAttack
+from fisherguard.attacks.base import Attack, AttackConfigError, NoAttack
+from fisherguard.attacks.plan import AttackPlan, Schedule
 
+# every attack class, by its config name (``attack.name``; stages joined with "+")
 ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNets, NoAttack)}
 
 
@@ -15,13 +17,57 @@ def available() -> dict[str, type[Attack]]:
     return dict(sorted(ATTACKS.items()))
 
 
-def from_config(cfg: Any) -> Attack:
-    """The attack of a resolved config (``fisherguard.config.Config``)."""
+def get(name: str) -> type[Attack]:
+    if name not in ATTACKS:
+        raise AttackConfigError(f"unknown attack {name!r}; available: {', '.join(available())}")
+    return ATTACKS[name]
+
+
+def build(name: str, options: Mapping[str, Any] | None = None,
+          facts: Mapping[str, Any] | None = None) -> Attack:
+    """One stage by name; ``facts`` (run settings) fill the options the stage accepts and lacks."""
+    cls = get(name)
+    allowed = cls.options()
+    opts = dict(options or {})
+    unknown = sorted(set(opts) - set(allowed))
+    if unknown:
+        raise AttackConfigError(f"attack {name!r} has no option {', '.join(map(repr, unknown))}; "
+                                f"allowed: {', '.join(allowed) or '(none)'}")
+    for key, val in (facts or {}).items():
+        if key in allowed and key not in opts:
+            opts[key] = val
+    return cls(**opts)
+
+
+def stage_names(name: str) -> list[str]:
+    """``"badnets+pgd"`` → ``["badnets", "pgd"]``."""
+    return [n.strip() for n in name.split("+")]
+
+
+def from_config(cfg: Any) -> AttackPlan:
+    """The attack plan of a resolved config (``fisherguard.config.Config``)."""
     a = cfg.attack
     pattern = {"channels": cfg.data.channels, "family": cfg.experiment.family}
-    if a.name == "none":
-        return NoAttack(control_trigger=Trigger(trigger_mask(**pattern)).apply)
-    if a.name == "badnets":
-        return BadNets(**pattern, target=a.target, poison_prob=a.poison_prob,
-                       augmentation=a.augmentation)
-    raise ValueError(f"unknown attack {a.name!r}; available: {', '.join(available())}")
+    names = stage_names(a.name)
+    if names == ["none"]:
+        stage: Attack = NoAttack(control_trigger=Trigger(trigger_mask(**pattern)).apply)
+        return AttackPlan([stage])
+    if "none" in names or len(set(names)) != len(names):
+        raise AttackConfigError(f"attack.name {a.name!r}: stages must be distinct and not 'none'")
+    facts = {**pattern, "target": a.target, "poison_prob": a.poison_prob,
+             "augmentation": a.augmentation}
+    opts = dict(a.options)
+    if len(names) == 1:
+        per_stage = {names[0]: opts}
+    else:  # composed: options are keyed by stage name
+        unknown = sorted(set(opts) - set(names))
+        if unknown:
+            raise AttackConfigError(f"attack.options of a composed attack are keyed by stage "
+                                    f"({', '.join(names)}), got {', '.join(map(repr, unknown))}")
+        bad = [k for k, v in opts.items() if not isinstance(v, Mapping)]
+        if bad:
+            raise AttackConfigError(f"attack.options.{bad[0]}: expected a mapping of options")
+        per_stage = {n: dict(opts.get(n) or {}) for n in names}
+    stages = [build(n, per_stage[n], facts) for n in names]
+    schedule = Schedule(a.schedule, a.start, a.end, a.every)
+    return AttackPlan(stages, schedule, follow_protocol=a.follow_protocol)

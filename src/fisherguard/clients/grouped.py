@@ -82,6 +82,10 @@ class GroupedTrainer:
         self.fisher_model = model_factory()
 
     def train_round(self, jobs: list[ClientJob], plan: TrainPlan) -> list[ClientResult]:
+        changed = [j.client_id for j in jobs if j.modifier is not None]
+        if changed:  # an attack's own training steps cannot share the ensemble's
+            raise ValueError(f"clients {changed}: jobs with an attack's training stage take the "
+                             "per-client path (SequentialTrainer)")
         # largest first, so each group's active clients are always a prefix and shrinking is a slice
         order = sorted(range(len(jobs)), key=lambda i: -num_steps(len(jobs[i].data), plan))
         out: dict[int, ClientResult] = {}

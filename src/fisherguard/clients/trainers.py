@@ -55,6 +55,7 @@ class _Spec:
     """What a worker needs for one client: everything but the data, which it already holds."""
 
     client_id: int
+    dataset: int  # index of the job's dataset among those the workers hold
     start_weights: torch.Tensor
     generator_state: torch.Tensor
     regulariser: Regulariser | None
@@ -82,7 +83,7 @@ def _init_worker() -> None:
 def _work(task: tuple[list[_Spec], TrainPlan]) -> list[ClientResult]:
     specs, plan = task
     data: list[ClientDataset] = _SHARED["datasets"]
-    jobs = [ClientJob(s.client_id, s.start_weights, data[s.client_id], _generator(s.generator_state),
+    jobs = [ClientJob(s.client_id, s.start_weights, data[s.dataset], _generator(s.generator_state),
                       s.regulariser,
                       FisherRequest(s.fisher_options, _generator(s.fisher_state))
                       if s.fisher_options is not None and s.fisher_state is not None else None)
@@ -120,11 +121,16 @@ class ParallelTrainer:
     def train_round(self, jobs: list[ClientJob], plan: TrainPlan) -> list[ClientResult]:
         if self._pool is None:
             raise RuntimeError("this ParallelTrainer has been closed")
+        held = {id(d): i for i, d in enumerate(_SHARED["datasets"])}
         for j in jobs:
-            if _SHARED["datasets"][j.client_id] is not j.data:
+            if id(j.data) not in held:
                 raise ValueError(f"client {j.client_id}: workers only train the datasets they were "
                                  "started with")
-        specs = [_Spec(j.client_id, j.start_weights, j.generator.get_state(), j.regulariser,
+            if j.modifier is not None:
+                raise ValueError(f"client {j.client_id}: a job with an attack's training stage "
+                                 "takes the per-client path, not the workers")
+        specs = [_Spec(j.client_id, held[id(j.data)], j.start_weights, j.generator.get_state(),
+                       j.regulariser,
                        j.fisher.options if j.fisher else None,
                        j.fisher.generator.get_state() if j.fisher else None) for j in jobs]
         parts = [p for p in split_work(jobs, plan, self.workers) if p]

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fisherguard.clients.modifier import TrainingModifier
+from fisherguard.clients.plan import TrainPlan
 from fisherguard.clients.regulariser import Regulariser
 from fisherguard.data.transforms import Pipeline
 from fisherguard.models import flatten, load_flat, trainable
@@ -96,17 +98,6 @@ class ClientDataset:
         return x
 
 
-@dataclass(frozen=True)
-class TrainPlan:
-    """Local optimiser settings (docs/protocol.md §4): a fresh SGD per client and round."""
-
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-5
-
-
 @dataclass
 class FisherRequest:
     """Ask the client for its diagonal Fisher at its trained weights (``fisher.diagonal_fisher`` options)."""
@@ -123,6 +114,8 @@ class ClientJob:
     generator: torch.Generator  # this client's stream for this round
     regulariser: Regulariser | None = None
     fisher: FisherRequest | None = None
+    # an attacker's change to its own training (attack stages); forces the per-client path
+    modifier: TrainingModifier | None = None
 
 
 @dataclass
@@ -218,10 +211,17 @@ class SequentialTrainer:
         model = load_flat(self.model, job.start_weights)
         model.train()
         params = trainable(model)
+        mod = job.modifier
+        if mod is not None:
+            plan = mod.plan(plan)
+            mod.begin(model, params, job.start_weights)
+        per_epoch = max(1, len(job.data) // plan.batch_size)
         opt = make_optimizer(params, plan)
         steps, ce_last, pen_last = 0, float("nan"), 0.0
         for x, y in client_batches(job, plan):
             x = x.contiguous(memory_format=torch.channels_last)
+            if mod is not None:
+                mod.before_step(opt, steps, per_epoch)
             opt.zero_grad(set_to_none=True)
             ce = F.cross_entropy(model(x), y)
             loss = ce
@@ -229,8 +229,14 @@ class SequentialTrainer:
                 pen = job.regulariser.penalty(params)
                 loss = ce + pen
                 pen_last = float(pen.detach())
+            if mod is not None:
+                loss = mod.loss(loss, ce, model, params, x, y)
             loss.backward()
+            if mod is not None:
+                mod.after_backward(params)
             opt.step()
+            if mod is not None:
+                mod.after_step(params)
             steps += 1
             ce_last = float(ce.detach())
         stats = {"loss": ce_last}

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from fisherguard import metrics
-from fisherguard.attacks.base import Attack, choose_attackers
+from fisherguard.attacks.base import AttackContext, choose_attackers
+from fisherguard.attacks.plan import AttackPlan
 from fisherguard.clients.training import (ClientDataset, ClientJob, FisherRequest, TrainPlan,
                                           client_fisher)
 from fisherguard.config import Config
@@ -36,17 +37,27 @@ class Federation:
 
     cfg: Config
     pipeline: Pipeline
-    clients: list[ClientDataset]
-    attack: Attack
+    clients: list[ClientDataset]  # each client's training data (an attacker's poisoned)
+    attack: AttackPlan
     attackers: list[int]  # known to the attack and the metrics only
     test_x: torch.Tensor  # uint8 (N, C, 32, 32)
     test_y: np.ndarray
     server_images: torch.Tensor
     server_labels: torch.Tensor
     partition_info: dict[str, Any] = field(default_factory=dict)
+    # an attacker's clean data, for the rounds its attack's schedule leaves idle
+    clean: dict[int, ClientDataset] = field(default_factory=dict)
 
     def model_factory(self) -> nn.Module:
         return build_model("simplecnn", self.cfg.data.channels)
+
+    def datasets(self) -> list[ClientDataset]:
+        """Every dataset a client may train on (the trainers' workers hold them all)."""
+        return self.clients + [d for k, d in sorted(self.clean.items())]
+
+    def is_attacking(self, cid: int, round_idx: int) -> bool:
+        """Client ``cid`` attacks in this round (it is an attacker and the schedule is on)."""
+        return cid in self.attackers and self.attack.active(round_idx)
 
     @property
     def test_trigger(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -80,13 +91,18 @@ def prepare(cfg: Config) -> Federation:
     attackers = choose_attackers(fed.clients, cfg.attack_fraction, mode=cfg.attack.attackers,
                                  rng=numpy_stream(seed, "attackers"))
     attack = cfg.build_attack()
+    attack.bind(AttackContext(num_clients=fed.clients, attackers=list(attackers), seed=seed,
+                              target=cfg.attack.target))
 
-    clients = []
+    clients, clean = [], {}
     for k, local in enumerate(part.client_indices):
         ix = torch.from_numpy(pool[local])
-        images, labels = train_x[ix], torch.from_numpy(train_y[pool[local]])
-        clients.append(attack.poison(k, images, labels, pipeline, seed) if k in attackers
-                       else ClientDataset(labels=labels, pipeline=pipeline, images=images))
+        data = ClientDataset(labels=torch.from_numpy(train_y[pool[local]]), pipeline=pipeline,
+                             images=train_x[ix])
+        if k in attackers:
+            clean[k] = data
+            data = attack.poison(k, data, seed)
+        clients.append(data)
     sizes = part.sizes
     small = [k for k, n in enumerate(sizes) if n < fed.batch_size]
     if small:
@@ -100,7 +116,7 @@ def prepare(cfg: Config) -> Federation:
                       attackers=attackers, test_x=test_x, test_y=test_y,
                       server_images=train_x[u],
                       server_labels=torch.from_numpy(train_y[split.server_set]),
-                      partition_info=info)
+                      partition_info=info, clean=clean)
 
 
 def initial_weights(fed: Federation) -> torch.Tensor:
@@ -128,12 +144,19 @@ def server_data(fed: Federation, defense: Defense, plan: TrainPlan) -> Validatio
 
 def client_job(fed: Federation, cid: int, round_idx: int, weights: torch.Tensor,
                client_plan: ClientPlan | None, fisher: FisherRequest | None = None) -> ClientJob:
-    """Client ``cid``'s local training in round ``round_idx``: its data, its named stream, its plan."""
+    """Client ``cid``'s local training in round ``round_idx``: its data, its named stream, its plan,
+    and, for an attacker whose attack acts this round, the attack's training stage."""
     p = client_plan
     start = p.start_weights if p is not None and p.start_weights is not None else weights
-    return ClientJob(cid, start, fed.clients[cid],
+    regulariser = p.regulariser if p is not None else None
+    attacking = fed.is_attacking(cid, round_idx)
+    data = training_data(fed, cid, round_idx)
+    modifier = fed.attack.training(cid, round_idx, start) if attacking else None
+    if attacking and not fed.attack.follow_protocol:
+        regulariser = None  # a non-compliant attacker drops the defense's client-side term
+    return ClientJob(cid, start, data,
                      torch_stream(fed.cfg.experiment.seed, "client", cid, round_idx),
-                     p.regulariser if p is not None else None, fisher)
+                     regulariser, fisher, modifier)
 
 
 def fisher_request(fed: Federation, cid: int, tag: int | str,
@@ -142,10 +165,19 @@ def fisher_request(fed: Federation, cid: int, tag: int | str,
     return FisherRequest(fisher_options, torch_stream(fed.cfg.experiment.seed, "fisher", cid, tag))
 
 
-def local_fisher(fed: Federation, model: nn.Module, cid: int, weights: torch.Tensor,
-                 tag: int | str, fisher_options: dict[str, Any]) -> torch.Tensor:
-    """F(D_k; w), client ``cid``'s diagonal Fisher on its own data (docs/algorithms.md §2), stream ``tag``."""
-    return client_fisher(model, fed.clients[cid], weights,
+def training_data(fed: Federation, cid: int, round_idx: int) -> ClientDataset:
+    """The data client ``cid`` trains on in this round (an idle attacker's is its clean data)."""
+    if cid in fed.clean and not fed.is_attacking(cid, round_idx):
+        return fed.clean[cid]
+    return fed.clients[cid]
+
+
+def local_fisher(fed: Federation, model: nn.Module, cid: int, round_idx: int,
+                 weights: torch.Tensor, tag: int | str,
+                 fisher_options: dict[str, Any]) -> torch.Tensor:
+    """F(D_k; w), client ``cid``'s diagonal Fisher on its round's data (docs/algorithms.md §2),
+    drawn from stream ``tag``."""
+    return client_fisher(model, training_data(fed, cid, round_idx), weights,
                          fisher_request(fed, cid, tag, fisher_options))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 import time
 import warnings
@@ -22,7 +23,7 @@ from typing import Any, Callable, TextIO
 import torch
 
 from fisherguard import metrics
-from fisherguard.clients.training import LocalTrainer, Upload
+from fisherguard.clients.training import LocalTrainer, SequentialTrainer, Upload
 from fisherguard.config import Config
 from fisherguard.defenses.base import ClientPlan, PlanInput, RoundInput
 from fisherguard.defenses.fdcr import ORACLE_LABEL
@@ -30,6 +31,8 @@ from fisherguard.engine.federation import (Federation, client_job, evaluate, fis
                                            initial_weights, local_fisher, plan_tag, server_data,
                                            train_plan)
 from fisherguard.results import RunDir
+
+log = logging.getLogger("fisherguard")
 
 # What an engine offers the round for a defense's client plan: F(D_k; w) for each asked client at
 # the asked weights, drawn from the stream tag given; None where a client could not answer.
@@ -63,6 +66,7 @@ class RoundStart:
     plans: dict[int, ClientPlan]
     started: float  # time.perf_counter() at the start of the round
     plan_s: float = 0.0
+    attack_s: float = 0.0  # the attack's own work at the start of the round (trigger updates)
 
 
 class Server:
@@ -103,6 +107,10 @@ class Server:
     def begin(self, round_idx: int, client_fishers: ClientFishers) -> RoundStart:
         """The server's step before local training: U's round, then the defense's client plans."""
         t0 = time.perf_counter()
+        attack_s = 0.0
+        if self.fed.attack.active(round_idx):  # e.g. an optimised trigger follows the global model
+            self.fed.attack.begin_round(round_idx, self.weights)
+            attack_s = time.perf_counter() - t0
         if self.server_set is not None:
             self.server_set.begin_round(round_idx)
         plans: dict[int, ClientPlan] = {}
@@ -112,7 +120,7 @@ class Server:
             wanted = self.defense.plan_fisher_requests(pi)
             got = client_fishers(wanted, plan_tag(round_idx)) if wanted else {}
             plans = self.defense.plan_clients(dataclasses.replace(pi, client_fishers=got))
-        return RoundStart(round_idx, plans, t0, time.perf_counter() - t0)
+        return RoundStart(round_idx, plans, t0, time.perf_counter() - t0 - attack_s, attack_s)
 
     def end(self, start: RoundStart, uploads: list[Upload], *,
             replies: dict[str, Any] | None = None, collect_s: float = 0.0) -> dict[str, Any]:
@@ -120,8 +128,12 @@ class Server:
         t = start.round_idx
         fed, attack = self.fed, self.fed.attack
         by_id = {u.client_id: u for u in uploads}
-        view = attack.round_view(t, self.weights, by_id, fed.attackers)
-        by_id.update(attack.after_training(view))
+        active = attack.active(t)
+        t_att = time.perf_counter()
+        if active and fed.attackers:
+            view = attack.round_view(t, self.weights, by_id, fed.attackers)
+            by_id.update(attack.after_training(view))
+        attack_s = start.attack_s + time.perf_counter() - t_att
         ordered = [by_id.get(k, Upload(k, reason="missing")) for k in self.ids]
         ri = RoundInput.from_uploads(
             self.weights, [None if u.weights is None else _update(u.weights, self.weights)
@@ -144,7 +156,11 @@ class Server:
                              t_done - start.started)
         record["timing"] = {"plan_s": start.plan_s, "train_and_fisher_s": collect_s,
                             "fisher_s_summed": sum(u.timing.get("fisher_s", 0.0) for u in ordered),
-                            "aggregate_s": t_eval - t_agg, "eval_s": t_done - t_eval}
+                            "aggregate_s": t_eval - t_agg, "eval_s": t_done - t_eval,
+                            # the attack's own work (trigger updates, upload stage) and its share
+                            "attack_s": attack_s,
+                            "attack_share": attack_s / max(record["wall_time_s"], 1e-9)}
+        record["attack"] = {"name": attack.name, "active": bool(active and fed.attackers)}
         record["replies"] = replies if replies is not None else {
             "received": sum(u.reason != "missing" for u in ordered), "errors": {}}
         self.run_dir.append_round(record)
@@ -207,30 +223,41 @@ class InProcessClients:
     fed: Federation
     trainer: LocalTrainer
     fisher_model: torch.nn.Module = field(init=False)
+    reference: SequentialTrainer | None = field(default=None, init=False)  # attackers' path
 
     def __post_init__(self) -> None:
         self.fisher_model = self.fed.model_factory()
 
-    def fishers(self, server: Server) -> ClientFishers:
+    def fishers(self, server: Server, round_idx: int) -> ClientFishers:
         def compute(wanted: dict[int, torch.Tensor], tag: str) -> dict[int, torch.Tensor | None]:
-            return {cid: local_fisher(self.fed, self.fisher_model, cid, w, tag, server.fisher_options)
+            return {cid: local_fisher(self.fed, self.fisher_model, cid, round_idx, w, tag,
+                                      server.fisher_options)
                     for cid, w in wanted.items()}
 
         return compute
 
     def train(self, server: Server, start: RoundStart) -> list[Upload]:
+        """Every client's local round; jobs an attack's training stage changes go one by one."""
         t, fed = start.round_idx, self.fed
         jobs = [client_job(fed, k, t, server.weights, start.plans.get(k),
                            fisher_request(fed, k, t, server.fisher_options)
                            if server.defense.needs_fisher else None) for k in server.ids]
-        results = self.trainer.train_round(jobs, server.plan)
-        return [Upload(r.client_id, r.weights, r.fisher, len(fed.clients[r.client_id]), r.stats,
-                       timing=r.timing) for r in results]
+        changed = [j for j in jobs if j.modifier is not None]
+        results = self.trainer.train_round([j for j in jobs if j.modifier is None], server.plan)
+        if changed:
+            if self.reference is None:
+                log.info("attack %s changes its clients' training: they take the per-client path",
+                         fed.attack.name)
+                self.reference = SequentialTrainer(fed.model_factory)
+            results += self.reference.train_round(changed, server.plan)
+        results.sort(key=lambda r: r.client_id)
+        return [Upload(r.client_id, r.weights, r.fisher, len(j.data), r.stats, timing=r.timing)
+                for r, j in zip(results, sorted(jobs, key=lambda j: j.client_id))]
 
 
 def run_round(server: Server, clients: InProcessClients, round_idx: int) -> dict[str, Any]:
     """One in-process round: begin, train every client, end."""
-    start = server.begin(round_idx, clients.fishers(server))
+    start = server.begin(round_idx, clients.fishers(server, round_idx))
     t0 = time.perf_counter()
     uploads = clients.train(server, start)
     return server.end(start, uploads, collect_s=time.perf_counter() - t0)

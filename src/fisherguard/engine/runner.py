@@ -45,7 +45,7 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool = False, label: str | 
     fed = prepare(cfg)
     server = Server(fed, run_dir, done, label=label, engine="inprocess", progress=progress)
     own_trainer = trainer is None
-    trainer = trainer or build_trainer(fed.model_factory, fed.clients, kind=rt.trainer,
+    trainer = trainer or build_trainer(fed.model_factory, fed.datasets(), kind=rt.trainer,
                                        workers=rt.workers, group_size=rt.group_size)
     log.info("trainer: %s%s", getattr(trainer, "name", type(trainer).__name__),
              f" × {rt.workers} workers" if rt.workers > 1 else "")

@@ -103,7 +103,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics.update({f"train-{k}": float(v) for k, v in result.stats.items()})
     if bool(c.get("need-fisher", False)):
         opts = json.loads(str(c.get("fisher-options", "{}")))
-        f = local_fisher(node.fed, node.fisher_model, cid, result.weights, t, opts)
+        f = local_fisher(node.fed, node.fisher_model, cid, t, result.weights, t, opts)
         content[FISHER] = to_record(f, node.layout)
         metrics["fisher-samples"] = n
     content[METRICS] = MetricRecord(metrics)
@@ -122,8 +122,8 @@ def query(msg: Message, context: Context) -> Message:
         w = read_flat(msg.content.array_records[ARRAYS], node.layout)
         opts = json.loads(str(c.get("fisher-options", "{}")))
         tag = str(c["fisher-tag"])
-        content[FISHER] = to_record(local_fisher(node.fed, node.fisher_model, cid, w, tag, opts),
-                                    node.layout)
+        content[FISHER] = to_record(local_fisher(node.fed, node.fisher_model, cid,
+                                                 int(c["fg-round"]), w, tag, opts), node.layout)
     elif op != "hello":
         raise ValueError(f"unknown query op {op!r}")
     return Message(content, reply_to=msg)
