@@ -1,4 +1,4 @@
-"""Command line: ``fisherguard run | data | defenses``."""
+"""Command line: ``fisherguard run | table | defenses | attacks | data``."""
 
 from __future__ import annotations
 
@@ -87,6 +87,23 @@ def _cmd_defenses(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_attacks(args: argparse.Namespace) -> int:
+    from fisherguard.attacks import registry
+
+    rows = registry.available()
+    width = max(len(n) for n in rows)
+    for name, cls in rows.items():
+        opts = ", ".join(f"{k}={v!r}" for k, v in cls.options().items())
+        paper = f"  ({cls.paper})" if cls.paper else ""
+        print(f"{name.ljust(width)}  {cls.summary}{paper}")
+        print(f"{' ' * width}  class: {cls.kind}; knowledge: {cls.knowledge}"
+              f"{'; trains one by one' if cls.per_client else ''}"
+              f"{'; defaults: ' + opts if opts else ''}")
+    print("\ncompose stages with '+', e.g. attack: {name: badnets+pgd, options: {pgd: {...}}}; "
+          "schedule: multi-shot | single-shot | window | every")
+    return 0
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     from fisherguard.data.datasets import DATASETS, verify
     from fisherguard.data.fetching import fetch
@@ -139,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("defenses", help="list every available defense")
     p.set_defaults(func=_cmd_defenses)
 
+    p = sub.add_parser("attacks", help="list every available attack")
+    p.set_defaults(func=_cmd_attacks)
+
     p = sub.add_parser("data", help="fetch, verify or list datasets")
     dsub = p.add_subparsers(dest="data_cmd", required=True)
     for name, hlp in (("fetch", "fetch a dataset into the data root"),
@@ -152,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from fisherguard.attacks.base import AttackConfigError
     from fisherguard.config import ConfigError
     from fisherguard.data.partition import PartitionError
     from fisherguard.defenses.base import DefenseConfigError
@@ -160,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     from fisherguard.engine.flower import FlowerMissing
     from fisherguard.engine.flower.launch import FlowerRunError
 
-    known: tuple[type[BaseException], ...] = (ConfigError, DefenseConfigError, PartitionError,
+    known: tuple[type[BaseException], ...] = (ConfigError, DefenseConfigError, AttackConfigError,
+                                              PartitionError,
                                               ResumeError, OSError, ValueError, FlowerMissing,
                                               FlowerRunError)
     try:

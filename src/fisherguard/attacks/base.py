@@ -12,13 +12,14 @@ an ``omniscient`` attack, the other attackers' uploads only from ``colluding`` u
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
 
 from fisherguard.clients.modifier import TrainingModifier
+from fisherguard.clients.plan import TrainPlan
 from fisherguard.clients.training import ClientDataset, Upload
 
 # docs/attacks.md §1: what an attacker knows, from least to most
@@ -53,12 +54,15 @@ def choose_attackers(num_clients: int, fraction: float, *, mode: str = "last",
 
 @dataclass
 class AttackContext:
-    """Run facts an attack stage may use: never the defense's state."""
+    """Run facts an attack stage may use: never the defense's state, never benign clients' data."""
 
     num_clients: int
     attackers: list[int]  # the attack knows its own clients
     seed: int
     target: int
+    clean_data: dict[int, ClientDataset] = field(default_factory=dict)  # its clients' own data
+    model_factory: Callable[[], torch.nn.Module] | None = None  # the federation's model class
+    plan: TrainPlan | None = None  # the benign clients' optimiser settings
     num_classes: int = 10
 
 

@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any, Mapping
 
-from fisherguard.attacks.badnets import BadNets, Trigger, trigger_mask
+from fisherguard.attacks.badnets import Trigger, trigger_mask
 from fisherguard.attacks.base import Attack, AttackConfigError, NoAttack
 from fisherguard.attacks.plan import AttackPlan, Schedule
 
+
+def _discover() -> dict[str, type[Attack]]:
+    """Every named ``Attack`` subclass of the modules in this package, by its config name."""
+    import fisherguard.attacks as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name not in ("registry",):
+            importlib.import_module(f"fisherguard.attacks.{mod.name}")
+    found: dict[str, type[Attack]] = {}
+    stack = list(Attack.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if cls.name and cls is not AttackPlan and not cls.__module__.startswith("fisherguard.attacks"):
+            continue  # a test's own subclass is not part of the catalogue
+        if cls.name and cls is not AttackPlan:
+            if cls.name in found and found[cls.name] is not cls:
+                raise RuntimeError(f"two attacks are named {cls.name!r}")
+            found[cls.name] = cls
+    return found
+
+
 # every attack class, by its config name (``attack.name``; stages joined with "+")
-ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNets, NoAttack)}
+ATTACKS: dict[str, type[Attack]] = _discover()
 
 
 def available() -> dict[str, type[Attack]]:
@@ -71,3 +95,13 @@ def from_config(cfg: Any) -> AttackPlan:
     stages = [build(n, per_stage[n], facts) for n in names]
     schedule = Schedule(a.schedule, a.start, a.end, a.every)
     return AttackPlan(stages, schedule, follow_protocol=a.follow_protocol)
+
+
+def register(cls: type[Attack]) -> type[Attack]:
+    """Add an attack class of your own to the catalogue (usable as a class decorator)."""
+    if not cls.name or cls.name in ("none",) or "+" in cls.name:
+        raise AttackConfigError(f"an attack needs a name without '+' other than 'none', got {cls.name!r}")
+    if cls.name in ATTACKS and ATTACKS[cls.name] is not cls:
+        raise AttackConfigError(f"an attack named {cls.name!r} exists already")
+    ATTACKS[cls.name] = cls
+    return cls

@@ -90,19 +90,17 @@ def prepare(cfg: Config) -> Federation:
                      numpy_stream(seed, "partition"), min_size=cfg.partition.min_size)
     attackers = choose_attackers(fed.clients, cfg.attack_fraction, mode=cfg.attack.attackers,
                                  rng=numpy_stream(seed, "attackers"))
+    clients = [ClientDataset(labels=torch.from_numpy(train_y[pool[local]]), pipeline=pipeline,
+                             images=train_x[torch.from_numpy(pool[local])])
+               for local in part.client_indices]
+    clean = {k: clients[k] for k in attackers}
     attack = cfg.build_attack()
     attack.bind(AttackContext(num_clients=fed.clients, attackers=list(attackers), seed=seed,
-                              target=cfg.attack.target))
-
-    clients, clean = [], {}
-    for k, local in enumerate(part.client_indices):
-        ix = torch.from_numpy(pool[local])
-        data = ClientDataset(labels=torch.from_numpy(train_y[pool[local]]), pipeline=pipeline,
-                             images=train_x[ix])
-        if k in attackers:
-            clean[k] = data
-            data = attack.poison(k, data, seed)
-        clients.append(data)
+                              target=cfg.attack.target, clean_data=dict(clean),
+                              model_factory=lambda: build_model("simplecnn", d.channels),
+                              plan=train_plan(cfg)))
+    for k in attackers:
+        clients[k] = attack.poison(k, clients[k], seed)
     sizes = part.sizes
     small = [k for k, n in enumerate(sizes) if n < fed.batch_size]
     if small:
