@@ -56,3 +56,18 @@ def test_summary_means_last_five_and_run_collapse_rule():
     assert summarize(rounds)["collapsed"] is True
     rounds = [_round(1.0, c) for c in (True,) * 5 + (True, True, False, False, False)]
     assert summarize(rounds)["collapsed"] is False
+
+
+def _rounds(active, asr):
+    return [{"metrics": {"ASR": a}, "attack": {"active": x}} for x, a in zip(active, asr)]
+
+
+def test_lifespan_counts_the_rounds_a_backdoor_outlives_its_attack():
+    from fisherguard.metrics import lifespan
+
+    assert lifespan(_rounds([1, 1, 0, 0, 0, 0], [90, 95, 80, 60, 40, 70])) == \
+        {"lifespan": 2, "lifespan_censored": False}
+    assert lifespan(_rounds([1, 0, 0], [90, 30, 20])) == {"lifespan": 0, "lifespan_censored": False}
+    assert lifespan(_rounds([1, 0, 0], [90, 80, 70])) == {"lifespan": 2, "lifespan_censored": True}
+    assert lifespan(_rounds([1, 1, 1], [90, 80, 70]))["lifespan"] is None  # never stopped
+    assert lifespan(_rounds([0, 0], [5, 5]))["lifespan"] is None  # never ran

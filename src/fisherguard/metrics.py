@@ -89,6 +89,27 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         out[m] = _mean([r["detection"][m] for r in rounds])
         out[f"{m}_last5"] = _mean([r["detection"][m] for r in last])
     out["attacker_share"] = _mean([r["detection"].get("attacker_share") for r in rounds])
+    out.update(lifespan(rounds))
     out["removed_per_round"] = _mean([float(r["detection"]["removed"]) for r in rounds])
     out["wall_time_s"] = float(sum(r.get("wall_time_s", 0.0) for r in rounds))
     return out
+
+
+LIFESPAN_ASR = 50.0  # docs/attacks.md §1: a backdoor lives while its ASR stays at or above this
+
+
+def lifespan(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds after the attack's last active round whose ASR stays ≥ 50 % before the first drop.
+
+    ``lifespan_censored`` is true when the ASR never dropped before the run ended (the lifespan is
+    then at least the value given); both are None when the attack never stopped (or never ran).
+    """
+    active = [bool((r.get("attack") or {}).get("active")) for r in rounds]
+    if not any(active) or active[-1]:
+        return {"lifespan": None, "lifespan_censored": None}
+    last = max(i for i, a in enumerate(active) if a)
+    after = [r["metrics"].get("ASR") for r in rounds[last + 1:]]
+    for i, asr in enumerate(after):
+        if asr is not None and not (isinstance(asr, float) and math.isnan(asr)) and asr < LIFESPAN_ASR:
+            return {"lifespan": i, "lifespan_censored": False}
+    return {"lifespan": len(after), "lifespan_censored": True}
