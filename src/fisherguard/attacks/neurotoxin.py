@@ -11,7 +11,8 @@ from torch import nn
 
 from fisherguard.attacks.base import Attack, AttackConfigError, RoundView
 from fisherguard.attacks.constrain import PreviousGlobal
-from fisherguard.attacks.pgd import CleanReference, check_eps, project, project_uploads
+from fisherguard.attacks.pgd import (CleanReference, check_eps, project, project_uploads,
+                                     with_reference_time)
 from fisherguard.attacks.scaling import check_positive
 from fisherguard.clients.modifier import TrainingModifier
 from fisherguard.clients.plan import TrainPlan
@@ -147,9 +148,9 @@ class Neurotoxin(Attack):
 
     def after_training(self, view: RoundView) -> dict[int, Upload]:
         if self.eps == "off":
-            return view.own
+            return with_reference_time(view.own, self.reference)
         eps: dict[int, Any] = {cid: self.bounds[cid] if cid in self.bounds
                                else self.radius(cid, view.round_idx, view.global_weights)
                                for cid in view.own}
         self.bounds = {}
-        return project_uploads(view, eps)
+        return with_reference_time(project_uploads(view, eps), self.reference)

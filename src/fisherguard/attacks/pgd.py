@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Any, Sequence
 
 import torch
@@ -29,6 +30,7 @@ class CleanReference:
         self.tag = tag
         self.trainer: SequentialTrainer | None = None
         self.cache: dict[tuple[int, int], Tensor] = {}
+        self.seconds: dict[int, float] = {}  # per client: the last reference training's time
 
     def update(self, ctx: AttackContext, client_id: int, round_idx: int, start: Tensor) -> Tensor:
         key = (client_id, round_idx)
@@ -36,6 +38,7 @@ class CleanReference:
             if ctx.model_factory is None or ctx.plan is None or client_id not in ctx.clean_data:
                 raise AttackConfigError(f"{self.tag}: the clean reference update needs the model, "
                                         f"the benign optimiser and client {client_id}'s clean data")
+            t0 = time.perf_counter()
             if self.trainer is None:
                 with torch.random.fork_rng():  # building models must not move the global stream
                     self.trainer = SequentialTrainer(ctx.model_factory)
@@ -44,6 +47,7 @@ class CleanReference:
             result = self.trainer.train_one(job, ctx.plan)
             self.cache = {k: v for k, v in self.cache.items() if k[1] >= round_idx}
             self.cache[key] = result.weights - start
+            self.seconds[client_id] = time.perf_counter() - t0
         return self.cache[key]
 
 
@@ -95,6 +99,18 @@ def project(params: Sequence[Tensor], start: Sequence[Tensor], eps: float) -> No
         c = eps / norm
         for p, s in zip(params, start):
             p.copy_(s + (p - s) * c)
+
+
+def with_reference_time(uploads: dict[int, Upload], reference: CleanReference) -> dict[int, Upload]:
+    """Note the clean reference training's seconds in the upload's stats (the round record shows
+    them under clients.train; the engine's attack_s does not see work done in the training stage)."""
+    out = dict(uploads)
+    for cid, up in uploads.items():
+        if cid in reference.seconds:
+            out[cid] = dataclasses.replace(up, stats={**up.stats,
+                                                      "attack_reference_s": reference.seconds[cid]})
+    reference.seconds = {}
+    return out
 
 
 def project_uploads(view: RoundView, eps: dict[int, float], gamma: float = 1.0) -> dict[int, Upload]:
@@ -151,4 +167,4 @@ class PGD(Attack):
         eps = {cid: self.bounds[cid] if cid in self.bounds
                else self.radius(cid, view.round_idx, view.global_weights) for cid in view.own}
         self.bounds = {}
-        return project_uploads(view, eps, self.gamma)
+        return with_reference_time(project_uploads(view, eps, self.gamma), self.reference)
