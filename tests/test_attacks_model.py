@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from attack_harness import attack_config, run_attack
+from attack_harness import attack_config, grouped_equals_per_client, run_attack
 from fisherguard import config
 from fisherguard.attacks import registry
-from fisherguard.attacks.base import AttackConfigError, AttackContext, RoundView
+from fisherguard.attacks.base import Attack, AttackConfigError, AttackContext, RoundView
 from fisherguard.attacks.constrain import AnomalyLoss, ConstrainAndScale
 from fisherguard.attacks.neurotoxin import MaskedProjection, Neurotoxin, topk_mask
 from fisherguard.attacks.pgd import PGD
@@ -324,11 +324,45 @@ def test_constrain_and_scale_end_to_end(tmp_path):
                 {"badnets": {}, "constrain-and-scale": {"anomaly": "cosine", "norm_cap": 5.0}})
 
 
-@pytest.mark.integration
-def test_pgd_end_to_end(tmp_path):
-    _finite_run(tmp_path, "badnets+pgd", {"badnets": {}, "pgd": {"eps": 1.0}})
+class DeltaProbe(Attack):
+    """A test stage placed before the attack's upload stage: records each trained Δ_k = w_k − w^t."""
+
+    name = "test-delta-probe"
+    knowledge = "model"
+    seen: list[dict[int, torch.Tensor]] = []
+
+    def after_training(self, view):
+        DeltaProbe.seen.append({k: u.weights - view.global_weights for k, u in view.own.items()})
+        return view.own
+
+
+@pytest.fixture()
+def probe(monkeypatch):
+    monkeypatch.setitem(registry.ATTACKS, "test-delta-probe", DeltaProbe)
+    DeltaProbe.seen.clear()
+    return DeltaProbe
 
 
 @pytest.mark.integration
-def test_neurotoxin_end_to_end(tmp_path):
-    _finite_run(tmp_path, "badnets+neurotoxin")
+def test_pgd_end_to_end_trains_inside_the_ball(tmp_path, probe):
+    _finite_run(tmp_path, "badnets+test-delta-probe+pgd",
+                {"badnets": {}, "test-delta-probe": {}, "pgd": {"eps": 0.5}})
+    trained = [d for r in probe.seen for d in r.values()]
+    assert len(trained) == 4 and all(norm(d) <= 0.5 + 1e-5 for d in trained)
+
+
+@pytest.mark.integration
+def test_neurotoxin_end_to_end_leaves_the_masked_share_at_zero(tmp_path, probe):
+    rounds, _ = _finite_run(tmp_path, "badnets+test-delta-probe+neurotoxin",
+                            {"badnets": {}, "test-delta-probe": {}, "neurotoxin": {"topk": 0.05}})
+    for r in rounds:  # the clean reference training (default eps) is timed in the attackers' stats
+        train = r["clients"]["train"]
+        assert [k for k, st in enumerate(train) if "attack_reference_s" in st] == [3, 4]
+    for r in probe.seen:
+        for d in r.values():
+            assert int((d == 0).sum()) >= math.ceil(0.05 * d.numel())
+
+
+@pytest.mark.integration
+def test_unboosted_scaling_keeps_the_grouped_path(tmp_path):
+    assert grouped_equals_per_client(tmp_path, "badnets+scaling") <= 1e-5
