@@ -301,6 +301,12 @@ def test_every_option_is_stored_under_its_name(name):
     assert attack.knowledge == "model" and attack.kind == "model poisoning"
 
 
+@pytest.mark.parametrize("name", ["scaling", "constrain-and-scale", "pgd", "neurotoxin"])
+def test_no_stage_needs_begin_round_so_flower_engines_accept_them(name):
+    config.resolve({"data": {"dataset": "synthetic"}, "attack": {"name": f"badnets+{name}"},
+                    "runtime": {"engine": "flower-sim"}})
+
+
 # --------------------------------------------------------------------------- through the engine
 
 def _finite_run(tmp_path, name, options=None):

@@ -107,7 +107,7 @@ class Neurotoxin(Attack):
         self.topk, self.source, self.per_layer = topk, source, per_layer
         self.eps, self.every = eps, every
         self.previous = PreviousGlobal()
-        self.reference = CleanReference("neurotoxin-reference")
+        self.reference = CleanReference("pgd-reference")  # the same Δ_ref (and ε) as pgd
         self.bounds: dict[int, float] = {}
         self._sizes: list[int] | None = None
 
