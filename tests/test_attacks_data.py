@@ -90,7 +90,7 @@ def _client(n=400, seed=0):
 
 
 def test_edge_case_proxy_mixes_p_edge_relabelled_tail_with_clean_samples():
-    attack = EdgeCase(source_class=7, target=2, p_edge=0.5, tail_fraction=0.25)
+    attack = EdgeCase(source_class=7, target=2, p_edge=0.5, tail_fraction=0.25, selection="random")
     attack.bind(_ctx())
     clean = _client()
     data = attack.poison(8, clean, seed=0)
@@ -111,9 +111,31 @@ def test_edge_case_proxy_mixes_p_edge_relabelled_tail_with_clean_samples():
     assert attack.test_trigger() is None
 
 
+def test_edge_case_confidence_selection_takes_the_least_confident_source_images():
+    from fisherguard.clients.plan import TrainPlan
+    from fisherguard.models import build_model
+
+    ctx = _ctx()
+    ctx.model_factory = lambda: build_model("simplecnn", 3)
+    ctx.plan = TrainPlan(epochs=1, batch_size=32, lr=0.05, momentum=0.9, weight_decay=1e-5)
+    attack = EdgeCase(source_class=7, tail_fraction=0.25)
+    attack.bind(ctx)
+    clean = _client(n=96)
+    score = attack.confidence(8, clean, seed=0)
+    assert score.shape == (96,) and bool(((score >= 0) & (score <= 1)).all())
+    assert torch.equal(score, attack.confidence(8, clean, seed=0))  # seeded
+    src = torch.nonzero(clean.labels == 7).flatten()
+    tail = attack.tail(clean.labels, None, score)
+    assert len(tail) == max(1, round(0.25 * len(src)))
+    assert float(score[tail].max()) <= float(score[src[~torch.isin(src, tail)]].min())
+    data = attack.poison(8, clean, seed=0)
+    tail_set = {bytes(t.numpy().tobytes()) for t in clean.images[tail]}
+    assert {bytes(t.numpy().tobytes()) for t in data.images[data.poisoned]} == tail_set
+
+
 def test_edge_case_without_source_images_trains_clean():
     attack = EdgeCase(source_class=7)
-    attack.bind(_ctx())
+    attack.bind(_ctx())  # no model needed: there is nothing to score
     clean = _client()
     only = ClientDataset(labels=torch.zeros(10, dtype=torch.int64), pipeline=clean.pipeline,
                          images=clean.images[:10])
@@ -124,6 +146,7 @@ def test_edge_case_without_source_images_trains_clean():
     ({"p_edge": 0}, "edge-case p_edge"), ({"tail_fraction": 1.5}, "edge-case tail_fraction"),
     ({"source_class": 2, "target": 2}, "edge-case source_class must differ"),
     ({"source_class": -1}, "edge-case source_class"),
+    ({"selection": "best"}, "edge-case selection must be one of confidence, random"),
 ])
 def test_edge_case_options_are_validated_by_name(opts, needle):
     with pytest.raises(AttackConfigError, match=needle):
@@ -139,7 +162,8 @@ def test_edge_case_is_reported_as_a_proxy_and_options_are_stored():
 
 @pytest.mark.integration
 @pytest.mark.parametrize("name,opts", [("dba", None), ("dba", {"split": "channel", "pieces": 3}),
-                                       ("edge-case", None)])
+                                       ("edge-case", None),
+                                       ("edge-case", {"selection": "random"})])
 def test_two_rounds_end_to_end(tmp_path, name, opts):
     summary, rounds, w = run_attack(tmp_path, name, opts)
     assert len(rounds) == 2 and bool(torch.isfinite(w).all())
