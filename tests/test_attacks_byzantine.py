@@ -123,8 +123,12 @@ def test_gaussian_is_seeded_shared_and_has_the_asked_scale():
     big.bind(_ctx())
     view = RoundView(0, torch.zeros(40000), _uploads({3: [0.0] * 40000}))
     assert float(big.after_training(view)[3].weights.std()) == pytest.approx(1.0, abs=0.02)
-    rel = GaussianNoise(sigma=1.0, scale="relative")
+    rel = GaussianNoise(sigma=2.0, scale="relative")
     assert rel.knowledge == "colluding" and GaussianNoise().knowledge == "model"
+    rel.bind(_ctx())
+    own_view = RoundView(0, G, _uploads(OWN))
+    mu = torch.tensor(list(OWN.values())).mean(0)
+    assert rel.std(own_view) == pytest.approx(2.0 * float(mu.norm()) / math.sqrt(P))
 
 
 def test_gamma_search_halves_to_tolerance():

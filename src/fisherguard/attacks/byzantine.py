@@ -150,7 +150,10 @@ class GaussianNoise(_Crafted):
     def std(self, view: RoundView) -> float:
         if self.scale == "absolute":
             return self.sigma
-        mu = updates(view.own, view.global_weights).mean(0)
+        own = updates(view.own, view.global_weights)
+        if own.shape[0] == 0:
+            return 0.0
+        mu = own.mean(0)
         return self.sigma * float(mu.norm()) / math.sqrt(mu.numel())
 
     def after_training(self, view: RoundView) -> dict[int, Upload]:
