@@ -244,3 +244,13 @@ def test_colluding_alie_end_to_end_never_sees_benign(tmp_path, monkeypatch):
 @pytest.mark.integration
 def test_alie_grouped_equals_per_client(tmp_path):
     grouped_equals_per_client(tmp_path, "alie")
+
+
+def test_the_instance_level_decides_whether_a_deployment_may_run_it():
+    from fisherguard import config
+
+    with pytest.raises(config.ConfigError, match="omniscient"):
+        config.resolve({"attack": {"name": "alie"}, "runtime": {"engine": "flower-deployment"}})
+    config.resolve({"attack": {"name": "alie", "options": {"source": "colluding"}},
+                    "runtime": {"engine": "flower-deployment"}})
+    config.resolve({"attack": {"name": "sign-flip"}, "runtime": {"engine": "flower-deployment"}})
