@@ -82,6 +82,9 @@ table-defenses: data
 table-fisher: data
 	$(FG) run configs/fisher-reduced.yaml --seeds 0,1,2 --out runs/fisher-reduced --resume
 
+table-attacks: data
+	$(FG) run configs/attacks-demo.yaml --out runs/attacks-demo --resume
+
 # Benchmarks (spec performance.md §8–§9), not part of `make test`. `bench`: targets 1 and 2 in the
 # labelled quick mode (E = 2), then the Flower comparison when benchmarks/flower_bench.py exists;
 # `bench-full`: the 50-round paper run once, with progress (BENCH_ARGS="--workers 1" etc. to vary);
