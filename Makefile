@@ -12,7 +12,7 @@ export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
-.PHONY: demo test test-fast test-integration test-flower test-latest lock data install clean-runs table-defenses table-fisher bench bench-full bench-floor
+.PHONY: demo test test-fast test-integration test-flower test-latest lock data install clean-runs table-defenses table-fisher table-attacks bench bench-full bench-floor
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (set PYTHON=...)"; exit 1; }
