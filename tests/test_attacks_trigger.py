@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attack_harness import run_attack
+from attack_harness import grouped_equals_per_client, run_attack
+from fisherguard import config
 from fisherguard.attacks import registry
 from fisherguard.attacks.a3fl import A3FL, optimise_trigger
 from fisherguard.attacks.base import AttackConfigError, AttackContext
@@ -223,7 +224,7 @@ def test_3dfed_constrained_loss_is_differentiable_and_weighted():
     assert w.grad is not None and float(w.grad.abs().sum()) > 0
     mod = ConstrainedLoss(0.6, 0.4)
     mod.begin(nn.Module(), [w], g)
-    assert float(mod.loss(bd, bd, nn.Module(), [w], None, None)) == pytest.approx(float(loss.detach()))
+    assert float(mod.loss(bd, bd, nn.Module(), [w], None, None).detach()) == pytest.approx(float(loss.detach()))
 
 
 def test_3dfed_noise_mask_is_bounded_masked_and_raises_the_cosine():
@@ -287,3 +288,20 @@ def test_the_metrics_use_the_current_trigger(tmp_path, monkeypatch):
     monkeypatch.setattr(A3FL, "test_trigger", spy)
     run_attack(tmp_path, "a3fl", {**BUDGET["a3fl"], "asr_stop": 1.0})
     assert len(set(calls)) >= 2  # the trigger the metrics read changed between rounds
+
+
+@pytest.mark.parametrize("name,refused", [("a3fl", True), ("iba", True), ("chameleon", False),
+                                          ("3dfed", False)])
+def test_trigger_updating_attacks_run_in_process_only(name, refused):
+    raw = {"attack": {"name": name}, "runtime": {"engine": "flower-sim"}}
+    if refused:
+        with pytest.raises(config.ConfigError, match="in process only"):
+            config.resolve(raw)
+    else:
+        config.resolve(raw)
+
+
+@pytest.mark.integration
+def test_a3fl_grouped_trainer_equals_per_client(tmp_path):
+    # the live trigger is read at each draw by both trainers
+    grouped_equals_per_client(tmp_path, "a3fl", BUDGET["a3fl"])
