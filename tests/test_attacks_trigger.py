@@ -11,13 +11,13 @@ from attack_harness import grouped_equals_per_client, run_attack
 from fisherguard import config
 from fisherguard.attacks import registry
 from fisherguard.attacks.a3fl import A3FL, optimise_trigger
-from fisherguard.attacks.base import AttackConfigError, AttackContext
+from fisherguard.attacks.base import AttackConfigError, AttackContext, RoundView
 from fisherguard.attacks.chameleon import Chameleon, TwoStage, supcon_loss
 from fisherguard.attacks.iba import IBA, Generator, GeneratorTrigger, Project, train_generator
 from fisherguard.attacks.pixel import PixelPatch, backdoor_loss, patch_mask, to_pixels
 from fisherguard.attacks.threedfed import ConstrainedLoss, ThreeDFed, constrained_loss, noise_mask
 from fisherguard.clients.plan import TrainPlan
-from fisherguard.clients.training import ClientDataset, ClientJob, SequentialTrainer
+from fisherguard.clients.training import ClientDataset, ClientJob, SequentialTrainer, Upload
 from fisherguard.data.transforms import Pipeline
 from fisherguard.models import SimpleCNN, flatten
 from fisherguard.seeding import torch_stream
@@ -237,6 +237,34 @@ def test_3dfed_noise_mask_is_bounded_masked_and_raises_the_cosine():
     assert F.cosine_similarity(delta + n, ref, dim=0) > F.cosine_similarity(delta, ref, dim=0)
 
 
+def _3dfed_round(atk, r, g, deltas):
+    own = {3: Upload(3, g + deltas[0], num_samples=10), 4: Upload(4, g + deltas[1], num_samples=10)}
+    return atk.after_training(RoundView(r, g, own))
+
+
+@pytest.mark.parametrize("accepted", [True, False])
+def test_3dfed_indicators_report_acceptance_and_adapt_the_noise_weight(accepted):
+    atk = ThreeDFed(noise_steps=2, noise_alpha=0.1, alpha_step=0.1, alpha_max=0.5, indicators=3)
+    atk.bind(AttackContext(num_clients=5, attackers=[3, 4], seed=0, target=2))
+    gen = torch_stream(0, "ind")
+    g0 = torch.randn(300, generator=gen)
+    deltas = [torch.randn(300, generator=gen) * 0.01 for _ in range(2)]
+    out = _3dfed_round(atk, 0, g0, deltas)
+    idx, shift = atk._planted
+    assert float(shift) > 0
+    for u in out.values():  # the same planted value in every upload
+        assert torch.allclose(u.weights[idx], g0[idx] + shift)
+    # next global model: FedAvg with the attackers at weight 2/5 (accepted) or excluded (rejected)
+    mean_att = torch.stack([u.weights for u in out.values()]).mean(0)
+    benign_drift = torch.randn(300, generator=gen) * 1e-4
+    g1 = g0 + benign_drift + (0.4 * (mean_att - g0) if accepted else 0.0)
+    _3dfed_round(atk, 1, g1, deltas)
+    fb = atk.feedback[-1]
+    assert bool(fb["accepted"]) is accepted
+    assert atk.alpha == pytest.approx(0.1 if accepted else 0.2)
+    assert atk.last_noise_norm  # the noise step ran with the adapted α
+
+
 # ------------------------------------------------------------------------------ end to end
 
 BUDGET = {"a3fl": {"trigger_epochs": 1, "adv_epochs": 1, "batch_size": 64},
@@ -273,6 +301,7 @@ def test_two_rounds_end_to_end_with_a_tiny_budget(tmp_path, name, monkeypatch):
                                torch.full_like(d, 0.5)[atk.trigger.mask.bool()])
     if name == "3dfed":
         assert atk.last_noise_norm and all(v >= 0 for v in atk.last_noise_norm.values())
+        assert len(atk.feedback) == 1  # round 2 read the indicators planted in round 1
 
 
 @pytest.mark.integration

@@ -1,8 +1,10 @@
-"""3DFed (Li et al., IEEE S&P 2023), partial: constrained loss and noise mask (docs/attacks.md §3.10).
+"""3DFed (Li et al., IEEE S&P 2023), partial: constrained loss, noise mask, indicators (docs/attacks.md §3.10).
 
 Implemented: (1) backdoor training with a·L_backdoor + b·(1 − cos(w, w^t)); (2) the noise-mask
-step on the upload. Not implemented: (3) decoy models and (4) indicator neurons with the feedback
-loop that tunes the decoys and scaling; the noise weight α is a fixed option, not adapted.
+step on the upload; (4, simplified) indicator coordinates planted in the uploads whose value in
+the next global model tells whether the attackers' updates were accepted, and a feedback rule
+that raises the noise weight α after a rejection and lowers it back after an acceptance.
+Not implemented: (3) decoy models, and tuning the number of decoys and the scaling.
 """
 
 from __future__ import annotations
@@ -72,20 +74,21 @@ def noise_mask(delta: Tensor, reference: Tensor, *, fraction: float, alpha: floa
 
 
 class ThreeDFed(Attack):
-    """3DFed, Li et al. IEEE S&P 2023, partial: constrained loss + noise mask (docs/attacks.md §3.10)."""
+    """3DFed, Li et al. IEEE S&P 2023, partial: constrained loss, noise mask, indicators (docs/attacks.md §3.10)."""
 
     name = "3dfed"
     paper = "Li, Ye, Hu, Li, Wang, Fang, Shi, IEEE S&P 2023"
-    summary = ("adaptive backdoor (partial): cosine-constrained training loss and an optimised "
-               "noise mask on the upload; no decoys, no indicators")
+    summary = ("adaptive backdoor (partial): cosine-constrained training loss, optimised noise "
+               "mask, indicator feedback adapting the noise weight; no decoys")
     kind = "model poisoning"
-    knowledge = "model"
+    knowledge = "colluding"  # the attackers plant the same indicators from their joint updates
     per_client = True
 
     def __init__(self, *, target: int = 2, poison_prob: float = 0.5, channels: int = 3,
                  family: str = "fdcr", a: float = 0.6, b: float = 0.4, noise_steps: int = 20,
                  noise_lr: float = 0.01, noise_alpha: float = 0.1,
-                 noise_fraction: float = 0.5) -> None:
+                 noise_fraction: float = 0.5, indicators: int = 5, indicator_shift: float = 5.0,
+                 alpha_step: float = 0.1, alpha_max: float = 1.0) -> None:
         check(isinstance(target, int) and target >= 0, "3dfed", "target", "an int ≥ 0", target)
         check(0.0 <= poison_prob <= 1.0, "3dfed", "poison_prob", "in [0, 1]", poison_prob)
         check(channels in (1, 3), "3dfed", "channels", "1 or 3", channels)
@@ -100,6 +103,16 @@ class ThreeDFed(Attack):
         check(noise_alpha >= 0, "3dfed", "noise_alpha", "≥ 0", noise_alpha)
         check(0.0 <= noise_fraction <= 1.0, "3dfed", "noise_fraction", "in [0, 1]",
               noise_fraction)
+        check(isinstance(indicators, int) and indicators >= 0, "3dfed", "indicators",
+              "an int ≥ 0 (0: no indicator feedback)", indicators)
+        check(indicator_shift > 0, "3dfed", "indicator_shift", "> 0", indicator_shift)
+        check(alpha_step >= 0, "3dfed", "alpha_step", "≥ 0", alpha_step)
+        check(alpha_max >= noise_alpha, "3dfed", "alpha_max", "≥ noise_alpha", alpha_max)
+        self.indicators, self.indicator_shift = indicators, indicator_shift
+        self.alpha_step, self.alpha_max = alpha_step, alpha_max
+        self.alpha = noise_alpha  # the noise weight in force, adapted by the indicator feedback
+        self._planted: tuple[Tensor, Tensor] | None = None  # (indices, shift) of the last round
+        self.feedback: list[dict[str, float]] = []
         self.target, self.poison_prob, self.channels, self.family = (target, poison_prob,
                                                                      channels, family)
         self.a, self.b = a, b
@@ -124,22 +137,61 @@ class ThreeDFed(Attack):
         return ConstrainedLoss(self.a, self.b)
 
     def after_training(self, view: RoundView) -> dict[int, Upload]:
-        """Add the noise mask to each own upload, steering it to the last global update's direction."""
+        """Read the indicators, adapt α, add the noise mask to each own upload, plant new indicators."""
         g = view.global_weights.detach()
         reference = None if self._prev_global is None else g - self._prev_global
+        if reference is not None and self._planted is not None:
+            self.read_indicators(reference)
         self._prev_global = g.clone()
         self.last_noise_norm = {}
-        if reference is None:  # the first attack round has no earlier global model
-            return view.own
-        for cid, u in view.own.items():
-            if not (isinstance(u.weights, torch.Tensor) and u.weights.shape == g.shape):
-                continue
+        own = {cid: u for cid, u in view.own.items()
+               if isinstance(u.weights, torch.Tensor) and u.weights.shape == g.shape}
+        for cid, u in own.items():
+            if reference is None:  # the first attack round has no earlier global model
+                break
             delta = u.weights.detach() - g
-            n = noise_mask(delta, reference, fraction=self.noise_fraction,
-                           alpha=self.noise_alpha, steps=self.noise_steps, lr=self.noise_lr)
+            n = noise_mask(delta, reference, fraction=self.noise_fraction, alpha=self.alpha,
+                           steps=self.noise_steps, lr=self.noise_lr)
             u.weights = g + delta + n
             self.last_noise_norm[cid] = float(n.norm())
+        self._planted = self.plant(g, own) if self.indicators > 0 and own else None
         return view.own
+
+    def plant(self, g: Tensor, own: dict[int, Upload]) -> tuple[Tensor, Tensor]:
+        """Set the ``indicators`` coordinates the attackers' updates change least to w^t + c.
+
+        c = ``indicator_shift`` · mean |Δ| over the attackers' updates, the same in every upload.
+        """
+        deltas = torch.stack([u.weights.detach() - g for u in own.values()])
+        mean_abs = deltas.abs().mean(0)
+        k = min(self.indicators, g.numel())
+        idx = torch.topk(mean_abs, k, largest=False).indices
+        shift = self.indicator_shift * float(mean_abs.mean())
+        for u in own.values():
+            w = u.weights.detach().clone()
+            w[idx] = g[idx] + shift
+            u.weights = w
+        return idx, torch.tensor(shift)
+
+    def read_indicators(self, update: Tensor) -> None:
+        """ρ = mean over indicators of (w^{t+1} − w^t)/c; accepted when ρ ≥ half the attackers' count share.
+
+        Under FedAvg an accepted round moves the indicators by about the attackers' weight share
+        times c, a rejected one by the benign drift of low-importance coordinates (≈ 0). After a
+        rejection α grows by ``alpha_step`` (up to ``alpha_max``); after an acceptance it shrinks
+        by the same step, not below ``noise_alpha``.
+        """
+        assert self._planted is not None
+        idx, shift = self._planted
+        rho = float((update[idx] / shift).mean()) if float(shift) != 0.0 else 0.0
+        ctx = getattr(self, "ctx", None)
+        share = len(ctx.attackers) / max(ctx.num_clients, 1) if ctx is not None else 0.0
+        accepted = rho >= 0.5 * share
+        if accepted:
+            self.alpha = max(self.noise_alpha, self.alpha - self.alpha_step)
+        else:
+            self.alpha = min(self.alpha_max, self.alpha + self.alpha_step)
+        self.feedback.append({"rho": rho, "accepted": float(accepted), "alpha": self.alpha})
 
     def test_trigger(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         return self.trigger.apply if self.trigger is not None else None
