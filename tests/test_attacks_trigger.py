@@ -299,6 +299,10 @@ def test_two_rounds_end_to_end_with_a_tiny_budget(tmp_path, name, monkeypatch):
         assert float(d.min()) >= 0.0 and float(d.max()) <= 1.0
         assert not torch.equal(d[atk.trigger.mask.bool()],
                                torch.full_like(d, 0.5)[atk.trigger.mask.bool()])
+    if name == "chameleon":  # the contrastive stage's cost, per attacker, in the round record
+        for r in rounds:
+            att = [t for cid, t in zip(r["clients"]["ids"], r["clients"]["train"]) if cid in (3, 4)]
+            assert att and all(t["contrastive_s"] > 0 for t in att)
     if name == "3dfed":
         assert atk.last_noise_norm and all(v >= 0 for v in atk.last_noise_norm.values())
         assert len(atk.feedback) == 1  # round 2 read the indicators planted in round 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import Any, Callable, Sequence
 
@@ -80,6 +81,8 @@ class TwoStage(TrainingModifier):
         self.total = 0
         self.frozen = False
         self.current = 1
+        self.contrastive_s = 0.0  # wall time of stage 1 (reported in the upload's stats)
+        self._t0: float | None = None
 
     def plan(self, plan: TrainPlan) -> TrainPlan:
         self.head_plan = plan
@@ -92,6 +95,7 @@ class TwoStage(TrainingModifier):
         self.encoder = [p for p in params if id(p) not in head_ids]
         self._hook = head.register_forward_hook(self._capture)
         self.steps, self.frozen, self.current = 0, False, 1
+        self._t0 = time.perf_counter() if self.contrastive_epochs > 0 else None
 
     def _capture(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         self.features = inputs[0]
@@ -117,7 +121,13 @@ class TwoStage(TrainingModifier):
             g["lr"], g["momentum"], g["weight_decay"] = settings
         self.current = self.stage(step, steps_per_epoch)
 
+    def _stage1_done(self) -> None:
+        if self._t0 is not None:
+            self.contrastive_s = time.perf_counter() - self._t0
+            self._t0 = None
+
     def freeze(self) -> None:
+        self._stage1_done()
         for p in self.encoder:
             p.requires_grad_(False)
             p.grad = None
@@ -139,6 +149,7 @@ class TwoStage(TrainingModifier):
 
     def finish(self) -> None:
         """Make the encoder trainable again and drop the feature hook (idempotent)."""
+        self._stage1_done()
         for p in self.encoder:
             p.requires_grad_(True)
         if self._hook is not None:
@@ -191,7 +202,7 @@ class Chameleon(Attack):
         self.contrastive_weight_decay = contrastive_weight_decay
         self.milestones, self.gamma = milestones, gamma
         self.trigger: PixelPatch | None = None
-        self._live: list[TwoStage] = []
+        self._live: dict[int, TwoStage] = {}
 
     def bind(self, ctx: AttackContext) -> None:
         self.ctx = ctx
@@ -213,12 +224,15 @@ class Chameleon(Attack):
     def training(self, client_id: int, round_idx: int,
                  start_weights: torch.Tensor) -> TrainingModifier | None:
         mod = self.modifier()
-        self._live.append(mod)
+        self._live[client_id] = mod
         return mod
 
     def after_training(self, view: RoundView) -> dict[int, Upload]:
-        for mod in self._live:  # a client with no full batch never reached its last step
-            mod.finish()
+        """Report each attacker's contrastive-stage seconds in its upload's stats (its cost share)."""
+        for cid, mod in self._live.items():
+            mod.finish()  # a client with no full batch never reached its last step
+            if cid in view.own:
+                view.own[cid].stats["contrastive_s"] = mod.contrastive_s
         self._live.clear()
         return view.own
 
