@@ -91,7 +91,8 @@ def test_a3fl_poisons_per_epoch_with_the_current_trigger():
 @pytest.mark.parametrize("name,option,value", [
     ("a3fl", "trigger_epochs", -1), ("a3fl", "patch_size", 0), ("iba", "eps", 0.0),
     ("iba", "generator_epochs", 1.5), ("chameleon", "temperature", 0.0),
-    ("chameleon", "head_epochs", -2), ("3dfed", "noise_fraction", 2.0), ("3dfed", "a", -1.0)])
+    ("chameleon", "head_epochs", -2), ("3dfed", "noise_fraction", 2.0), ("3dfed", "a", -1.0),
+    ("a3fl", "trigger_lr", "fast"), ("iba", "eps", None), ("chameleon", "milestones", 3)])
 def test_options_are_validated_and_named(name, option, value):
     with pytest.raises(AttackConfigError, match=option):
         registry.build(name, {option: value})

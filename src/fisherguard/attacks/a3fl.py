@@ -39,21 +39,27 @@ class A3FL(Attack):
                  lambda0: float = 0.01, adv_epochs: int = 5, adv_every: int = 100,
                  trigger_epochs: int = 100, patch_size: int = 5, init_intensity: float = 0.5,
                  asr_stop: float = 0.7, batch_size: int = 64) -> None:
-        check(isinstance(target, int) and target >= 0, "a3fl", "target", "an int ≥ 0", target)
-        check(0.0 <= poison_prob <= 1.0, "a3fl", "poison_prob", "in [0, 1]", poison_prob)
-        check(trigger_lr > 0, "a3fl", "trigger_lr", "> 0", trigger_lr)
-        check(lambda0 >= 0, "a3fl", "lambda0", "≥ 0", lambda0)
-        check(isinstance(adv_epochs, int) and adv_epochs >= 0, "a3fl", "adv_epochs", "an int ≥ 0",
+        check(lambda: isinstance(target, int) and target >= 0,
+              "a3fl", "target", "an int ≥ 0", target)
+        check(lambda: 0.0 <= poison_prob <= 1.0, "a3fl", "poison_prob", "in [0, 1]", poison_prob)
+        check(lambda: trigger_lr > 0, "a3fl", "trigger_lr", "> 0", trigger_lr)
+        check(lambda: lambda0 >= 0, "a3fl", "lambda0", "≥ 0", lambda0)
+        check(lambda: isinstance(adv_epochs, int) and adv_epochs >= 0,
+              "a3fl", "adv_epochs", "an int ≥ 0",
               adv_epochs)
-        check(isinstance(adv_every, int) and adv_every >= 1, "a3fl", "adv_every", "an int ≥ 1",
+        check(lambda: isinstance(adv_every, int) and adv_every >= 1,
+              "a3fl", "adv_every", "an int ≥ 1",
               adv_every)
-        check(isinstance(trigger_epochs, int) and trigger_epochs >= 0, "a3fl", "trigger_epochs",
+        check(lambda: isinstance(trigger_epochs, int) and trigger_epochs >= 0,
+              "a3fl", "trigger_epochs",
               "an int ≥ 0 (the compute budget: trigger epochs per attack round)", trigger_epochs)
-        check(isinstance(patch_size, int) and 1 <= patch_size <= 32, "a3fl", "patch_size",
+        check(lambda: isinstance(patch_size, int) and 1 <= patch_size <= 32, "a3fl", "patch_size",
               "an int in 1..32", patch_size)
-        check(0.0 <= init_intensity <= 1.0, "a3fl", "init_intensity", "in [0, 1]", init_intensity)
-        check(0.0 < asr_stop <= 1.0, "a3fl", "asr_stop", "in (0, 1]", asr_stop)
-        check(isinstance(batch_size, int) and batch_size >= 1, "a3fl", "batch_size", "an int ≥ 1",
+        check(lambda: 0.0 <= init_intensity <= 1.0,
+              "a3fl", "init_intensity", "in [0, 1]", init_intensity)
+        check(lambda: 0.0 < asr_stop <= 1.0, "a3fl", "asr_stop", "in (0, 1]", asr_stop)
+        check(lambda: isinstance(batch_size, int) and batch_size >= 1,
+              "a3fl", "batch_size", "an int ≥ 1",
               batch_size)
         self.target, self.poison_prob = target, poison_prob
         self.trigger_lr, self.lambda0 = trigger_lr, lambda0

@@ -174,26 +174,30 @@ class Chameleon(Attack):
                  contrastive_lr: float = 0.015, contrastive_momentum: float = 0.9,
                  contrastive_weight_decay: float = 5e-4,
                  milestones: Sequence[int] = (2, 4, 6, 8), gamma: float = 0.3) -> None:
-        check(isinstance(target, int) and target >= 0, "chameleon", "target", "an int ≥ 0", target)
-        check(0.0 <= poison_prob <= 1.0, "chameleon", "poison_prob", "in [0, 1]", poison_prob)
-        check(channels in (1, 3), "chameleon", "channels", "1 or 3", channels)
-        check(family in ("fdcr", "sdfc"), "chameleon", "family", "'fdcr' or 'sdfc'", family)
-        check(temperature > 0, "chameleon", "temperature", "> 0", temperature)
-        check(scale > 0, "chameleon", "scale", "> 0", scale)
-        check(isinstance(contrastive_epochs, int) and contrastive_epochs >= 0, "chameleon",
+        check(lambda: isinstance(target, int) and target >= 0,
+              "chameleon", "target", "an int ≥ 0", target)
+        check(lambda: 0.0 <= poison_prob <= 1.0,
+              "chameleon", "poison_prob", "in [0, 1]", poison_prob)
+        check(lambda: channels in (1, 3), "chameleon", "channels", "1 or 3", channels)
+        check(lambda: family in ("fdcr", "sdfc"), "chameleon", "family", "'fdcr' or 'sdfc'", family)
+        check(lambda: temperature > 0, "chameleon", "temperature", "> 0", temperature)
+        check(lambda: scale > 0, "chameleon", "scale", "> 0", scale)
+        check(lambda: isinstance(contrastive_epochs, int) and contrastive_epochs >= 0, "chameleon",
               "contrastive_epochs", "an int ≥ 0 (the compute budget: contrastive epochs per "
               "attack round)", contrastive_epochs)
-        check(head_epochs is None or (isinstance(head_epochs, int) and head_epochs >= 0),
+        check(lambda: head_epochs is None or (isinstance(head_epochs, int) and head_epochs >= 0),
               "chameleon", "head_epochs", "null (the benign local epochs) or an int ≥ 0",
               head_epochs)
-        check(contrastive_lr > 0, "chameleon", "contrastive_lr", "> 0", contrastive_lr)
-        check(0 <= contrastive_momentum < 1, "chameleon", "contrastive_momentum", "in [0, 1)",
+        check(lambda: contrastive_lr > 0, "chameleon", "contrastive_lr", "> 0", contrastive_lr)
+        check(lambda: 0 <= contrastive_momentum < 1,
+              "chameleon", "contrastive_momentum", "in [0, 1)",
               contrastive_momentum)
-        check(contrastive_weight_decay >= 0, "chameleon", "contrastive_weight_decay", "≥ 0",
+        check(lambda: contrastive_weight_decay >= 0, "chameleon", "contrastive_weight_decay", "≥ 0",
               contrastive_weight_decay)
-        check(all(isinstance(m, int) and m >= 1 for m in milestones), "chameleon", "milestones",
+        check(lambda: all(isinstance(m, int) and m >= 1 for m in milestones),
+              "chameleon", "milestones",
               "a list of epochs ≥ 1", milestones)
-        check(0 < gamma <= 1, "chameleon", "gamma", "in (0, 1]", gamma)
+        check(lambda: 0 < gamma <= 1, "chameleon", "gamma", "in (0, 1]", gamma)
         self.target, self.poison_prob, self.channels, self.family = (target, poison_prob,
                                                                      channels, family)
         self.temperature, self.scale = temperature, scale

@@ -87,18 +87,20 @@ class IBA(Attack):
                  generator_lr: float = 0.01, generator_epochs: int = 100,
                  asr_stop: float = 0.7, pgd_bound: float = 0.0, batch_size: int = 64,
                  width: int = 16) -> None:
-        check(isinstance(target, int) and target >= 0, "iba", "target", "an int ≥ 0", target)
-        check(0.0 <= poison_prob <= 1.0, "iba", "poison_prob", "in [0, 1]", poison_prob)
-        check(0.0 < eps <= 1.0, "iba", "eps", "in (0, 1] (pixel units)", eps)
-        check(generator_lr > 0, "iba", "generator_lr", "> 0", generator_lr)
-        check(isinstance(generator_epochs, int) and generator_epochs >= 0, "iba",
+        check(lambda: isinstance(target, int) and target >= 0,
+              "iba", "target", "an int ≥ 0", target)
+        check(lambda: 0.0 <= poison_prob <= 1.0, "iba", "poison_prob", "in [0, 1]", poison_prob)
+        check(lambda: 0.0 < eps <= 1.0, "iba", "eps", "in (0, 1] (pixel units)", eps)
+        check(lambda: generator_lr > 0, "iba", "generator_lr", "> 0", generator_lr)
+        check(lambda: isinstance(generator_epochs, int) and generator_epochs >= 0, "iba",
               "generator_epochs", "an int ≥ 0 (the compute budget: generator epochs per attack "
               "round)", generator_epochs)
-        check(0.0 < asr_stop <= 1.0, "iba", "asr_stop", "in (0, 1]", asr_stop)
-        check(pgd_bound >= 0, "iba", "pgd_bound", "≥ 0 (0: no projection)", pgd_bound)
-        check(isinstance(batch_size, int) and batch_size >= 1, "iba", "batch_size", "an int ≥ 1",
+        check(lambda: 0.0 < asr_stop <= 1.0, "iba", "asr_stop", "in (0, 1]", asr_stop)
+        check(lambda: pgd_bound >= 0, "iba", "pgd_bound", "≥ 0 (0: no projection)", pgd_bound)
+        check(lambda: isinstance(batch_size, int) and batch_size >= 1,
+              "iba", "batch_size", "an int ≥ 1",
               batch_size)
-        check(isinstance(width, int) and width >= 1, "iba", "width", "an int ≥ 1", width)
+        check(lambda: isinstance(width, int) and width >= 1, "iba", "width", "an int ≥ 1", width)
         self.target, self.poison_prob, self.eps = target, poison_prob, eps
         self.generator_lr, self.generator_epochs = generator_lr, generator_epochs
         self.asr_stop, self.pgd_bound, self.batch_size, self.width = (asr_stop, pgd_bound,

@@ -123,9 +123,13 @@ def backdoor_loss(model: nn.Module, x_pix_triggered: torch.Tensor, target: int,
     return F.cross_entropy(logits, torch.full((len(logits),), target, dtype=torch.long))
 
 
-def check(cond: bool, attack: str, option: str, allowed: str, value: Any) -> None:
-    """Raise ``AttackConfigError`` naming the option and what is allowed."""
-    if not cond:
+def check(cond: Callable[[], bool], attack: str, option: str, allowed: str, value: Any) -> None:
+    """Raise ``AttackConfigError`` naming the option and what is allowed (a wrong type included)."""
+    try:
+        ok = bool(cond())
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise AttackConfigError(f"{attack} option {option} must be {allowed}, got {value!r}")
 
 

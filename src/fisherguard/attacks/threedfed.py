@@ -89,25 +89,26 @@ class ThreeDFed(Attack):
                  noise_lr: float = 0.01, noise_alpha: float = 0.1,
                  noise_fraction: float = 0.5, indicators: int = 5, indicator_shift: float = 5.0,
                  alpha_step: float = 0.1, alpha_max: float = 1.0) -> None:
-        check(isinstance(target, int) and target >= 0, "3dfed", "target", "an int ≥ 0", target)
-        check(0.0 <= poison_prob <= 1.0, "3dfed", "poison_prob", "in [0, 1]", poison_prob)
-        check(channels in (1, 3), "3dfed", "channels", "1 or 3", channels)
-        check(family in ("fdcr", "sdfc"), "3dfed", "family", "'fdcr' or 'sdfc'", family)
-        check(a >= 0, "3dfed", "a", "≥ 0", a)
-        check(b >= 0, "3dfed", "b", "≥ 0", b)
-        check(a + b > 0, "3dfed", "a", "such that a + b > 0", (a, b))
-        check(isinstance(noise_steps, int) and noise_steps >= 0, "3dfed", "noise_steps",
+        check(lambda: isinstance(target, int) and target >= 0,
+              "3dfed", "target", "an int ≥ 0", target)
+        check(lambda: 0.0 <= poison_prob <= 1.0, "3dfed", "poison_prob", "in [0, 1]", poison_prob)
+        check(lambda: channels in (1, 3), "3dfed", "channels", "1 or 3", channels)
+        check(lambda: family in ("fdcr", "sdfc"), "3dfed", "family", "'fdcr' or 'sdfc'", family)
+        check(lambda: a >= 0, "3dfed", "a", "≥ 0", a)
+        check(lambda: b >= 0, "3dfed", "b", "≥ 0", b)
+        check(lambda: a + b > 0, "3dfed", "a", "such that a + b > 0", (a, b))
+        check(lambda: isinstance(noise_steps, int) and noise_steps >= 0, "3dfed", "noise_steps",
               "an int ≥ 0 (the compute budget: noise-mask steps per upload and round)",
               noise_steps)
-        check(noise_lr > 0, "3dfed", "noise_lr", "> 0", noise_lr)
-        check(noise_alpha >= 0, "3dfed", "noise_alpha", "≥ 0", noise_alpha)
-        check(0.0 <= noise_fraction <= 1.0, "3dfed", "noise_fraction", "in [0, 1]",
+        check(lambda: noise_lr > 0, "3dfed", "noise_lr", "> 0", noise_lr)
+        check(lambda: noise_alpha >= 0, "3dfed", "noise_alpha", "≥ 0", noise_alpha)
+        check(lambda: 0.0 <= noise_fraction <= 1.0, "3dfed", "noise_fraction", "in [0, 1]",
               noise_fraction)
-        check(isinstance(indicators, int) and indicators >= 0, "3dfed", "indicators",
+        check(lambda: isinstance(indicators, int) and indicators >= 0, "3dfed", "indicators",
               "an int ≥ 0 (0: no indicator feedback)", indicators)
-        check(indicator_shift > 0, "3dfed", "indicator_shift", "> 0", indicator_shift)
-        check(alpha_step >= 0, "3dfed", "alpha_step", "≥ 0", alpha_step)
-        check(alpha_max >= noise_alpha, "3dfed", "alpha_max", "≥ noise_alpha", alpha_max)
+        check(lambda: indicator_shift > 0, "3dfed", "indicator_shift", "> 0", indicator_shift)
+        check(lambda: alpha_step >= 0, "3dfed", "alpha_step", "≥ 0", alpha_step)
+        check(lambda: alpha_max >= noise_alpha, "3dfed", "alpha_max", "≥ noise_alpha", alpha_max)
         self.indicators, self.indicator_shift = indicators, indicator_shift
         self.alpha_step, self.alpha_max = alpha_step, alpha_max
         self.alpha = noise_alpha  # the noise weight in force, adapted by the indicator feedback
