@@ -12,8 +12,8 @@ from fisherguard import config
 from fisherguard.attacks import registry
 from fisherguard.attacks.a3fl import A3FL, optimise_trigger
 from fisherguard.attacks.base import AttackConfigError, AttackContext, RoundView
-from fisherguard.attacks.chameleon import Chameleon, TwoStage, supcon_loss
-from fisherguard.attacks.iba import IBA, Generator, GeneratorTrigger, Project, train_generator
+from fisherguard.attacks.chameleon import TwoStage, supcon_loss
+from fisherguard.attacks.iba import Generator, GeneratorTrigger, Project, train_generator
 from fisherguard.attacks.pixel import PixelPatch, backdoor_loss, patch_mask, to_pixels
 from fisherguard.attacks.threedfed import ConstrainedLoss, ThreeDFed, constrained_loss, noise_mask
 from fisherguard.clients.plan import TrainPlan
