@@ -111,6 +111,15 @@ class Attack:
         """The map from a normalised test batch to its triggered version (None: no backdoor)."""
         return None
 
+    def state_dict(self) -> dict[str, Any]:
+        """State carried across rounds (an optimised trigger, the previous global model, …), saved
+        in the checkpoint so a resumed run equals an uninterrupted one (default: none)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"attack {self.name!r} keeps no state, got keys {sorted(state)}")
+
     def round_view(self, round_idx: int, global_weights: torch.Tensor,
                    uploads: dict[int, Upload], attackers: list[int]) -> RoundView:
         """The stage's input: own uploads, plus the benign ones only at the ``omniscient`` level."""

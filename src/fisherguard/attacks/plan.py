@@ -105,6 +105,16 @@ class AttackPlan(Attack):
                 return t
         return None
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"stages": [s.state_dict() for s in self.stages]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        stages = state.get("stages", [])
+        if len(stages) != len(self.stages):
+            raise ValueError(f"attack state has {len(stages)} stages, the plan {len(self.stages)}")
+        for s, st in zip(self.stages, stages):
+            s.load_state_dict(st)
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "knowledge": self.knowledge,
                 "schedule": vars(self.schedule), "follow_protocol": self.follow_protocol,

@@ -93,6 +93,8 @@ class Server:
         if ck is not None:
             self.weights: torch.Tensor = ck["weights"]
             self.defense.load_state_dict(ck["defense_state"])
+            fed.attack.load_state_dict(ck.get("attack_state") or {"stages": [
+                {} for _ in fed.attack.stages]})
         else:
             self.weights = initial_weights(fed)
             (run_dir.path / "partition.json").write_text(json.dumps(fed.partition_info))
@@ -165,7 +167,8 @@ class Server:
             "received": sum(u.reason != "missing" for u in ordered), "errors": {}}
         self.run_dir.append_round(record)
         self.run_dir.save_checkpoint({"rounds_done": t + 1, "weights": self.weights,
-                                      "defense_state": self.defense.state_dict()})
+                                      "defense_state": self.defense.state_dict(),
+                                      "attack_state": fed.attack.state_dict()})
         self.done = t + 1
         self.bar.update(t + 1, f"A={scores['A']:.2f} ASR={scores['ASR']:.2f} "
                                f"({record['wall_time_s']:.1f}s)")
