@@ -8,7 +8,8 @@ a modifier always takes the per-client reference path, never the grouped ensembl
 
 from __future__ import annotations
 
-from typing import Sequence
+import time
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -78,3 +79,36 @@ class Chain(TrainingModifier):
     def after_step(self, params: Sequence[Tensor]) -> None:
         for p in self.parts:
             p.after_step(params)
+
+
+class Timed(TrainingModifier):
+    """A modifier whose hooks' own seconds are summed (the attack's share of local training)."""
+
+    def __init__(self, inner: TrainingModifier) -> None:
+        self.inner, self.name, self.seconds = inner, inner.name, 0.0
+
+    def _timed(self, fn: Callable[..., Any], *args: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def plan(self, plan: TrainPlan) -> TrainPlan:
+        return self._timed(self.inner.plan, plan)
+
+    def begin(self, model: nn.Module, params: Sequence[Tensor], start_weights: Tensor) -> None:
+        self._timed(self.inner.begin, model, params, start_weights)
+
+    def before_step(self, optimizer: torch.optim.Optimizer, step: int, steps_per_epoch: int) -> None:
+        self._timed(self.inner.before_step, optimizer, step, steps_per_epoch)
+
+    def loss(self, loss: Tensor, ce: Tensor, model: nn.Module, params: Sequence[Tensor],
+             x: Tensor, y: Tensor) -> Tensor:
+        return self._timed(self.inner.loss, loss, ce, model, params, x, y)
+
+    def after_backward(self, params: Sequence[Tensor]) -> None:
+        self._timed(self.inner.after_backward, params)
+
+    def after_step(self, params: Sequence[Tensor]) -> None:
+        self._timed(self.inner.after_step, params)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fisherguard.clients.modifier import TrainingModifier
+from fisherguard.clients.modifier import Timed, TrainingModifier
 from fisherguard.clients.plan import TrainPlan
 from fisherguard.clients.regulariser import Regulariser
 from fisherguard.data.transforms import Pipeline
@@ -211,7 +211,7 @@ class SequentialTrainer:
         model = load_flat(self.model, job.start_weights)
         model.train()
         params = trainable(model)
-        mod = job.modifier
+        mod = Timed(job.modifier) if job.modifier is not None else None
         if mod is not None:
             plan = mod.plan(plan)
             mod.begin(model, params, job.start_weights)
@@ -242,8 +242,11 @@ class SequentialTrainer:
         stats = {"loss": ce_last}
         if job.regulariser is not None:
             stats["penalty"] = pen_last
-        return finish_job(job, flatten(model).clone(), steps, stats, self.fisher_model,
-                          time.perf_counter() - t0)
+        result = finish_job(job, flatten(model).clone(), steps, stats, self.fisher_model,
+                            time.perf_counter() - t0)
+        if mod is not None:
+            result.timing["attack_s"] = mod.seconds
+        return result
 
     def train_round(self, jobs: list[ClientJob], plan: TrainPlan) -> list[ClientResult]:
         return [self.train_one(job, plan) for job in jobs]

@@ -135,7 +135,9 @@ class Server:
         if active and fed.attackers:
             view = attack.round_view(t, self.weights, by_id, fed.attackers)
             by_id.update(attack.after_training(view))
-        attack_s = start.attack_s + time.perf_counter() - t_att
+        # begin_round, the upload stage, and the attackers' own training hooks (summed over them)
+        attack_s = (start.attack_s + time.perf_counter() - t_att
+                    + sum(u.timing.get("attack_s", 0.0) for u in by_id.values()))
         ordered = [by_id.get(k, Upload(k, reason="missing")) for k in self.ids]
         ri = RoundInput.from_uploads(
             self.weights, [None if u.weights is None else _update(u.weights, self.weights)
