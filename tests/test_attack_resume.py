@@ -197,9 +197,10 @@ def test_state_dict_round_trips_for_every_stateful_stage():
         assert not _equal(fresh.state_dict(), state), name  # the state really moved
         fresh.load_state_dict(state)
         assert _equal(fresh.state_dict(), state), name
-        # restored by value: changing the loaded stage leaves the saved state alone
-        again = fresh.state_dict()
-        assert _equal(again, state)
+        if name == "a3fl":  # restored by value: training on in place leaves the saved state alone
+            kept = state["delta"].clone()
+            fresh.trigger.delta.add_(0.5)
+            assert torch.equal(state["delta"], kept)
     plan = AttackPlan([_stateful()["neurotoxin"]])
     fresh = AttackPlan([_fresh("neurotoxin")])
     fresh.load_state_dict(plan.state_dict())
