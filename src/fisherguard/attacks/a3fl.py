@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fisherguard.attacks.base import Attack, AttackContext
+from fisherguard.attacks.base import Attack, AttackContext, check_state_keys, state_tensor
 from fisherguard.attacks.pixel import (PixelPatch, backdoor_loss, check, clean_pixels,
                                        frozen_copy, local_asr, minibatches, patch_mask,
                                        poisoned_per_epoch, to_normalised)
@@ -97,6 +97,22 @@ class A3FL(Attack):
 
     def test_trigger(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         return self.trigger.apply if self.trigger is not None else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """δ, the optimised patch (C×32×32 pixels), carried from round to round; None before bind.
+
+        The mask and the pipeline are fixed at ``bind``; θ' and λ are rebuilt inside each round's
+        optimisation and ``last_stats`` is only a report, so δ is the whole state."""
+        return {"delta": None if self.trigger is None else self.trigger.delta.detach().clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state_keys(self.name, state, ("delta",))
+        if state["delta"] is None and self.trigger is None:
+            return
+        if self.trigger is None:
+            raise ValueError(f"attack {self.name!r}: a saved trigger needs a bound attack")
+        self.trigger.delta = state_tensor(self.name, "delta", state["delta"],
+                                          tuple(self.trigger.delta.shape))
 
 
 def unlearned_copy(model: nn.Module, trigger: PixelPatch, x: torch.Tensor, y: torch.Tensor,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -28,6 +28,31 @@ ATTACKER_CHOICE = ("last", "random")
 # docs/attacks.md §0: what a stage changes
 KINDS = ("data poisoning", "model poisoning", "trigger optimisation", "upload forgery",
          "byzantine", "none")
+
+
+def check_state_keys(attack: str, state: dict[str, Any], keys: Iterable[str]) -> None:
+    """A stage's saved state must hold exactly its keys (ValueError naming the stray/missing ones)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"attack {attack!r}: state must be a dict, got {type(state).__name__}")
+    want = set(keys)
+    unknown, missing = sorted(set(state) - want), sorted(want - set(state))
+    if unknown or missing:
+        raise ValueError(f"attack {attack!r}: state has unknown keys {unknown} and lacks {missing}"
+                         if unknown and missing else
+                         f"attack {attack!r}: unknown state keys {unknown}" if unknown else
+                         f"attack {attack!r}: state lacks keys {missing}")
+
+
+def state_tensor(attack: str, key: str, value: Any, shape: tuple[int, ...] | None = None
+                 ) -> torch.Tensor:
+    """A saved tensor, copied; ValueError when it is not a tensor or not of ``shape``."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"attack {attack!r}: state {key!r} must be a tensor, "
+                         f"got {type(value).__name__}")
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise ValueError(f"attack {attack!r}: state {key!r} has shape {tuple(value.shape)}, "
+                         f"expected {tuple(shape)}")
+    return value.detach().clone()
 
 
 class AttackConfigError(ValueError):

@@ -3,17 +3,19 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fisherguard.attacks.base import Attack, AttackConfigError, RoundView
+from fisherguard.attacks.base import (Attack, AttackConfigError, RoundView, check_state_keys,
+                                      state_tensor)
 from fisherguard.attacks.scaling import (Boost, check_boost, check_gamma, check_positive,
                                          flat_delta, resolve_gamma, scale_uploads)
 from fisherguard.clients.modifier import Chain, TrainingModifier
 from fisherguard.clients.training import Upload
+from fisherguard.models import flatten
 
 Tensor = torch.Tensor
 ANOMALY = ("l2", "cosine")
@@ -36,6 +38,42 @@ class PreviousGlobal:
             self.seen[round_idx] = start_weights.detach().clone()
         prev = self.seen.get(round_idx - 1)
         return None if prev is None else self.seen[round_idx] - prev
+
+    def state_dict(self) -> dict[str, Any]:
+        rounds = sorted(self.seen)
+        return {"rounds": rounds, "weights": [self.seen[r].detach().clone() for r in rounds]}
+
+    def load_state_dict(self, attack: str, state: dict[str, Any], numel: int | None) -> None:
+        """Restore the kept models; ``numel``: the flat model's size, when known."""
+        rounds, weights = state.get("rounds"), state.get("weights")
+        if (not isinstance(rounds, list) or not isinstance(weights, list)
+                or len(rounds) != len(weights)
+                or not all(isinstance(r, int) and not isinstance(r, bool) for r in rounds)):
+            raise ValueError(f"attack {attack!r}: previous-global state needs equal-length lists "
+                             f"'rounds' (ints) and 'weights' (tensors)")
+        seen = {}
+        for r, w in zip(rounds, weights):
+            shape = (numel,) if numel is not None else (w.numel(),) if isinstance(w, Tensor) else None
+            seen[r] = state_tensor(attack, f"weights[{r}]", w, shape)
+        self.seen = seen
+
+
+def model_numel(attack: Attack) -> int | None:
+    """The size of the federation's flat model (None before ``bind`` or without a model)."""
+    ctx = getattr(attack, "ctx", None)
+    if ctx is None or ctx.model_factory is None:
+        return None
+    with torch.random.fork_rng(devices=[]):  # building the model must not move the global stream
+        return int(flatten(ctx.model_factory()).numel())
+
+
+def load_previous(attack: Attack, previous: PreviousGlobal, state: dict[str, Any]) -> None:
+    """``load_state_dict`` of a stage whose only cross-round state is its ``PreviousGlobal``."""
+    check_state_keys(attack.name, state, ("previous",))
+    if not isinstance(state["previous"], dict):
+        raise ValueError(f"attack {attack.name!r}: state 'previous' must be a dict")
+    check_state_keys(attack.name, state["previous"], ("rounds", "weights"))
+    previous.load_state_dict(attack.name, state["previous"], model_numel(attack))
 
 
 class AnomalyLoss(TrainingModifier):
@@ -104,3 +142,10 @@ class ConstrainAndScale(Attack):
 
     def after_training(self, view: RoundView) -> dict[int, Upload]:
         return scale_uploads(view, resolve_gamma(self.gamma, self.ctx.num_clients), self.norm_cap)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The global models last received (w^{t−1} for the cosine term's u), by round."""
+        return {"previous": self.previous.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_previous(self, self.previous, state)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from fisherguard.attacks.base import Attack, AttackContext
+from fisherguard.attacks.base import Attack, AttackContext, check_state_keys, state_tensor
 from fisherguard.attacks.pixel import (backdoor_loss, check, clean_pixels, frozen_copy,
                                        local_asr, minibatches, poisoned_per_epoch, to_normalised,
                                        to_pixels)
@@ -141,6 +141,31 @@ class IBA(Attack):
 
     def test_trigger(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         return self.trigger.apply if self.trigger is not None else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generator G's weights (trained on from round to round); None before bind.
+
+        Adam is created afresh in every round's training, so it holds no cross-round state."""
+        if self.trigger is None:
+            return {"generator": None}
+        return {"generator": {k: v.detach().clone()
+                              for k, v in self.trigger.generator.state_dict().items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state_keys(self.name, state, ("generator",))
+        saved = state["generator"]
+        if saved is None and self.trigger is None:
+            return
+        if self.trigger is None:
+            raise ValueError(f"attack {self.name!r}: a saved generator needs a bound attack")
+        if not isinstance(saved, dict):
+            raise ValueError(f"attack {self.name!r}: state 'generator' must be a dict of tensors")
+        gen = self.trigger.generator
+        own = gen.state_dict()
+        check_state_keys(self.name, saved, own)
+        loaded = {k: state_tensor(self.name, f"generator.{k}", saved[k], tuple(v.shape))
+                  for k, v in own.items()}
+        gen.load_state_dict(loaded)
 
 
 def train_generator(trigger: GeneratorTrigger, model: nn.Module, x: Tensor, y: Tensor,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fisherguard.attacks.base import Attack, AttackConfigError, RoundView
-from fisherguard.attacks.constrain import PreviousGlobal
+from fisherguard.attacks.constrain import PreviousGlobal, load_previous
 from fisherguard.attacks.pgd import (CleanReference, check_eps, project, project_uploads,
                                      with_reference_time)
 from fisherguard.attacks.scaling import check_positive
@@ -154,3 +154,12 @@ class Neurotoxin(Attack):
                                for cid in view.own}
         self.bounds = {}
         return with_reference_time(project_uploads(view, eps), self.reference)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The global models last received (w^{t−1} for u = w^t − w^{t−1}), by round. The clean
+        reference Δ_ref is recomputed per round from its own seeded stream, the mask's layer
+        sizes from the model, and ``bounds`` is emptied every round: none of them is state."""
+        return {"previous": self.previous.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_previous(self, self.previous, state)

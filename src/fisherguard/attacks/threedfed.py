@@ -9,13 +9,14 @@ Not implemented: (3) decoy models, and tuning the number of decoys and the scali
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fisherguard.attacks.base import Attack, AttackContext, RoundView
+from fisherguard.attacks.base import (Attack, AttackContext, RoundView, check_state_keys,
+                                      state_tensor)
 from fisherguard.attacks.pixel import PixelPatch, badnets_pixel_patch, check, poisoned_per_epoch
 from fisherguard.clients.modifier import TrainingModifier
 from fisherguard.clients.training import ClientDataset, Upload
@@ -196,3 +197,45 @@ class ThreeDFed(Attack):
 
     def test_trigger(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         return self.trigger.apply if self.trigger is not None else None
+
+    STATE = ("prev_global", "alpha", "planted_idx", "planted_shift", "feedback")
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the next round reads: w^{t−1} (the previous global model, for the reference
+        update), the noise weight α in force, the planted indicators (indices, shift) to read
+        back, and the feedback log. The trigger is fixed at bind, ``last_noise_norm`` is reset
+        every round."""
+        planted = self._planted
+        return {"prev_global": None if self._prev_global is None else self._prev_global.clone(),
+                "alpha": float(self.alpha),
+                "planted_idx": None if planted is None else planted[0].clone(),
+                "planted_shift": None if planted is None else planted[1].clone(),
+                "feedback": [dict(f) for f in self.feedback]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        name = self.name
+        check_state_keys(name, state, self.STATE)
+        prev = state["prev_global"]
+        if prev is not None:
+            prev = state_tensor(name, "prev_global", prev)
+            if prev.dim() != 1:
+                raise ValueError(f"attack {name!r}: state 'prev_global' must be a flat model, "
+                                 f"got shape {tuple(prev.shape)}")
+        alpha = state["alpha"]
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise ValueError(f"attack {name!r}: state 'alpha' must be a number, got {alpha!r}")
+        idx, shift = state["planted_idx"], state["planted_shift"]
+        if (idx is None) != (shift is None):
+            raise ValueError(f"attack {name!r}: planted_idx and planted_shift go together")
+        planted = None
+        if idx is not None:
+            idx = state_tensor(name, "planted_idx", idx)
+            shift = state_tensor(name, "planted_shift", shift, ())
+            if idx.dim() != 1 or idx.dtype != torch.long:
+                raise ValueError(f"attack {name!r}: state 'planted_idx' must be a 1-D long tensor")
+            planted = (idx, shift)
+        feedback = state["feedback"]
+        if not isinstance(feedback, list) or not all(isinstance(f, dict) for f in feedback):
+            raise ValueError(f"attack {name!r}: state 'feedback' must be a list of dicts")
+        self._prev_global, self.alpha, self._planted = prev, float(alpha), planted
+        self.feedback = [dict(f) for f in feedback]
