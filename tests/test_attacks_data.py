@@ -90,7 +90,8 @@ def _client(n=400, seed=0):
 
 
 def test_edge_case_proxy_mixes_p_edge_relabelled_tail_with_clean_samples():
-    attack = EdgeCase(source_class=7, target=2, p_edge=0.5, tail_fraction=0.25, selection="random")
+    attack = EdgeCase(source_class=7, target=2, p_edge=0.5, tail_fraction=0.25, selection="random",
+                      tail="own")
     attack.bind(_ctx())
     clean = _client()
     data = attack.poison(8, clean, seed=0)
@@ -118,7 +119,7 @@ def test_edge_case_confidence_selection_takes_the_least_confident_source_images(
     ctx = _ctx()
     ctx.model_factory = lambda: build_model("simplecnn", 3)
     ctx.plan = TrainPlan(epochs=1, batch_size=32, lr=0.05, momentum=0.9, weight_decay=1e-5)
-    attack = EdgeCase(source_class=7, tail_fraction=0.25)
+    attack = EdgeCase(source_class=7, tail_fraction=0.25, tail="own")
     attack.bind(ctx)
     clean = _client(n=96)
     score = attack.confidence(8, clean, seed=0)
@@ -134,7 +135,7 @@ def test_edge_case_confidence_selection_takes_the_least_confident_source_images(
 
 
 def test_edge_case_without_source_images_trains_clean():
-    attack = EdgeCase(source_class=7)
+    attack = EdgeCase(source_class=7, tail="own")
     attack.bind(_ctx())  # no model needed: there is nothing to score
     clean = _client()
     only = ClientDataset(labels=torch.zeros(10, dtype=torch.int64), pipeline=clean.pipeline,
@@ -147,6 +148,8 @@ def test_edge_case_without_source_images_trains_clean():
     ({"source_class": 2, "target": 2}, "edge-case source_class must differ"),
     ({"source_class": -1}, "edge-case source_class"),
     ({"selection": "best"}, "edge-case selection must be one of confidence, random"),
+    ({"tail": "mine"}, "edge-case tail must be one of held-out, own"),
+    ({"test_share": 1.0}, "edge-case test_share"),
 ])
 def test_edge_case_options_are_validated_by_name(opts, needle):
     with pytest.raises(AttackConfigError, match=needle):
@@ -163,11 +166,19 @@ def test_edge_case_is_reported_as_a_proxy_and_options_are_stored():
 @pytest.mark.integration
 @pytest.mark.parametrize("name,opts", [("dba", None), ("dba", {"split": "channel", "pieces": 3}),
                                        ("edge-case", None),
-                                       ("edge-case", {"selection": "random"})])
+                                       ("edge-case", {"selection": "random", "tail": "own"})])
 def test_two_rounds_end_to_end(tmp_path, name, opts):
     summary, rounds, w = run_attack(tmp_path, name, opts)
     assert len(rounds) == 2 and bool(torch.isfinite(w).all())
     assert all(r["attack"] == {"name": name, "active": True} for r in rounds)
+    held_out = name == "edge-case" and not opts  # the default tail is held out and measured
+    assert all(("ASR_edge" in r["metrics"]) == held_out for r in rounds)
+    if held_out:
+        asr = [r["metrics"]["ASR_edge"] for r in rounds]
+        assert all(0.0 <= a <= 100.0 for a in asr)
+        assert summary["ASR_edge"] == pytest.approx(sum(asr) / len(asr))
+    else:
+        assert summary["ASR_edge"] is None
 
 
 @pytest.mark.integration

@@ -31,6 +31,14 @@ def backdoor_metrics(pred_clean: np.ndarray, labels: np.ndarray, pred_triggered:
             "collapsed": bool(acc < 2 * 100.0 / num_classes or q.max() >= 0.5)}
 
 
+def edge_asr(pred_tail: np.ndarray, target: int) -> float:
+    """ASR_edge: share of the held-out edge-case tail images predicted as the target, % (docs/protocol.md §7.3)."""
+    pred_tail = np.asarray(pred_tail)
+    if len(pred_tail) == 0:
+        raise ValueError("no held-out tail images to score")
+    return 100.0 * float(np.mean(pred_tail == target))
+
+
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000,
             transform: Any = None,
@@ -76,13 +84,15 @@ def _mean(xs: list[float | None]) -> float | None:
 
 
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Run summary: last-5 means, run collapse (≥3 of the last 5), detection over all and last 5."""
+    """Run summary: last-5 means (ASR_edge None without a held-out tail), run collapse (≥3 of the
+    last 5), detection over all and last 5."""
     if not rounds:
         raise ValueError("no finished rounds to summarise")
     last = rounds[-LAST:]
     out: dict[str, Any] = {"rounds": len(rounds)}
     for m in ("A", "R", "ASR", "V", "ASR_all", "q_max", "entropy"):
         out[m] = _mean([r["metrics"][m] for r in last])
+    out["ASR_edge"] = _mean([r["metrics"].get("ASR_edge") for r in last])  # None without a tail
     out["collapsed"] = sum(bool(r["metrics"]["collapsed"]) for r in last) >= 3 if len(last) >= 3 else \
         all(r["metrics"]["collapsed"] for r in last)
     for m in ("TPR", "FPR"):

@@ -1,7 +1,8 @@
 """The attack interface (docs/attacks.md §1): who attacks, then the attack's stages.
 
 An attack is a pipeline of optional stages, each a hook of ``Attack`` that changes nothing by
-default: ``poison`` (the attacker's training data, before the run), ``begin_round`` (state an
+default: ``reserve`` (client-pool images held out of every client before the partition, e.g. an
+edge-case tail), ``poison`` (the attacker's training data, before the run), ``begin_round`` (state an
 attack updates from the global model, e.g. an optimised trigger), ``training`` (a
 ``TrainingModifier``: loss terms, gradient masks, projections, optimiser overrides) and
 ``after_training`` (update transforms and upload forgeries). What the last stage may read is
@@ -89,6 +90,19 @@ class AttackContext:
     model_factory: Callable[[], torch.nn.Module] | None = None  # the federation's model class
     plan: TrainPlan | None = None  # the benign clients' optimiser settings
     num_classes: int = 10
+    # the attackers' part of the images the attack reserved before the partition (``reserve``)
+    extra_data: ClientDataset | None = None
+
+
+@dataclass
+class Reserved:
+    """Client-pool images an attack takes out of every client's data before the partition."""
+
+    indices: np.ndarray  # training-set indices removed from the client pool (held by no client)
+    attacker_images: torch.Tensor  # uint8 (n_a, C, 32, 32): the attackers' part
+    attacker_labels: torch.Tensor  # int64 (n_a,), already relabelled (e.g. to the target)
+    test_images: torch.Tensor  # uint8 (n_t, C, 32, 32): the held-out part, scored as ASR_edge
+    target: int  # the label the held-out part is measured against
 
 
 @dataclass
@@ -115,6 +129,13 @@ class Attack:
     def bind(self, ctx: AttackContext) -> None:
         """Learn the run's facts once, before ``poison`` (default: keep them)."""
         self.ctx = ctx
+
+    def reserve(self, images: torch.Tensor, labels: np.ndarray, pool: np.ndarray,
+                seed: int) -> Reserved | None:
+        """Images of the client pool (training-set indices ``pool`` into ``images`` / ``labels``)
+        to hold out of every client before the partition, split into the attackers' part and a
+        held-out test part (default: none)."""
+        return None
 
     def poison(self, client_id: int, data: ClientDataset, seed: int) -> ClientDataset:
         """An attacker's training data (default: unchanged)."""

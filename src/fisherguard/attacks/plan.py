@@ -11,9 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
-from fisherguard.attacks.base import KNOWLEDGE, Attack, AttackConfigError, AttackContext, RoundView
+from fisherguard.attacks.base import (KNOWLEDGE, Attack, AttackConfigError, AttackContext, Reserved,
+                                      RoundView)
 from fisherguard.clients.modifier import Chain, TrainingModifier
 from fisherguard.clients.training import ClientDataset, Upload
 
@@ -76,6 +78,16 @@ class AttackPlan(Attack):
         self.ctx = ctx
         for s in self.stages:
             s.bind(ctx)
+
+    def reserve(self, images: torch.Tensor, labels: np.ndarray, pool: np.ndarray,
+                seed: int) -> Reserved | None:
+        """The one stage's reservation; two stages that both reserve images are an error."""
+        found = [(s.name, r) for s in self.stages
+                 if (r := s.reserve(images, labels, pool, seed)) is not None]
+        if len(found) > 1:
+            raise AttackConfigError(f"only one attack stage may reserve images, got "
+                                    f"{', '.join(n for n, _ in found)}")
+        return found[0][1] if found else None
 
     def poison(self, client_id: int, data: ClientDataset, seed: int) -> ClientDataset:
         for s in self.stages:

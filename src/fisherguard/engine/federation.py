@@ -47,6 +47,9 @@ class Federation:
     partition_info: dict[str, Any] = field(default_factory=dict)
     # an attacker's clean data, for the rounds its attack's schedule leaves idle
     clean: dict[int, ClientDataset] = field(default_factory=dict)
+    # images the attack held out of every client (an edge-case tail), scored as ASR_edge
+    tail_test: torch.Tensor | None = None  # uint8 (n, C, 32, 32), like test_x
+    tail_target: int | None = None
 
     def model_factory(self) -> nn.Module:
         return build_model("simplecnn", self.cfg.data.channels)
@@ -65,7 +68,8 @@ class Federation:
 
 
 def prepare(cfg: Config) -> Federation:
-    """Load data, split, partition, choose attackers and poison their data (docs/protocol.md §1–§5)."""
+    """Load data, split, hold out the attack's reserved images (an edge-case tail), partition,
+    choose attackers and poison their data (docs/protocol.md §1–§5, docs/attacks.md §3.6)."""
     d, seed = cfg.data, cfg.experiment.seed
     if d.dataset == "synthetic":
         raw = load_raw("synthetic", n_train=d.synthetic_train, n_test=d.synthetic_test)
@@ -85,6 +89,13 @@ def prepare(cfg: Config) -> Federation:
     split = train_validation_split(len(train_y), val_size=cfg.server.val_size,
                                    rng=numpy_stream(seed, "server-set"))
     pool = split.client_pool[:d.train_subset] if d.train_subset else split.client_pool
+    attack = cfg.build_attack()
+    reserved = attack.reserve(train_x, train_y, pool, seed)
+    extra = None
+    if reserved is not None:  # held out of every client before the partition
+        pool = pool[~np.isin(pool, reserved.indices)]
+        extra = ClientDataset(labels=reserved.attacker_labels, pipeline=pipeline,
+                              images=reserved.attacker_images)
     fed = cfg.federation
     part = dirichlet(train_y[pool], fed.clients, cfg.partition.beta,
                      numpy_stream(seed, "partition"), min_size=cfg.partition.min_size)
@@ -94,11 +105,10 @@ def prepare(cfg: Config) -> Federation:
                              images=train_x[torch.from_numpy(pool[local])])
                for local in part.client_indices]
     clean = {k: clients[k] for k in attackers}
-    attack = cfg.build_attack()
     attack.bind(AttackContext(num_clients=fed.clients, attackers=list(attackers), seed=seed,
                               target=cfg.attack.target, clean_data=dict(clean),
                               model_factory=lambda: build_model("simplecnn", d.channels),
-                              plan=train_plan(cfg)))
+                              plan=train_plan(cfg), extra_data=extra))
     for k in attackers:
         clients[k] = attack.poison(k, clients[k], seed)
     sizes = part.sizes
@@ -109,12 +119,18 @@ def prepare(cfg: Config) -> Federation:
     info = {"sizes": sizes, "attempts": part.attempts,
             "class_counts": part.class_counts(train_y[pool]).tolist(), "attackers": attackers,
             "server_set_size": int(len(split.server_set)), "client_pool": int(len(pool))}
+    if reserved is not None:
+        info["held_out"] = {"total": int(len(reserved.indices)),
+                            "attackers": int(len(reserved.attacker_labels)),
+                            "test": int(len(reserved.test_images))}
     u = torch.from_numpy(split.server_set)
     return Federation(cfg=cfg, pipeline=pipeline, clients=clients, attack=attack,
                       attackers=attackers, test_x=test_x, test_y=test_y,
                       server_images=train_x[u],
                       server_labels=torch.from_numpy(train_y[split.server_set]),
-                      partition_info=info, clean=clean)
+                      partition_info=info, clean=clean,
+                      tail_test=None if reserved is None else reserved.test_images,
+                      tail_target=None if reserved is None else reserved.target)
 
 
 def initial_weights(fed: Federation) -> torch.Tensor:
@@ -191,7 +207,11 @@ def evaluate(fed: Federation, model: nn.Module, weights: torch.Tensor) -> dict[s
     clean = metrics.predict(model, fed.test_x, bs, fed.pipeline.test)
     trigger = fed.test_trigger or _no_trigger
     trig = metrics.predict(model, fed.test_x, bs, fed.pipeline.test, trigger=trigger)
-    return metrics.backdoor_metrics(clean, fed.test_y, trig, fed.cfg.attack.target)
+    scores = metrics.backdoor_metrics(clean, fed.test_y, trig, fed.cfg.attack.target)
+    if fed.tail_test is not None and len(fed.tail_test) and fed.tail_target is not None:
+        tail = metrics.predict(model, fed.tail_test, bs, fed.pipeline.test)
+        scores["ASR_edge"] = metrics.edge_asr(tail, fed.tail_target)
+    return scores
 
 
 def _no_trigger(x: torch.Tensor) -> torch.Tensor:
