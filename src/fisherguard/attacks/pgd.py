@@ -62,12 +62,16 @@ def check_eps(attack: str, eps: Any, *, allow_off: bool = False) -> None:
 
 
 class Projection(TrainingModifier):
-    """After every ``every`` steps and after the last one: w ← w^t + (w − w^t)·min(1, ε/‖w − w^t‖)."""
+    """After every ``every`` steps and after the last one: w ← w^t + (w − w^t)·min(1, ε/‖w − w^t‖).
+
+    ``eps=None`` keeps the step bookkeeping and projects nothing (Neurotoxin with ``eps: off``).
+    """
 
     name = "pgd"
 
-    def __init__(self, eps: float, every: int = 1) -> None:
-        self.eps, self.every = float(eps), int(every)
+    def __init__(self, eps: float | None, every: int = 1) -> None:
+        self.eps = None if eps is None else float(eps)
+        self.every = int(every)
         self.start: list[Tensor] = []
         self.epochs = 0
         self.steps_per_epoch = 0
@@ -87,7 +91,7 @@ class Projection(TrainingModifier):
     def after_step(self, params: Sequence[Tensor]) -> None:
         self.step += 1
         last = self.step == self.epochs * self.steps_per_epoch
-        if self.step % self.every == 0 or last:
+        if self.eps is not None and (self.step % self.every == 0 or last):
             project(params, self.start, self.eps)
 
 
