@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fisherguard.attacks.base import Attack, RoundView
-from fisherguard.attacks.pixel import BadNetsPixelPoison, PixelPatch, check
+from fisherguard.attacks.pixel import BadNetsPixelPoison, PixelPatch, check, check_poison_options
 from fisherguard.clients.modifier import TrainingModifier
 from fisherguard.clients.plan import TrainPlan
 from fisherguard.clients.training import Upload
@@ -173,10 +173,7 @@ class Chameleon(BadNetsPixelPoison, Attack):
                  contrastive_lr: float = 0.015, contrastive_momentum: float = 0.9,
                  contrastive_weight_decay: float = 5e-4,
                  milestones: Sequence[int] = (2, 4, 6, 8), gamma: float = 0.3) -> None:
-        check(lambda: isinstance(target, int) and target >= 0,
-              "chameleon", "target", "an int ≥ 0", target)
-        check(lambda: 0.0 <= poison_prob <= 1.0,
-              "chameleon", "poison_prob", "in [0, 1]", poison_prob)
+        check_poison_options("chameleon", target, poison_prob)
         check(lambda: channels in (1, 3), "chameleon", "channels", "1 or 3", channels)
         check(lambda: family in ("fdcr", "sdfc"), "chameleon", "family", "'fdcr' or 'sdfc'", family)
         check(lambda: temperature > 0, "chameleon", "temperature", "> 0", temperature)

@@ -169,6 +169,13 @@ def check(cond: Callable[[], bool], attack: str, option: str, allowed: str, valu
         raise AttackConfigError(f"{attack} option {option} must be {allowed}, got {value!r}")
 
 
+def check_poison_options(attack: str, target: Any, poison_prob: Any) -> None:
+    """The options every data-poisoning pixel attack shares: the target class and the
+    Bernoulli share of poisoned samples."""
+    check(lambda: isinstance(target, int) and target >= 0, attack, "target", "an int ≥ 0", target)
+    check(lambda: 0.0 <= poison_prob <= 1.0, attack, "poison_prob", "in [0, 1]", poison_prob)
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """Eval mode and no gradients (load its weights first: ``load_flat`` writes trainable ones only)."""
     model.eval()

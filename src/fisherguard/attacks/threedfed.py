@@ -17,7 +17,7 @@ from torch import nn
 
 from fisherguard.attacks.base import (Attack, RoundView, check_state_keys,
                                       state_tensor)
-from fisherguard.attacks.pixel import BadNetsPixelPoison, PixelPatch, check
+from fisherguard.attacks.pixel import BadNetsPixelPoison, PixelPatch, check, check_poison_options
 from fisherguard.clients.modifier import TrainingModifier
 from fisherguard.clients.training import Upload
 
@@ -89,9 +89,7 @@ class ThreeDFed(BadNetsPixelPoison, Attack):
                  noise_lr: float = 0.01, noise_alpha: float = 0.1,
                  noise_fraction: float = 0.5, indicators: int = 5, indicator_shift: float = 5.0,
                  alpha_step: float = 0.1, alpha_max: float = 1.0) -> None:
-        check(lambda: isinstance(target, int) and target >= 0,
-              "3dfed", "target", "an int ≥ 0", target)
-        check(lambda: 0.0 <= poison_prob <= 1.0, "3dfed", "poison_prob", "in [0, 1]", poison_prob)
+        check_poison_options("3dfed", target, poison_prob)
         check(lambda: channels in (1, 3), "3dfed", "channels", "1 or 3", channels)
         check(lambda: family in ("fdcr", "sdfc"), "3dfed", "family", "'fdcr' or 'sdfc'", family)
         check(lambda: a >= 0, "3dfed", "a", "≥ 0", a)
