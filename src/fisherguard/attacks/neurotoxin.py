@@ -12,7 +12,7 @@ from torch import nn
 from fisherguard.attacks.base import Attack, AttackConfigError, RoundView
 from fisherguard.attacks.constrain import PreviousGlobal, load_previous
 from fisherguard.attacks.pgd import (CleanReference, Projection, check_eps, project_uploads,
-                                     with_reference_time)
+                                     radius_of, with_reference_time)
 from fisherguard.attacks.scaling import check_positive
 from fisherguard.clients.modifier import TrainingModifier
 from fisherguard.clients.training import Upload
@@ -118,10 +118,7 @@ class Neurotoxin(Attack):
     def radius(self, client_id: int, round_idx: int, start_weights: Tensor) -> float | None:
         if self.eps == "off":
             return None
-        if self.eps == "reference":
-            ref = self.reference.update(self.ctx, client_id, round_idx, start_weights)
-            return float(torch.linalg.vector_norm(ref))
-        return float(self.eps)
+        return radius_of(self.eps, self.reference, self, client_id, round_idx, start_weights)
 
     def training(self, client_id: int, round_idx: int,
                  start_weights: Tensor) -> TrainingModifier | None:
