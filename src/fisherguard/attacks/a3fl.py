@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fisherguard.attacks.base import Attack, AttackContext, check_state_keys, state_tensor
-from fisherguard.attacks.pixel import (PixelPatch, backdoor_loss, check, clean_pixels,
+from fisherguard.attacks.pixel import (PerEpochPoison, PixelPatch, backdoor_loss, check,
+                                       check_poison_options, clean_pixels, context_pipeline,
                                        frozen_copy, local_asr, minibatches, patch_mask,
-                                       poisoned_per_epoch, to_normalised)
-from fisherguard.clients.training import ClientDataset
+                                       to_normalised)
 from fisherguard.data.transforms import Pipeline
 from fisherguard.models import load_flat
 from fisherguard.seeding import torch_stream
@@ -26,7 +26,7 @@ def conv_cosine(a: nn.Module, b: nn.Module) -> float:
     return float(F.cosine_similarity(wa, wb, dim=0))
 
 
-class A3FL(Attack):
+class A3FL(PerEpochPoison, Attack):
     """A3FL, Zhang et al. NeurIPS 2023: adversarially adaptive pixel trigger (docs/attacks.md §3.7)."""
 
     name = "a3fl"
@@ -39,9 +39,7 @@ class A3FL(Attack):
                  lambda0: float = 0.01, adv_epochs: int = 5, adv_every: int = 100,
                  trigger_epochs: int = 100, patch_size: int = 5, init_intensity: float = 0.5,
                  asr_stop: float = 0.7, batch_size: int = 64) -> None:
-        check(lambda: isinstance(target, int) and target >= 0,
-              "a3fl", "target", "an int ≥ 0", target)
-        check(lambda: 0.0 <= poison_prob <= 1.0, "a3fl", "poison_prob", "in [0, 1]", poison_prob)
+        check_poison_options("a3fl", target, poison_prob)
         check(lambda: trigger_lr > 0, "a3fl", "trigger_lr", "> 0", trigger_lr)
         check(lambda: lambda0 >= 0, "a3fl", "lambda0", "≥ 0", lambda0)
         check(lambda: isinstance(adv_epochs, int) and adv_epochs >= 0,
@@ -71,15 +69,10 @@ class A3FL(Attack):
 
     def bind(self, ctx: AttackContext) -> None:
         self.ctx = ctx
-        data = next(iter(ctx.clean_data.values()), None)
-        pipeline = data.pipeline if data is not None else Pipeline(grey=False)
+        pipeline = context_pipeline(ctx)
         c = pipeline.out_channels
         mask = patch_mask(c, self.patch_size)
         self.trigger = PixelPatch(mask, torch.full((c, 32, 32), self.init_intensity), pipeline)
-
-    def poison(self, client_id: int, data: ClientDataset, seed: int) -> ClientDataset:
-        return poisoned_per_epoch("a3fl", data, client_id, seed, self.poison_prob, self.target,
-                                  self.trigger)
 
     def begin_round(self, round_idx: int, global_weights: torch.Tensor) -> None:
         """Optimise δ against the global model θ and its adversarially unlearned copy θ'."""
@@ -94,9 +87,6 @@ class A3FL(Attack):
             epochs=self.trigger_epochs, asr_stop=self.asr_stop, batch_size=self.batch_size,
             adv_lr=ctx.plan.lr if ctx.plan else 0.01,
             generator=torch_stream(ctx.seed, "a3fl-trigger", round_idx))
-
-    def test_trigger(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        return self.trigger.apply if self.trigger is not None else None
 
     def state_dict(self) -> dict[str, Any]:
         """δ, the optimised patch (C×32×32 pixels), carried from round to round; None before bind.

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fisherguard.attacks.base import Attack, AttackContext, RoundView
-from fisherguard.attacks.pixel import PixelPatch, badnets_pixel_patch, check, poisoned_per_epoch
+from fisherguard.attacks.base import Attack, RoundView
+from fisherguard.attacks.pixel import BadNetsPixelPoison, PixelPatch, check, check_poison_options
 from fisherguard.clients.modifier import TrainingModifier
 from fisherguard.clients.plan import TrainPlan
-from fisherguard.clients.training import ClientDataset, Upload
-from fisherguard.data.transforms import Pipeline
+from fisherguard.clients.training import Upload
 
 Tensor = torch.Tensor
 
@@ -158,7 +157,7 @@ class TwoStage(TrainingModifier):
         self.features = None
 
 
-class Chameleon(Attack):
+class Chameleon(BadNetsPixelPoison, Attack):
     """Chameleon, Dai and Li ICML 2023: SupCon encoder stage, frozen-encoder head stage (docs/attacks.md §3.9)."""
 
     name = "chameleon"
@@ -174,10 +173,7 @@ class Chameleon(Attack):
                  contrastive_lr: float = 0.015, contrastive_momentum: float = 0.9,
                  contrastive_weight_decay: float = 5e-4,
                  milestones: Sequence[int] = (2, 4, 6, 8), gamma: float = 0.3) -> None:
-        check(lambda: isinstance(target, int) and target >= 0,
-              "chameleon", "target", "an int ≥ 0", target)
-        check(lambda: 0.0 <= poison_prob <= 1.0,
-              "chameleon", "poison_prob", "in [0, 1]", poison_prob)
+        check_poison_options("chameleon", target, poison_prob)
         check(lambda: channels in (1, 3), "chameleon", "channels", "1 or 3", channels)
         check(lambda: family in ("fdcr", "sdfc"), "chameleon", "family", "'fdcr' or 'sdfc'", family)
         check(lambda: temperature > 0, "chameleon", "temperature", "> 0", temperature)
@@ -208,16 +204,6 @@ class Chameleon(Attack):
         self.trigger: PixelPatch | None = None
         self._live: dict[int, TwoStage] = {}
 
-    def bind(self, ctx: AttackContext) -> None:
-        self.ctx = ctx
-        data = next(iter(ctx.clean_data.values()), None)
-        pipeline = data.pipeline if data is not None else Pipeline(grey=False)
-        self.trigger = badnets_pixel_patch(pipeline.out_channels, self.family, pipeline)
-
-    def poison(self, client_id: int, data: ClientDataset, seed: int) -> ClientDataset:
-        return poisoned_per_epoch("chameleon", data, client_id, seed, self.poison_prob,
-                                  self.target, self.trigger)
-
     def modifier(self) -> TwoStage:
         return TwoStage(target=self.target, temperature=self.temperature, scale=self.scale,
                         contrastive_epochs=self.contrastive_epochs, head_epochs=self.head_epochs,
@@ -239,6 +225,3 @@ class Chameleon(Attack):
                 view.own[cid].stats["contrastive_s"] = mod.contrastive_s
         self._live.clear()
         return view.own
-
-    def test_trigger(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        return self.trigger.apply if self.trigger is not None else None

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from fisherguard.attacks.base import Attack, AttackContext, check_state_keys, state_tensor
-from fisherguard.attacks.pixel import (backdoor_loss, check, clean_pixels, frozen_copy,
-                                       local_asr, minibatches, poisoned_per_epoch, to_normalised,
+from fisherguard.attacks.pixel import (PerEpochPoison, backdoor_loss, check,
+                                       check_poison_options, clean_pixels, context_pipeline,
+                                       frozen_copy, local_asr, minibatches, to_normalised,
                                        to_pixels)
 from fisherguard.clients.modifier import TrainingModifier
-from fisherguard.clients.training import ClientDataset
 from fisherguard.data.transforms import Pipeline
 from fisherguard.models import load_flat
 from fisherguard.seeding import derive_seed, torch_stream
@@ -74,7 +74,7 @@ class Project(TrainingModifier):
                     p.copy_(s + d * scale)
 
 
-class IBA(Attack):
+class IBA(PerEpochPoison, Attack):
     """IBA, Nguyen et al. NeurIPS 2023: generator trigger x + ε·G(x), PGD-bounded update (docs/attacks.md §3.8)."""
 
     name = "iba"
@@ -87,9 +87,7 @@ class IBA(Attack):
                  generator_lr: float = 0.01, generator_epochs: int = 100,
                  asr_stop: float = 0.7, pgd_bound: float = 0.0, batch_size: int = 64,
                  width: int = 16) -> None:
-        check(lambda: isinstance(target, int) and target >= 0,
-              "iba", "target", "an int ≥ 0", target)
-        check(lambda: 0.0 <= poison_prob <= 1.0, "iba", "poison_prob", "in [0, 1]", poison_prob)
+        check_poison_options("iba", target, poison_prob)
         check(lambda: 0.0 < eps <= 1.0, "iba", "eps", "in (0, 1] (pixel units)", eps)
         check(lambda: generator_lr > 0, "iba", "generator_lr", "> 0", generator_lr)
         check(lambda: isinstance(generator_epochs, int) and generator_epochs >= 0, "iba",
@@ -111,16 +109,11 @@ class IBA(Attack):
 
     def bind(self, ctx: AttackContext) -> None:
         self.ctx = ctx
-        data = next(iter(ctx.clean_data.values()), None)
-        pipeline = data.pipeline if data is not None else Pipeline(grey=False)
+        pipeline = context_pipeline(ctx)
         with torch.random.fork_rng():
             torch.manual_seed(derive_seed(ctx.seed, "iba-generator-init"))
             gen = Generator(pipeline.out_channels, self.width)
         self.trigger = GeneratorTrigger(gen.eval(), self.eps, pipeline)
-
-    def poison(self, client_id: int, data: ClientDataset, seed: int) -> ClientDataset:
-        return poisoned_per_epoch("iba", data, client_id, seed, self.poison_prob, self.target,
-                                  self.trigger)
 
     def begin_round(self, round_idx: int, global_weights: torch.Tensor) -> None:
         """Train G with Adam on ℓ(f(x̃; θ), y_t), θ the frozen global model; stop at local ASR."""
@@ -138,9 +131,6 @@ class IBA(Attack):
     def training(self, client_id: int, round_idx: int,
                  start_weights: torch.Tensor) -> TrainingModifier | None:
         return Project(self.pgd_bound) if self.pgd_bound > 0 else None
-
-    def test_trigger(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        return self.trigger.apply if self.trigger is not None else None
 
     def state_dict(self) -> dict[str, Any]:
         """The generator G's weights (trained on from round to round); None before bind.

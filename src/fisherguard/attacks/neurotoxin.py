@@ -11,11 +11,10 @@ from torch import nn
 
 from fisherguard.attacks.base import Attack, AttackConfigError, RoundView
 from fisherguard.attacks.constrain import PreviousGlobal, load_previous
-from fisherguard.attacks.pgd import (CleanReference, check_eps, project, project_uploads,
-                                     with_reference_time)
+from fisherguard.attacks.pgd import (CleanReference, Projection, check_eps, project_uploads,
+                                     radius_of, with_reference_time)
 from fisherguard.attacks.scaling import check_positive
 from fisherguard.clients.modifier import TrainingModifier
-from fisherguard.clients.plan import TrainPlan
 from fisherguard.clients.training import Upload
 
 Tensor = torch.Tensor
@@ -36,34 +35,24 @@ def topk_mask(u: Tensor, topk: float, sizes: Sequence[int] | None = None) -> Ten
     return keep
 
 
-class MaskedProjection(TrainingModifier):
+class MaskedProjection(Projection):
     """g ← g ⊙ M after backward; after the step, masked coordinates are put back to w^t (undoing
-    what weight decay and momentum still move) and w is projected onto ‖w − w^t‖ ≤ ε."""
+    what weight decay and momentum still move) and w is projected onto ‖w − w^t‖ ≤ ε (pgd's
+    ``Projection``: the same start, step count and schedule; ``eps=None``: no projection)."""
 
     name = "neurotoxin"
 
     def __init__(self, keep: Tensor, eps: float | None, every: int = 1) -> None:
-        self.keep_flat, self.eps, self.every = keep, eps, int(every)
+        super().__init__(eps, every)
+        self.keep_flat = keep
         self.keep: list[Tensor] = []
-        self.start: list[Tensor] = []
-        self.epochs = 0
-        self.steps_per_epoch = 0
-        self.step = 0
-
-    def plan(self, plan: TrainPlan) -> TrainPlan:
-        self.epochs = plan.epochs
-        return plan
 
     def begin(self, model: nn.Module, params: Sequence[Tensor], start_weights: Tensor) -> None:
-        self.start = [p.detach().clone() for p in params]
+        super().begin(model, params, start_weights)
         self.keep, offset = [], 0
         for p in params:
             self.keep.append(self.keep_flat[offset:offset + p.numel()].view_as(p).to(p.device))
             offset += p.numel()
-        self.step = 0
-
-    def before_step(self, optimizer: torch.optim.Optimizer, step: int, steps_per_epoch: int) -> None:
-        self.steps_per_epoch = steps_per_epoch
 
     @torch.no_grad()
     def after_backward(self, params: Sequence[Tensor]) -> None:
@@ -75,10 +64,7 @@ class MaskedProjection(TrainingModifier):
     def after_step(self, params: Sequence[Tensor]) -> None:
         for p, s, m in zip(params, self.start, self.keep):
             p.copy_(torch.where(m, p, s))
-        self.step += 1
-        last = self.step == self.epochs * self.steps_per_epoch
-        if self.eps is not None and (self.step % self.every == 0 or last):
-            project(params, self.start, self.eps)
+        super().after_step(params)
 
 
 class Neurotoxin(Attack):
@@ -132,10 +118,7 @@ class Neurotoxin(Attack):
     def radius(self, client_id: int, round_idx: int, start_weights: Tensor) -> float | None:
         if self.eps == "off":
             return None
-        if self.eps == "reference":
-            ref = self.reference.update(self.ctx, client_id, round_idx, start_weights)
-            return float(torch.linalg.vector_norm(ref))
-        return float(self.eps)
+        return radius_of(self.eps, self.reference, self, client_id, round_idx, start_weights)
 
     def training(self, client_id: int, round_idx: int,
                  start_weights: Tensor) -> TrainingModifier | None:

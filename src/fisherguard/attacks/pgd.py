@@ -61,13 +61,27 @@ def check_eps(attack: str, eps: Any, *, allow_off: bool = False) -> None:
                                 f"update){off} or a number > 0, got {eps!r}")
 
 
+def radius_of(eps: float | str, reference: CleanReference, attack: Attack, client_id: int,
+              round_idx: int, start_weights: Tensor) -> float:
+    """ε for one attacker and round: ``"reference"`` is ‖Δ_ref‖₂ (the clean update's norm, from
+    the bound ``attack.ctx``), a number is itself (shared by pgd and neurotoxin)."""
+    if eps == "reference":
+        ref = reference.update(attack.ctx, client_id, round_idx, start_weights)
+        return float(torch.linalg.vector_norm(ref))
+    return float(eps)
+
+
 class Projection(TrainingModifier):
-    """After every ``every`` steps and after the last one: w ← w^t + (w − w^t)·min(1, ε/‖w − w^t‖)."""
+    """After every ``every`` steps and after the last one: w ← w^t + (w − w^t)·min(1, ε/‖w − w^t‖).
+
+    ``eps=None`` keeps the step bookkeeping and projects nothing (Neurotoxin with ``eps: off``).
+    """
 
     name = "pgd"
 
-    def __init__(self, eps: float, every: int = 1) -> None:
-        self.eps, self.every = float(eps), int(every)
+    def __init__(self, eps: float | None, every: int = 1) -> None:
+        self.eps = None if eps is None else float(eps)
+        self.every = int(every)
         self.start: list[Tensor] = []
         self.epochs = 0
         self.steps_per_epoch = 0
@@ -87,7 +101,7 @@ class Projection(TrainingModifier):
     def after_step(self, params: Sequence[Tensor]) -> None:
         self.step += 1
         last = self.step == self.epochs * self.steps_per_epoch
-        if self.step % self.every == 0 or last:
+        if self.eps is not None and (self.step % self.every == 0 or last):
             project(params, self.start, self.eps)
 
 
@@ -151,10 +165,7 @@ class PGD(Attack):
         self.bounds: dict[int, float] = {}  # this round's ε per attacker
 
     def radius(self, client_id: int, round_idx: int, start_weights: Tensor) -> float:
-        if self.eps == "reference":
-            ref = self.reference.update(self.ctx, client_id, round_idx, start_weights)
-            return float(torch.linalg.vector_norm(ref))
-        return float(self.eps)
+        return radius_of(self.eps, self.reference, self, client_id, round_idx, start_weights)
 
     def training(self, client_id: int, round_idx: int,
                  start_weights: Tensor) -> TrainingModifier | None:

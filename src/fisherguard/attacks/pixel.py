@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fisherguard.attacks.badnets import poison_draw, trigger_mask
-from fisherguard.attacks.base import AttackConfigError
+from fisherguard.attacks.base import AttackConfigError, AttackContext
 from fisherguard.clients.training import ClientDataset
 from fisherguard.data.transforms import Pipeline
 from fisherguard.seeding import numpy_stream
@@ -81,6 +81,42 @@ def poisoned_per_epoch(attack: str, data: ClientDataset, client_id: int, seed: i
                          poisoned=poisoned, trigger=trigger)
 
 
+def context_pipeline(ctx: AttackContext) -> Pipeline:
+    """The attackers' data pipeline: the first clean dataset's (colour when there is none)."""
+    data = next(iter(ctx.clean_data.values()), None)
+    return data.pipeline if data is not None else Pipeline(grey=False)
+
+
+class PerEpochPoison:
+    """Mixin (before ``Attack``) for the attacks whose poisoned data carries ``self.trigger``:
+    ``poisoned_per_epoch`` under the attack's name, and the same trigger at test time."""
+
+    name: str
+    target: int
+    poison_prob: float
+    trigger: Any
+
+    def poison(self, client_id: int, data: ClientDataset, seed: int) -> ClientDataset:
+        return poisoned_per_epoch(self.name, data, client_id, seed, self.poison_prob, self.target,
+                                  self.trigger)
+
+    def test_trigger(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return self.trigger.apply if self.trigger is not None else None
+
+
+class BadNetsPixelPoison(PerEpochPoison):
+    """Mixin: the trigger is the BadNets pattern of ``self.family`` as a pixel patch (a base
+    pattern, Chameleon and 3DFed), built in ``bind`` for the attackers' pipeline."""
+
+    family: str
+    ctx: AttackContext
+
+    def bind(self, ctx: AttackContext) -> None:
+        self.ctx = ctx
+        pipeline = context_pipeline(ctx)
+        self.trigger = badnets_pixel_patch(pipeline.out_channels, self.family, pipeline)
+
+
 def clean_pixels(clean: dict[int, ClientDataset], limit: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, Pipeline]:
     """The attackers' own clean images as [0, 1] pixel tensors (no augmentation) and labels."""
@@ -131,6 +167,13 @@ def check(cond: Callable[[], bool], attack: str, option: str, allowed: str, valu
         ok = False
     if not ok:
         raise AttackConfigError(f"{attack} option {option} must be {allowed}, got {value!r}")
+
+
+def check_poison_options(attack: str, target: Any, poison_prob: Any) -> None:
+    """The options every data-poisoning pixel attack shares: the target class and the
+    Bernoulli share of poisoned samples."""
+    check(lambda: isinstance(target, int) and target >= 0, attack, "target", "an int ≥ 0", target)
+    check(lambda: 0.0 <= poison_prob <= 1.0, attack, "poison_prob", "in [0, 1]", poison_prob)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -9,18 +9,17 @@ Not implemented: (3) decoy models, and tuning the number of decoys and the scali
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fisherguard.attacks.base import (Attack, AttackContext, RoundView, check_state_keys,
+from fisherguard.attacks.base import (Attack, RoundView, check_state_keys,
                                       state_tensor)
-from fisherguard.attacks.pixel import PixelPatch, badnets_pixel_patch, check, poisoned_per_epoch
+from fisherguard.attacks.pixel import BadNetsPixelPoison, PixelPatch, check, check_poison_options
 from fisherguard.clients.modifier import TrainingModifier
-from fisherguard.clients.training import ClientDataset, Upload
-from fisherguard.data.transforms import Pipeline
+from fisherguard.clients.training import Upload
 
 Tensor = torch.Tensor
 
@@ -74,7 +73,7 @@ def noise_mask(delta: Tensor, reference: Tensor, *, fraction: float, alpha: floa
     return (v * mask).detach()
 
 
-class ThreeDFed(Attack):
+class ThreeDFed(BadNetsPixelPoison, Attack):
     """3DFed, Li et al. IEEE S&P 2023, partial: constrained loss, noise mask, indicators (docs/attacks.md §3.10)."""
 
     name = "3dfed"
@@ -90,9 +89,7 @@ class ThreeDFed(Attack):
                  noise_lr: float = 0.01, noise_alpha: float = 0.1,
                  noise_fraction: float = 0.5, indicators: int = 5, indicator_shift: float = 5.0,
                  alpha_step: float = 0.1, alpha_max: float = 1.0) -> None:
-        check(lambda: isinstance(target, int) and target >= 0,
-              "3dfed", "target", "an int ≥ 0", target)
-        check(lambda: 0.0 <= poison_prob <= 1.0, "3dfed", "poison_prob", "in [0, 1]", poison_prob)
+        check_poison_options("3dfed", target, poison_prob)
         check(lambda: channels in (1, 3), "3dfed", "channels", "1 or 3", channels)
         check(lambda: family in ("fdcr", "sdfc"), "3dfed", "family", "'fdcr' or 'sdfc'", family)
         check(lambda: a >= 0, "3dfed", "a", "≥ 0", a)
@@ -123,16 +120,6 @@ class ThreeDFed(Attack):
         self.trigger: PixelPatch | None = None
         self._prev_global: Tensor | None = None
         self.last_noise_norm: dict[int, float] = {}
-
-    def bind(self, ctx: AttackContext) -> None:
-        self.ctx = ctx
-        data = next(iter(ctx.clean_data.values()), None)
-        pipeline = data.pipeline if data is not None else Pipeline(grey=False)
-        self.trigger = badnets_pixel_patch(pipeline.out_channels, self.family, pipeline)
-
-    def poison(self, client_id: int, data: ClientDataset, seed: int) -> ClientDataset:
-        return poisoned_per_epoch("3dfed", data, client_id, seed, self.poison_prob, self.target,
-                                  self.trigger)
 
     def training(self, client_id: int, round_idx: int,
                  start_weights: torch.Tensor) -> TrainingModifier | None:
@@ -194,9 +181,6 @@ class ThreeDFed(Attack):
         else:
             self.alpha = min(self.alpha_max, self.alpha + self.alpha_step)
         self.feedback.append({"rho": rho, "accepted": float(accepted), "alpha": self.alpha})
-
-    def test_trigger(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        return self.trigger.apply if self.trigger is not None else None
 
     STATE = ("prev_global", "alpha", "planted_idx", "planted_shift", "feedback")
 
