@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -297,8 +298,9 @@ def _key(section: type, f: dataclasses.Field) -> Key:  # type: ignore[type-arg]
                f.metadata.get("check"), f.metadata.get("help", ""))
 
 
+@functools.cache
 def schema() -> dict[str, dict[str, Key]]:
-    """Section → key → its rules, in schema order."""
+    """Section → key → its rules, in schema order (read once: type hints are slow to evaluate)."""
     return {sec: {f.name: _key(cls, f) for f in dataclasses.fields(cls)} for sec, cls in SECTIONS.items()}
 
 
