@@ -23,12 +23,12 @@ def _discover() -> dict[str, type[Attack]]:
     while stack:
         cls = stack.pop()
         stack.extend(cls.__subclasses__())
-        if cls.name and cls is not AttackPlan and not cls.__module__.startswith("fisherguard.attacks"):
-            continue  # a test's own subclass is not part of the catalogue
-        if cls.name and cls is not AttackPlan:
-            if cls.name in found and found[cls.name] is not cls:
-                raise RuntimeError(f"two attacks are named {cls.name!r}")
-            found[cls.name] = cls
+        # unnamed classes (the plan, mixins) and a test's own subclasses are not in the catalogue
+        if not cls.name or not cls.__module__.startswith("fisherguard.attacks"):
+            continue
+        if cls.name in found and found[cls.name] is not cls:
+            raise RuntimeError(f"two attacks are named {cls.name!r}")
+        found[cls.name] = cls
     return found
 
 
