@@ -324,15 +324,12 @@ def test_the_metrics_use_the_current_trigger(tmp_path, monkeypatch):
     assert len(set(calls)) >= 2  # the trigger the metrics read changed between rounds
 
 
-@pytest.mark.parametrize("name,refused", [("a3fl", True), ("iba", True), ("chameleon", False),
-                                          ("3dfed", False)])
-def test_trigger_updating_attacks_run_in_process_only(name, refused):
-    raw = {"attack": {"name": name}, "runtime": {"engine": "flower-sim"}}
-    if refused:
-        with pytest.raises(config.ConfigError, match="in process only"):
-            config.resolve(raw)
-    else:
-        config.resolve(raw)
+@pytest.mark.parametrize("name", ["a3fl", "iba", "chameleon", "3dfed"])
+@pytest.mark.parametrize("engine", ["flower-sim", "flower-deployment"])
+def test_trigger_attacks_are_accepted_on_flower_engines(name, engine):
+    # none of them reads benign uploads; a per-round trigger is shipped to the attackers' nodes
+    plan = config.resolve({"attack": {"name": name}, "runtime": {"engine": engine}}).build_attack()
+    assert plan.dynamic == ([name] if name in OPTIMISES_IN_BEGIN_ROUND else [])
 
 
 @pytest.mark.integration

@@ -24,7 +24,8 @@ from fisherguard.clients.l1pull import L1Pull  # noqa: E402
 from fisherguard.defenses.base import ClientPlan  # noqa: E402
 from fisherguard.engine.runner import run  # noqa: E402
 from fisherguard.engine.flower import launch  # noqa: E402
-from fisherguard.engine.flower.records import (BadRecord, Layout, plan_from, plan_records,  # noqa: E402
+from fisherguard.engine.flower.records import (BadRecord, Layout, attack_state_bytes,  # noqa: E402
+                                               plan_from, plan_records, read_attack_state,
                                                read_flat, to_record)
 from fisherguard.engine.flower.server_app import Settings  # noqa: E402
 from fisherguard.engine.flower.strategy import ERROR_FILE, DefenseStrategy, TooFewReplies  # noqa: E402
@@ -90,6 +91,30 @@ def test_client_plans_travel_as_the_same_regulariser_classes():
             assert torch.equal(back.regulariser.importance, h)
         if plan.start_weights is not None:
             assert torch.equal(back.start_weights, s)
+
+
+class _Payload:
+    def __reduce__(self):  # what a pickle that runs code looks like
+        return (os.system, ("true",))
+
+
+def test_attack_state_travels_as_tensors_and_refuses_code():
+    state = {"stages": [{"delta": torch.rand(3, 32, 32)},
+                        {"generator": {"w": torch.randn(4, 3), "b": torch.zeros(4)}}, {}]}
+    back = read_attack_state(attack_state_bytes(state))
+    assert torch.equal(back["stages"][0]["delta"], state["stages"][0]["delta"])
+    assert torch.equal(back["stages"][1]["generator"]["w"], state["stages"][1]["generator"]["w"])
+    assert back["stages"][2] == {}
+    import io
+    import pickle
+    buf = io.BytesIO()
+    torch.save({"x": _Payload()}, buf)
+    with pytest.raises(pickle.UnpicklingError):
+        read_attack_state(buf.getvalue())
+    with pytest.raises(ValueError, match="must be bytes"):
+        read_attack_state("delta")
+    with pytest.raises(ValueError, match="must hold a dict"):
+        read_attack_state(attack_state_bytes([1, 2]))  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------- the strategy

@@ -53,7 +53,8 @@ def _rounds(out: Path) -> list[dict]:
 
 
 def test_one_round_on_flower_simulation_equals_the_in_process_round(tmp_path, tag):
-    """FedAvg, FDCR and SDFC: same global weights after one round (Ray in a loopback-only netns)."""
+    """FedAvg, FDCR and SDFC after one round, A3FL and IBA (trigger shipped to the attacker's
+    node) after two: same global weights (Ray in a loopback-only netns)."""
     ns = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-rn"]
     cmd = ns + ["sh", "-c", 'ip link set lo up && exec "$0" "$1" "$2"', sys.executable,
                 str(HERE / "flower_sim_equivalence.py"), str(tmp_path)]
@@ -68,8 +69,8 @@ def test_one_round_on_flower_simulation_equals_the_in_process_round(tmp_path, ta
     lines = [x for x in out.splitlines() if x.startswith("RESULT ")]
     assert p.returncode == 0 and lines, out[-3000:]
     res = json.loads(lines[-1][len("RESULT "):])
-    assert res["engines"] == ["flower-sim"] * 3
-    for d in ("fedavg", "fdcr", "sdfc"):
+    assert res["engines"] == ["flower-sim"] * 5
+    for d in ("fedavg", "fdcr", "sdfc", "a3fl", "iba"):
         r = res[d]
         assert r["moved"] > 1e-4, (d, r)  # a round really trained
         assert r["max_abs"] <= 1e-5, (d, r)

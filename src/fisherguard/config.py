@@ -398,7 +398,6 @@ def _check_defense(cfg: Config) -> None:
 
 def _check_attack(cfg: Config) -> None:
     """Build the attack plan once, so a bad option or an engine it cannot run on stops the run now."""
-    from fisherguard.attacks.base import Attack as AttackBase
     from fisherguard.attacks.base import AttackConfigError
 
     try:
@@ -410,11 +409,6 @@ def _check_attack(cfg: Config) -> None:
         raise ConfigError(f"attack: {plan.name!r} is omniscient (it reads the benign clients' "
                           "uploads), which a real deployment cannot give it; run it in process or "
                           "on flower-sim")
-    dynamic = [s.name for s in plan.stages if type(s).begin_round is not AttackBase.begin_round]
-    if engine != "inprocess" and dynamic:
-        raise ConfigError(f"attack: {', '.join(dynamic)} updates its trigger from the global model "
-                          f"each round, which runs in process only for now (runtime.engine is "
-                          f"{engine!r})")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -74,6 +74,12 @@ class AttackPlan(Attack):
     def active(self, round_idx: int) -> bool:
         return self.name != "none" and self.schedule.active(round_idx)
 
+    @property
+    def dynamic(self) -> list[str]:
+        """Stages that update state from the global model each round (``begin_round``): a
+        distributed engine ships their state to the attackers' nodes every round."""
+        return [s.name for s in self.stages if type(s).begin_round is not Attack.begin_round]
+
     def bind(self, ctx: AttackContext) -> None:
         self.ctx = ctx
         for s in self.stages:

@@ -31,8 +31,9 @@ from fisherguard.allocator import retain_freed_memory  # noqa: E402
 from fisherguard.clients.training import SequentialTrainer  # noqa: E402
 from fisherguard.engine.federation import (Federation, client_job, local_fisher, prepare,  # noqa: E402
                                            train_plan)
-from fisherguard.engine.flower.records import (ARRAYS, CONFIG, FISHER, METRICS, Layout,  # noqa: E402
-                                               plan_from, read_flat, to_record)
+from fisherguard.engine.flower.records import (ARRAYS, ATTACK_STATE, CONFIG, FISHER,  # noqa: E402
+                                               METRICS, Layout, plan_from, read_attack_state,
+                                               read_flat, to_record)
 
 app = ClientApp()
 
@@ -95,6 +96,8 @@ def train(msg: Message, context: Context) -> Message:
     cid = client_id(context, node.cfg.federation.clients)
     t = int(c["fg-round"])
     weights = read_flat(msg.content.array_records[ARRAYS], node.layout)
+    if ATTACK_STATE in c and cid in node.fed.attackers:  # the round's optimised trigger
+        node.fed.attack.load_state_dict(read_attack_state(c[ATTACK_STATE]))
     job = client_job(node.fed, cid, t, weights, plan_from(msg.content, node.layout))
     result = node.trainer.train_one(job, train_plan(node.cfg))
     n = len(node.fed.clients[cid])

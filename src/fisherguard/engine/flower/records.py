@@ -7,6 +7,7 @@ record raises ``BadRecord`` with a reason from ``defenses.base.UPLOAD_REASONS``.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from fisherguard.defenses.base import ClientPlan  # noqa: E402
 # record keys (Flower's kebab-case style)
 ARRAYS, FISHER, METRICS, CONFIG = "arrays", "fisher", "metrics", "config"
 START, ANCHOR, IMPORTANCE = "start", "anchor", "importance"
+ATTACK_STATE = "attack-state"  # config key: the attack's per-round state, for attacker nodes only
 
 
 class BadRecord(ValueError):
@@ -128,3 +130,20 @@ def plan_from(content: RecordDict, layout: Layout) -> ClientPlan | None:
     if reg is None and start is None:
         return None
     return ClientPlan(regulariser=reg, start_weights=start)
+
+
+def attack_state_bytes(state: dict[str, Any]) -> bytes:
+    """An attack's ``state_dict`` (tensors, numbers, None, nested dicts/lists) as bytes."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def read_attack_state(data: Any) -> dict[str, Any]:
+    """The state ``attack_state_bytes`` wrote; tensors and plain containers only (no pickled code)."""
+    if not isinstance(data, bytes):
+        raise ValueError(f"{ATTACK_STATE} must be bytes, got {type(data).__name__}")
+    state = torch.load(io.BytesIO(data), weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{ATTACK_STATE} must hold a dict, got {type(state).__name__}")
+    return state

@@ -29,8 +29,9 @@ from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from fisherguard.clients.training import Upload  # noqa: E402
 from fisherguard.config import Config  # noqa: E402
 from fisherguard.engine.federation import Federation, prepare  # noqa: E402
-from fisherguard.engine.flower.records import (ARRAYS, CONFIG, FISHER, METRICS, BadRecord,  # noqa: E402
-                                               Layout, plan_records, read_flat, to_record)
+from fisherguard.engine.flower.records import (ARRAYS, ATTACK_STATE, CONFIG, FISHER,  # noqa: E402
+                                               METRICS, BadRecord, Layout, attack_state_bytes,
+                                               plan_records, read_flat, to_record)
 from fisherguard.engine.round import ClientFishers, RoundStart, Server  # noqa: E402
 from fisherguard.results import RunDir  # noqa: E402
 
@@ -177,9 +178,15 @@ class DefenseStrategy(FedAvg):
         """Begin the round, then one TRAIN message per client: w^t, the run config and its plan."""
         start = self.begin_round(server_round, grid)
         glob = self.global_arrays()
+        # the coordinator (this process) updated a per-round trigger in ``Server.begin``: its
+        # state goes to the attackers' nodes only, which load it before they train
+        attack, t = self.fed.attack, start.round_idx
+        state = (attack_state_bytes(attack.state_dict())
+                 if attack.dynamic and attack.active(t) and self.fed.attackers else None)
         msgs = []
         for cid, node in self._sent.items():
-            content = RecordDict({ARRAYS: glob, CONFIG: self._config(start.round_idx),
+            extra = {ATTACK_STATE: state} if state is not None and cid in self.fed.attackers else {}
+            content = RecordDict({ARRAYS: glob, CONFIG: self._config(t, **extra),
                                   **plan_records(start.plans.get(cid), self.layout)})
             msgs.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         self._collect_t0 = time.perf_counter()
