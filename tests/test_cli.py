@@ -69,3 +69,33 @@ def test_aggregate_seeds_uses_sample_std_and_marks_collapse():
                              "TPR": None, "FPR": 0.0, "collapsed": c}
                             for s, a, c in ((0, 1.0, False), (1, 2.0, True), (2, 3.0, False))])
     assert rows[0]["A"] == "2.00 ± 1.00" and rows[0]["collapsed"] == "†1/3" and rows[0]["TPR"] is None
+
+
+def _summary(root, name, attack, defense, a, asr, wall, *, seed=0, collapsed=False,
+             with_attack=True):
+    import json
+
+    d = root / name
+    d.mkdir(parents=True)
+    s = {"label": f"{attack} | {defense}", "defense": defense, "A": a, "ASR": asr,
+         "wall_time_s": wall, "collapsed": collapsed, "seed": seed}
+    if with_attack:
+        s["attack"] = attack
+    else:  # an older summary: the attack comes from the resolved config beside it
+        (d / "config.yaml").write_text(f"attack:\n  name: {attack}\n")
+    (d / "summary.json").write_text(json.dumps(s))
+
+
+def test_table_by_attack_is_one_line_per_attack_with_a_column_pair_per_defense(tmp_path, capsys):
+    _summary(tmp_path, "a", "badnets", "fedavg", 50.0, 20.0, 60.0)
+    _summary(tmp_path, "b", "badnets", "fedavg", 54.0, 30.0, 80.0, seed=1)  # mean over seeds
+    _summary(tmp_path, "c", "badnets", "fdcr", 40.0, 10.0, 100.0, with_attack=False)
+    _summary(tmp_path, "d", "sign-flip", "fedavg", 10.0, 0.0, 50.0, collapsed=True)
+    assert main(["table", str(tmp_path), "--by", "attack", "--markdown"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "| attack | fedavg A | fedavg ASR | fdcr A | fdcr ASR | fedavg s | fdcr s |"
+    assert lines[2] == "| badnets | 52.00 | 25.00 | 40.00 | 10.00 | 70 | 100 |"
+    assert lines[3] == "| sign-flip | 10.00† | 0.00† | – | – | 50 | – |"
+    assert main(["table", str(tmp_path), "--by", "attack", "--metrics", "ASR"]) == 0
+    head = capsys.readouterr().out.splitlines()[0].split()
+    assert head == ["attack", "fedavg", "ASR", "fdcr", "ASR", "fedavg", "s", "fdcr", "s"]

@@ -66,10 +66,15 @@ def _parse_seeds(text: str) -> list[int]:
 
 
 def _cmd_table(args: argparse.Namespace) -> int:
-    from fisherguard.results import aggregate_seeds, collect_summaries, format_table
+    from fisherguard.results import aggregate_seeds, collect_summaries, format_table, pivot
 
     summaries = collect_summaries(args.dir)
-    print(format_table(aggregate_seeds(summaries)))
+    if args.by:
+        metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+        print(pivot(summaries, rows=args.by, cols="defense", metrics=metrics,
+                    markdown=args.markdown))
+    else:
+        print(format_table(aggregate_seeds(summaries)))
     return 0
 
 
@@ -151,6 +156,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("table", help="print the table of the run summaries below a directory")
     p.add_argument("dir")
+    p.add_argument("--by", choices=("attack", "dataset", "beta", "attack_fraction"),
+                   help="one line per value of this key, one A/ASR column pair per defense "
+                        "(mean over seeds, † = a run collapsed, s = mean wall time per run)")
+    p.add_argument("--metrics", default="A,ASR",
+                   help="with --by: the summary metrics per defense (default A,ASR; e.g. "
+                        "A,ASR,ASR_edge,attacker_share)")
+    p.add_argument("--markdown", action="store_true", help="with --by: a Markdown table")
     p.set_defaults(func=_cmd_table)
 
     p = sub.add_parser("defenses", help="list every available defense")

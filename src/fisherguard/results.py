@@ -206,10 +206,53 @@ def aggregate_seeds(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def collect_summaries(root: str | Path) -> list[dict[str, Any]]:
-    """Every run summary below ``root`` (any engine), in directory order."""
+    """Every run summary below ``root`` (any engine), in directory order; a summary written before
+    summaries named their attack gets it from the resolved config beside it."""
+    import yaml
+
     out = []
     for p in sorted(Path(root).rglob(RunDir.SUMMARY_JSON)):
-        out.append(json.loads(p.read_text()))
+        s = json.loads(p.read_text())
+        cfg_path = p.parent / RunDir.CONFIG
+        if "attack" not in s and cfg_path.is_file():
+            s["attack"] = ((yaml.safe_load(cfg_path.read_text()) or {}).get("attack") or {}).get("name")
+        out.append(s)
     if not out:
         raise FileNotFoundError(f"no {RunDir.SUMMARY_JSON} below {root}")
     return out
+
+
+def pivot(summaries: list[dict[str, Any]], *, rows: str = "attack", cols: str = "defense",
+          metrics: tuple[str, ...] = ("A", "ASR"), markdown: bool = False) -> str:
+    """One line per ``rows`` value, one column group per ``cols`` value: each metric's mean over
+    seeds, † when a run collapsed, and the mean wall time per run (a defenses × attacks matrix)."""
+    import numpy as np
+
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for s in summaries:
+        if s.get(rows) is None or s.get(cols) is None:
+            raise ValueError(f"summary {s.get('label')!r} has no {rows!r} or {cols!r}")
+        cells.setdefault((str(s[rows]), str(s[cols])), []).append(s)
+    row_keys = list(dict.fromkeys(r for r, _ in cells))
+    col_keys = list(dict.fromkeys(c for _, c in cells))
+    head = [rows] + [f"{c} {m}" for c in col_keys for m in metrics] + [f"{c} s" for c in col_keys]
+    table = []
+    for r in row_keys:
+        line = [r]
+        for c in col_keys:
+            runs = cells.get((r, c), [])
+            mark = "†" if any(x.get("collapsed") for x in runs) else ""
+            for m in metrics:
+                vals = [float(x[m]) for x in runs if x.get(m) is not None]
+                line.append(f"{np.mean(vals):.2f}{mark}" if vals else "–")
+        for c in col_keys:
+            runs = cells.get((r, c), [])
+            line.append(f"{np.mean([float(x['wall_time_s']) for x in runs]):.0f}" if runs else "–")
+        table.append(line)
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+        return "\n".join(out + ["| " + " | ".join(x) + " |" for x in table])
+    widths = [max(len(h), *(len(x[i]) for x in table)) for i, h in enumerate(head)]
+    fmt = lambda xs: "  ".join(v.ljust(w) if i == 0 else v.rjust(w)  # noqa: E731
+                               for i, (v, w) in enumerate(zip(xs, widths)))
+    return "\n".join([fmt(head), "-" * len(fmt(head))] + [fmt(x) for x in table])

@@ -202,7 +202,8 @@ def summarise(run_dir: RunDir, cfg: Config, label: str) -> dict[str, Any]:
     from fisherguard.defenses import registry
 
     rounds = run_dir.rounds()
-    summary = {"label": label, "defense": cfg.defense.name, **metrics.summarize(rounds),
+    summary = {"label": label, "defense": cfg.defense.name, "attack": cfg.attack.name,
+               **metrics.summarize(rounds),
                "dataset": cfg.data.dataset, "seed": cfg.experiment.seed,
                "preset": cfg.experiment.preset, "family": cfg.experiment.family,
                "beta": cfg.partition.beta, "attack_fraction": cfg.attack_fraction,
