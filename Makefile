@@ -12,7 +12,7 @@ export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
-.PHONY: demo test test-fast test-integration test-flower test-latest lock data install clean-runs table-defenses table-fisher table-attacks bench bench-full bench-floor
+.PHONY: demo test test-fast test-integration test-flower test-latest lock data install clean-runs table-defenses table-fisher table-attacks bench bench-full bench-floor bench-attacks
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -93,6 +93,11 @@ bench: data
 	$(PY) benchmarks/bench.py --quick $(BENCH_ARGS)
 	$(PY) benchmarks/kernel_floor.py
 	@if [ -f benchmarks/flower_bench.py ]; then $(PY) benchmarks/flower_bench.py $(FLOWER_BENCH_ARGS); fi
+
+# `bench-attacks`: one round per attack against BadNets on the demo setting (CPU s, round-robin),
+# PASS/MISS for the < 5 % target of data- and upload-transforming attacks.
+bench-attacks: data
+	$(PY) benchmarks/attack_cost.py $(BENCH_ARGS)
 
 bench-floor: install
 	$(PY) benchmarks/kernel_floor.py $(FLOOR_ARGS)
