@@ -35,7 +35,7 @@ pytestmark = pytest.mark.integration
 CASES = {
     "a3fl": ("a3fl", {"trigger_epochs": 1, "adv_epochs": 1, "batch_size": 64}),
     "iba": ("iba", {"generator_epochs": 1, "batch_size": 64, "width": 4, "pgd_bound": 5.0}),
-    "3dfed": ("3dfed", {"noise_steps": 3}),
+    "3dfed": ("3dfed", {"noise_steps": 3, "decoys": 1}),
     "neurotoxin": ("badnets+neurotoxin", {"badnets": {}, "neurotoxin": {"topk": 0.05}}),
     "constrain-cosine": ("badnets+constrain-and-scale",
                          {"badnets": {}, "constrain-and-scale": {"anomaly": "cosine",
