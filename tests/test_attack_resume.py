@@ -35,7 +35,7 @@ pytestmark = pytest.mark.integration
 CASES = {
     "a3fl": ("a3fl", {"trigger_epochs": 1, "adv_epochs": 1, "batch_size": 64}),
     "iba": ("iba", {"generator_epochs": 1, "batch_size": 64, "width": 4, "pgd_bound": 5.0}),
-    "3dfed": ("3dfed", {"noise_steps": 3}),
+    "3dfed": ("3dfed", {"noise_steps": 3, "decoys": 1}),
     "neurotoxin": ("badnets+neurotoxin", {"badnets": {}, "neurotoxin": {"topk": 0.05}}),
     "constrain-cosine": ("badnets+constrain-and-scale",
                          {"badnets": {}, "constrain-and-scale": {"anomaly": "cosine",
@@ -127,7 +127,7 @@ PIPE = Pipeline(grey=False)
 def _ctx(attackers=(3, 4)) -> AttackContext:
     g = torch.Generator().manual_seed(0)
     clean = {k: ClientDataset(labels=torch.randint(0, 10, (16,), generator=g), pipeline=PIPE,
-                              images=torch.randint(0, 256, (16, 32, 32, 3), generator=g,
+                              images=torch.randint(0, 256, (16, 3, 32, 32), generator=g,
                                                    dtype=torch.uint8))
              for k in attackers}
     return AttackContext(num_clients=5, attackers=list(attackers), seed=0, target=2,

@@ -15,7 +15,9 @@ from fisherguard.attacks.base import AttackConfigError, AttackContext, RoundView
 from fisherguard.attacks.chameleon import TwoStage, supcon_loss
 from fisherguard.attacks.iba import Generator, GeneratorTrigger, Project, train_generator
 from fisherguard.attacks.pixel import PixelPatch, backdoor_loss, patch_mask, to_pixels
-from fisherguard.attacks.threedfed import ConstrainedLoss, ThreeDFed, constrained_loss, noise_mask
+from fisherguard.attacks.pixel import clean_pixels
+from fisherguard.attacks.threedfed import (ConstrainedLoss, ThreeDFed, clean_trained,
+                                           constrained_loss, final_layer_span, noise_mask)
 from fisherguard.clients.plan import TrainPlan
 from fisherguard.clients.training import ClientDataset, ClientJob, SequentialTrainer, Upload
 from fisherguard.data.transforms import Pipeline
@@ -92,7 +94,9 @@ def test_a3fl_poisons_per_epoch_with_the_current_trigger():
     ("a3fl", "trigger_epochs", -1), ("a3fl", "patch_size", 0), ("iba", "eps", 0.0),
     ("iba", "generator_epochs", 1.5), ("chameleon", "temperature", 0.0),
     ("chameleon", "head_epochs", -2), ("3dfed", "noise_fraction", 2.0), ("3dfed", "a", -1.0),
-    ("a3fl", "trigger_lr", "fast"), ("iba", "eps", None), ("chameleon", "milestones", 3)])
+    ("a3fl", "trigger_lr", "fast"), ("iba", "eps", None), ("chameleon", "milestones", 3),
+    ("3dfed", "decoys", -1), ("3dfed", "decoys", "many"), ("3dfed", "decoy_epochs", 1.5),
+    ("3dfed", "decoy_threshold", 0.0)])
 def test_options_are_validated_and_named(name, option, value):
     with pytest.raises(AttackConfigError, match=option):
         registry.build(name, {option: value})
@@ -266,12 +270,84 @@ def test_3dfed_indicators_report_acceptance_and_adapt_the_noise_weight(accepted)
     assert atk.last_noise_norm  # the noise step ran with the adapted α
 
 
+def test_3dfed_fixed_decoy_replaces_one_upload_with_a_pushed_clean_model():
+    attackers = [2, 3, 4]
+    ctx = AttackContext(num_clients=5, attackers=attackers, seed=0, target=2,
+                        clean_data={k: toy_dataset(32, seed=k) for k in attackers},
+                        model_factory=lambda: SimpleCNN(),
+                        plan=TrainPlan(lr=0.05, momentum=0.9, batch_size=16, epochs=1))
+    atk = ThreeDFed(decoys=1, noise_steps=0, indicators=3, decoy_threshold=10.0)
+    atk.bind(ctx)
+    torch.manual_seed(0)
+    g = flatten(SimpleCNN()).clone()
+    gen = torch_stream(0, "decoy-deltas")
+    sent = {k: g + 0.01 * torch.randn(g.numel(), generator=gen) for k in attackers}
+    out = atk.after_training(RoundView(0, g, {k: Upload(k, w.clone(), num_samples=32)
+                                              for k, w in sent.items()}))
+    assert atk._decoy_slots == [4] and set(atk.last_decoys) == {4}
+    d = atk.last_decoys[4]
+    idx = int(d["coordinate"])
+    lo, hi = final_layer_span(SimpleCNN())
+    assert lo <= idx < hi and hi - lo == 2560  # the classifier's weight, 10×256
+    assert abs(float(out[4].weights[idx]) - d["benign"]) >= 10.0
+    # the benign reference is the clean-trained model of the decoy's own data and stream
+    x, y, pipe = clean_pixels({4: ctx.clean_data[4]})
+    ref = clean_trained(SimpleCNN(), g, x, y, pipe, epochs=1, batch_size=16, lr=0.05,
+                        momentum=0.9, generator=torch_stream(0, "3dfed-decoy", 0, 0))
+    assert float(ref[idx]) == pytest.approx(d["benign"])
+    other = torch.ones(g.numel(), dtype=torch.bool)
+    other[idx] = False
+    other[atk._planted[0]] = other[atk._decoy_planted[0]] = False
+    assert torch.allclose(out[4].weights[other], ref[other])
+    # the other uploads are backdoor uploads: unchanged off the indicators, not pushed
+    b_idx, shift = atk._planted
+    for k in (2, 3):
+        assert torch.equal(out[k].weights[other], sent[k][other])
+        assert abs(float(out[k].weights[idx] - ref[idx])) < 1.0
+        assert torch.allclose(out[k].weights[b_idx], g[b_idx] + shift)
+    assert torch.equal(out[4].weights[b_idx], g[b_idx])  # the decoy does not carry them
+
+
+def _decoy_round(atk, r, g, attackers, gen):
+    own = {k: Upload(k, g + 0.01 * torch.randn(g.numel(), generator=gen), num_samples=10)
+           for k in attackers}
+    return atk.after_training(RoundView(r, g, own))
+
+
+def test_3dfed_adaptive_decoy_count_follows_the_tuning_rule():
+    attackers = [2, 3, 4]
+    atk = ThreeDFed(noise_steps=1, indicators=3)  # decoys: adaptive, starting at 0
+    atk.bind(AttackContext(num_clients=5, attackers=attackers, seed=0, target=2))
+    gen = torch_stream(0, "adaptive")
+    g = torch.randn(400, generator=gen)
+    _decoy_round(atk, 0, g, attackers, gen)
+    assert atk.decoy_count == 0 and atk._decoy_slots == []
+    # (a) nothing accepted (benign drift only): k 0 → 1, and the round uploads one decoy
+    g = g + 1e-4 * torch.randn(400, generator=gen)
+    out = _decoy_round(atk, 1, g, attackers, gen)
+    assert atk.decoy_count == 1 and atk._decoy_slots == [4]
+    assert atk.feedback[-1]["decoy_count"] == 1.0
+    # (b) the decoy accepted (FedAvg weight 1/5), the backdoor rejected: k 1 → 0
+    g = g + 0.2 * (out[4].weights - g)
+    _decoy_round(atk, 2, g, attackers, gen)
+    fb = atk.feedback[-1]
+    assert fb["decoy_accepted"] == 1.0 and fb["accepted"] == 0.0 and atk.decoy_count == 0
+    # repeated rejections raise k, never above len(attackers) − 1
+    seen = []
+    for r in range(3, 9):
+        g = g + 1e-4 * torch.randn(400, generator=gen)
+        _decoy_round(atk, r, g, attackers, gen)
+        seen.append(atk.decoy_count)
+        assert len(atk._decoy_slots) == atk.decoy_count <= len(attackers) - 1
+    assert max(seen) == 2 and seen[-1] == 2
+
+
 # ------------------------------------------------------------------------------ end to end
 
 BUDGET = {"a3fl": {"trigger_epochs": 1, "adv_epochs": 1, "batch_size": 64},
           "iba": {"generator_epochs": 1, "batch_size": 64, "width": 4, "pgd_bound": 5.0},
           "chameleon": {"contrastive_epochs": 1, "head_epochs": 1},
-          "3dfed": {"noise_steps": 3}}
+          "3dfed": {"noise_steps": 3, "decoys": 1}}
 OPTIMISES_IN_BEGIN_ROUND = {"a3fl", "iba"}
 
 
@@ -307,6 +383,8 @@ def test_two_rounds_end_to_end_with_a_tiny_budget(tmp_path, name, monkeypatch):
     if name == "3dfed":
         assert atk.last_noise_norm and all(v >= 0 for v in atk.last_noise_norm.values())
         assert len(atk.feedback) == 1  # round 2 read the indicators planted in round 1
+        assert atk.feedback[0]["decoys"] == 1.0  # round 1 uploaded one decoy
+        assert set(atk.last_decoys) == {4}  # the last attacker slot (attackers 3, 4)
 
 
 @pytest.mark.integration
