@@ -99,3 +99,36 @@ def test_table_by_attack_is_one_line_per_attack_with_a_column_pair_per_defense(t
     assert main(["table", str(tmp_path), "--by", "attack", "--metrics", "ASR"]) == 0
     head = capsys.readouterr().out.splitlines()[0].split()
     assert head == ["attack", "fedavg", "ASR", "fdcr", "ASR", "fedavg", "s", "fdcr", "s"]
+
+
+@pytest.mark.integration  # a CLI run that trains
+def test_export_keeps_the_evidence_of_finished_runs_only(tmp_path, capsys):
+    import gzip
+    import json
+
+    from fisherguard.results import RunDir
+
+    p = tmp_path / "c.yaml"
+    p.write_text("data: {dataset: synthetic, synthetic_train: 600, synthetic_test: 200}\n"
+                 "federation: {clients: 4, rounds: 2, local_epochs: 1}\nserver: {val_size: 32}\n")
+    runs, dest = tmp_path / "runs", tmp_path / "results"
+    assert main(["run", str(p), "--out", str(runs / "done"), "-q"]) == 0
+    unfinished = runs / "half"
+    (unfinished).mkdir()
+    (unfinished / "summary.json").write_text(json.dumps({"complete": False}))
+    capsys.readouterr()
+    assert main(["export", str(runs), str(dest)]) == 0
+    out = capsys.readouterr().out
+    assert "exported" in out and "skipped" in out and "half" in out
+    got = sorted(x.name for x in (dest / "done").iterdir())
+    assert got == ["config.yaml", "defense.json", "partition.json", "rounds.jsonl.gz",
+                   "summary.json"]  # no checkpoint
+    assert not (dest / "half").exists()
+    assert RunDir(dest / "done").rounds() == RunDir(runs / "done").rounds()
+    assert len(RunDir(dest / "done").rounds()) == 2
+    first = (dest / "done" / "rounds.jsonl.gz").read_bytes()
+    assert main(["export", str(runs), str(dest)]) == 0  # the same records give the same bytes
+    assert (dest / "done" / "rounds.jsonl.gz").read_bytes() == first
+    assert gzip.decompress(first).decode().count("\n") == 2
+    assert main(["export", str(tmp_path / "nothing"), str(dest)]) == 2
+    assert "no run directories" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Command line: ``fisherguard run | table | defenses | attacks | data``."""
+"""Command line: ``fisherguard run | table | export | defenses | attacks | data``."""
 
 from __future__ import annotations
 
@@ -75,6 +75,20 @@ def _cmd_table(args: argparse.Namespace) -> int:
                     markdown=args.markdown))
     else:
         print(format_table(aggregate_seeds(summaries)))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fisherguard.config import ConfigError
+    from fisherguard.results import export_runs
+
+    done, skipped = export_runs(args.runs, args.dest)
+    for p in done:
+        print(f"exported {p}")
+    for p in skipped:
+        print(f"skipped {p} (not finished)")
+    if not done and not skipped:
+        raise ConfigError(f"no run directories below {args.runs}")
     return 0
 
 
@@ -164,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
                         "A,ASR,ASR_edge,attacker_share)")
     p.add_argument("--markdown", action="store_true", help="with --by: a Markdown table")
     p.set_defaults(func=_cmd_table)
+
+    p = sub.add_parser("export", help="copy finished runs' evidence (config, summary, partition, "
+                       "defense, gzip'd round records; no checkpoints) to a results directory")
+    p.add_argument("runs", help="a directory of run directories (e.g. runs/attacks-demo)")
+    p.add_argument("dest", help="where to put them (e.g. results/attacks-demo)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("defenses", help="list every available defense")
     p.set_defaults(func=_cmd_defenses)

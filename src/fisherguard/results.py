@@ -6,6 +6,7 @@ Reports read run directories only, so they do not care which engine produced the
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import math
@@ -82,11 +83,17 @@ class RunDir:
             os.fsync(f.fileno())
 
     def rounds(self) -> list[dict[str, Any]]:
+        """The round records; an exported run keeps them gzip'd (``rounds.jsonl.gz``)."""
         p = self.path / self.ROUNDS
-        if not p.exists():
+        gz = self.path / (self.ROUNDS + ".gz")
+        if p.exists():
+            text = p.read_text()
+        elif gz.exists():
+            text = gzip.decompress(gz.read_bytes()).decode()
+        else:
             return []
         out = []
-        for line in p.read_text().splitlines():
+        for line in text.splitlines():
             if line.strip():
                 try:
                     out.append(json.loads(line))
@@ -115,6 +122,39 @@ class RunDir:
     def write_summary(self, summary: dict[str, Any]) -> None:
         _atomic_write(self.path / self.SUMMARY_JSON, json.dumps(_jsonable(summary), indent=2).encode())
         write_csv(self.path / self.SUMMARY_CSV, [summary])
+
+    # what a finished run keeps as evidence under results/: no checkpoint, no CSV duplicate
+    EVIDENCE = ("config.yaml", "summary.json", "partition.json", "defense.json")
+
+    def export(self, dest: str | Path) -> Path:
+        """Copy a finished run's evidence to ``dest``: the resolved config, summary, partition and
+        defense parameters, and the round records gzip'd with a fixed timestamp (same bytes for
+        the same records). ResumeError when the run is not finished."""
+        summary = self.path / self.SUMMARY_JSON
+        if not summary.exists() or not json.loads(summary.read_text()).get("complete", False):
+            raise ResumeError(f"{self.path} is not a finished run (no complete summary.json)")
+        out = Path(dest)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in self.EVIDENCE:
+            if (self.path / name).exists():
+                _atomic_write(out / name, (self.path / name).read_bytes())
+        text = "".join(json.dumps(r) + "\n" for r in self.rounds())
+        _atomic_write(out / (self.ROUNDS + ".gz"), gzip.compress(text.encode(), mtime=0))
+        return out
+
+
+def export_runs(src: str | Path, dest: str | Path) -> tuple[list[Path], list[Path]]:
+    """Export every finished run below ``src`` to the same relative place below ``dest``; return
+    (exported, skipped unfinished)."""
+    done, skipped = [], []
+    root = Path(src)
+    for summary in sorted(root.rglob(RunDir.SUMMARY_JSON)):
+        run = RunDir(summary.parent)
+        try:
+            done.append(run.export(Path(dest) / summary.parent.relative_to(root)))
+        except ResumeError:
+            skipped.append(summary.parent)
+    return done, skipped
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
