@@ -254,3 +254,37 @@ def test_the_instance_level_decides_whether_a_deployment_may_run_it():
     config.resolve({"attack": {"name": "alie", "options": {"source": "colluding"}},
                     "runtime": {"engine": "flower-deployment"}})
     config.resolve({"attack": {"name": "sign-flip"}, "runtime": {"engine": "flower-deployment"}})
+
+
+@pytest.mark.integration
+def test_a_crafted_upload_carries_the_honest_fisher_of_the_uploaded_model(tmp_path, monkeypatch):
+    # docs/attacks.md §5: F(D_k; uploaded w_k) on the attacker's own data, not the trained model's
+    from attack_harness import attack_config
+    from fisherguard.engine import round as round_mod
+    from fisherguard.engine.federation import local_fisher, prepare
+    from fisherguard.engine.runner import run
+
+    seen: list[tuple[torch.Tensor, list, list]] = []
+    orig = round_mod.RoundInput.from_uploads
+
+    def spy(global_weights, updates, *args, fisher=None, **kw):
+        seen.append((global_weights.clone(), [u.clone() for u in updates],
+                     [f.clone() for f in fisher]))
+        return orig(global_weights, updates, *args, fisher=fisher, **kw)
+
+    monkeypatch.setattr(round_mod.RoundInput, "from_uploads", staticmethod(spy))
+    cfg = attack_config("sign-flip", {"kappa": 2.0}, defense="fdcr", **{"federation.rounds": 1})
+    run(cfg, tmp_path / "at-upload", progress=None)
+    monkeypatch.setattr(SignFlip, "fisher_at_upload", False)
+    run(cfg, tmp_path / "as-trained", progress=None)
+    (g, updates, at_upload), (_, _, as_trained) = seen
+    fed = prepare(cfg)
+    opts = cfg.build_defense().fisher_options()
+    model = fed.model_factory()
+    for k in range(cfg.federation.clients):
+        if k in fed.attackers:
+            want = local_fisher(fed, model, k, 0, g + updates[k], 0, opts)
+            assert torch.allclose(at_upload[k], want, rtol=1e-4, atol=1e-9)
+            assert not torch.allclose(at_upload[k], as_trained[k], rtol=1e-2)
+        else:
+            assert torch.equal(at_upload[k], as_trained[k])

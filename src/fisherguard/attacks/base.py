@@ -125,6 +125,9 @@ class Attack:
     knowledge: ClassVar[str] = "data-only"
     # the stage needs its clients trained one by one (it changes their training)
     per_client: ClassVar[bool] = False
+    # the upload it crafts carries the honest Fisher of the uploaded model on the attacker's own
+    # data (docs/attacks.md §5), recomputed by the engine after ``after_training``
+    fisher_at_upload: ClassVar[bool] = False
 
     def bind(self, ctx: AttackContext) -> None:
         """Learn the run's facts once, before ``poison`` (default: keep them)."""

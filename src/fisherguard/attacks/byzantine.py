@@ -6,9 +6,10 @@ attackers' own honest updates (``source="colluding"``). Knowledge is a class att
 bounds what the engine hands over; each class here declares the most its options may need and
 the constructor lowers the instance's ``knowledge`` to what the chosen ``source`` needs, so a
 colluding-configured attack never receives the benign uploads (``Attack.round_view`` and
-``AttackPlan`` read the instance's level). The uploaded Fisher stays the honest Fisher of the
-model the attacker trained (the stage has neither the defense's Fisher options nor the client's
-Fisher stream to recompute it at the uploaded weights).
+``AttackPlan`` read the instance's level). The uploaded Fisher is the honest Fisher of the
+uploaded model on the attacker's own training data (docs/attacks.md §5): the stages set
+``fisher_at_upload`` and the engine's ``Server.end`` recomputes it after the stage, with the
+client's own Fisher options and stream.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class _Crafted(Attack):
 
     kind = "byzantine"
     knowledge = "omniscient"  # the most ``source`` may ask for; the instance keeps what it uses
+    fisher_at_upload = True
     source: str
 
     def _set_source(self, source: str) -> None:
@@ -346,6 +348,7 @@ class RandomModel(Attack):
     summary = "byzantine: upload a fresh seeded random initialisation (or the midpoint to one)"
     kind = "byzantine"
     knowledge = "model"
+    fisher_at_upload = True
 
     def __init__(self, *, mode: str = "replace") -> None:
         if mode not in ("replace", "halfway"):

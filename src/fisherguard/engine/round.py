@@ -84,6 +84,7 @@ class Server:
         self.server_set = server_data(fed, self.defense, self.plan)
         self.fisher_options = self.defense.fisher_options()
         self.eval_model = fed.model_factory()
+        self._fisher_model: torch.nn.Module | None = None  # a crafted upload's Fisher, lazily
         self.oracle = bool(self.defense.needs_attacker_ids)
         if self.oracle:  # the labelled ablation: the only place a defense is told who attacks
             warnings.warn(f"{ORACLE_LABEL}: the engine hands the true attacker ids to the defense",
@@ -133,8 +134,11 @@ class Server:
         active = attack.active(t)
         t_att = time.perf_counter()
         if active and fed.attackers:
+            trained = {k: by_id[k].weights for k in fed.attackers if k in by_id}
             view = attack.round_view(t, self.weights, by_id, fed.attackers)
             by_id.update(attack.after_training(view))
+            if attack.fisher_at_upload and self.defense.needs_fisher:
+                self._fisher_at_upload(t, by_id, trained)
         # begin_round, the upload stage, and the attackers' own training hooks (summed over them)
         attack_s = (start.attack_s + time.perf_counter() - t_att
                     + sum(u.timing.get("attack_s", 0.0) for u in by_id.values()))
@@ -175,6 +179,22 @@ class Server:
         self.bar.update(t + 1, f"A={scores['A']:.2f} ASR={scores['ASR']:.2f} "
                                f"({record['wall_time_s']:.1f}s)")
         return record
+
+    def _fisher_at_upload(self, t: int, by_id: dict[int, Upload],
+                          trained: dict[int, torch.Tensor | None]) -> None:
+        """A crafted upload's Fisher: F(D_k; uploaded w_k), the client's own options and stream
+        (docs/attacks.md §5); a non-finite or ill-shaped upload keeps its Fisher for the
+        validity check to reject."""
+        if self._fisher_model is None:
+            self._fisher_model = self.fed.model_factory()
+        for k, before in trained.items():
+            u = by_id.get(k)
+            w = None if u is None else u.weights
+            if (not isinstance(w, torch.Tensor) or w is before or w.shape != self.weights.shape
+                    or not bool(torch.isfinite(w).all())
+                    or (isinstance(before, torch.Tensor) and torch.equal(w, before))):
+                continue
+            u.fisher = local_fisher(self.fed, self._fisher_model, k, t, w, t, self.fisher_options)
 
     def record(self, round_idx: int, counts: torch.Tensor, agg: Any, scores: dict[str, Any],
                train_stats: list[dict[str, float]], wall_time_s: float) -> dict[str, Any]:
