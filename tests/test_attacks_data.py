@@ -158,9 +158,18 @@ def test_edge_case_options_are_validated_by_name(opts, needle):
 
 def test_edge_case_is_reported_as_a_proxy_and_options_are_stored():
     assert "PROXY" in EdgeCase.summary
-    for name in ("dba", "edge-case"):
-        cls = registry.get(name)
-        assert cls().get_params() == cls.options()
+    cls = registry.get("dba")
+    assert cls().get_params() == cls.options()
+    # edge-case: the None defaults are the dataset's preset; the record holds the resolved values
+    params = EdgeCase().get_params()
+    unset = {k for k, v in EdgeCase.options().items() if v is None}
+    assert unset == {"source_class", "target", "tail", "tail_dataset", "dataset", "data_dir"}
+    assert {k: v for k, v in params.items() if k not in unset} == \
+        {k: v for k, v in EdgeCase.options().items() if k not in unset}
+    assert (params["tail"], params["source_class"], params["target"]) == ("held-out", 7, 2)
+    for ds in ("mnist", "cifar10"):
+        p = EdgeCase(dataset=ds).get_params()
+        assert EdgeCase(**p).get_params() == p
 
 
 @pytest.mark.integration

@@ -138,3 +138,172 @@ def test_badnets_run_has_no_edge_asr(tmp_path):
     summary, rounds, _ = run_attack(tmp_path, "badnets", None, **{"federation.rounds": 1})
     assert all("ASR_edge" not in r["metrics"] for r in rounds)
     assert summary["ASR_edge"] is None
+
+
+# ------------------------------------------------------------ the cross-dataset tail (MNIST, USPS)
+
+
+def _digits(n: int, size: int, seed: int):
+    """Generated handwriting stand-ins: class-dependent brightness plus noise, uint8 (n, s, s)."""
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % 10).astype(np.uint8)
+    x = (y[:, None, None].astype(np.int64) * 20 + rng.integers(0, 60, (n, size, size)))
+    return x.clip(0, 255).astype(np.uint8), y
+
+
+def _fixture_root(tmp_path, *, mnist: bool = True, usps: bool = True):
+    """A data root with small generated MNIST (IDX) and USPS (text) files, 60 sevens each."""
+    import data_writers as writers
+
+    root = tmp_path / "data"
+    if mnist:
+        d = root / "mnist"
+        d.mkdir(parents=True)
+        x, y = _digits(600, 28, 1)
+        for stem, arr in (("train-images-idx3-ubyte", x), ("train-labels-idx1-ubyte", y),
+                          ("t10k-images-idx3-ubyte", x[:20]), ("t10k-labels-idx1-ubyte", y[:20])):
+            writers.write_idx(d / stem, arr, gz=True)
+    if usps:
+        d = root / "usps"
+        d.mkdir(parents=True)
+        x, y = _digits(600, 16, 2)
+        writers.write_usps_text(d / "zip.train.gz", x, y)
+        writers.write_usps_text(d / "zip.test.gz", x[:20], y[:20])
+    return root
+
+
+@pytest.fixture
+def loose_load(monkeypatch):
+    """The cross tail loads through the data room; generated files skip the real-count checks."""
+    import functools
+
+    import fisherguard.attacks.edgecase as edgecase
+    from fisherguard.data import load_raw
+
+    monkeypatch.setattr(edgecase, "load_raw", functools.partial(load_raw, strict=False))
+    return functools.partial(load_raw, strict=False)
+
+
+@pytest.mark.parametrize("task,other", [("mnist", "usps"), ("usps", "mnist")])
+def test_cross_tail_is_the_other_datasets_sevens_relabelled_and_split(tmp_path, loose_load,
+                                                                       task, other):
+    from fisherguard.data.transforms import resize_to_32
+
+    root = _fixture_root(tmp_path)
+    images, labels, pool = _pool_data()  # the task's own (N, 1, 32, 32) pool, left untouched
+    attack = EdgeCase(dataset=task, data_dir=str(root))
+    assert (attack.tail_source, attack.tail_dataset) == ("cross", other)
+    assert (attack.source_class, attack.target) == (7, 1)
+    r = attack.reserve(images, labels, pool, seed=0)
+    assert len(r.indices) == 0 and r.target == 1  # nothing leaves the client pool
+    raw = loose_load(other, root)
+    sevens = _bytes(resize_to_32(raw.train_x[raw.train_y == 7]))
+    others = _bytes(resize_to_32(raw.train_x[raw.train_y != 7]))
+    assert len(sevens) == 60
+    att, test = _bytes(r.attacker_images), _bytes(r.test_images)
+    assert att | test == sevens and not att & test and not (att | test) & others
+    assert len(r.test_images) == 30 and len(r.attacker_labels) == 30
+    assert bool((r.attacker_labels == 1).all()) and r.attacker_labels.dtype == torch.int64
+    assert r.test_images.dtype == torch.uint8 and r.test_images.shape[1:] == images.shape[1:]
+    assert not (att | test) & _bytes(images)
+    again = attack.reserve(images, labels, pool, seed=0)
+    assert torch.equal(again.test_images, r.test_images)
+    assert torch.equal(again.attacker_images, r.attacker_images)
+    other_seed = attack.reserve(images, labels, pool, seed=1)
+    assert not torch.equal(other_seed.test_images, r.test_images)
+    share = EdgeCase(dataset=task, data_dir=str(root), test_share=0.2)
+    assert len(share.reserve(images, labels, pool, seed=0).test_images) == 12
+    # a colour task gets the grey tail repeated to its channels; tail_max subsamples (seeded)
+    capped = EdgeCase(dataset="cifar10", tail_dataset=other, source_class=7, data_dir=str(root),
+                      tail_max=10)
+    rc = capped.reserve(images.expand(-1, 3, -1, -1), labels, pool, seed=0)
+    assert len(rc.attacker_images) + len(rc.test_images) == 10
+    assert rc.test_images.shape[1] == 3 and _bytes(rc.test_images[:, :1]) <= sevens
+    assert capped.target == 9  # the CIFAR-10 preset target
+
+
+@pytest.mark.integration
+def test_prepare_with_a_cross_tail_keeps_the_pool(tmp_path, loose_load, monkeypatch):
+    import fisherguard.engine.federation as federation
+
+    root = _fixture_root(tmp_path)
+    monkeypatch.setattr(federation, "load_raw", loose_load)
+    cfg = attack_config("edge-case").replace({"data.dataset": "usps", "data.data_dir": str(root),
+                                              "attack.target": 1, "server.val_size": 16})
+    fed = prepare(cfg)
+    assert fed.partition_info["held_out"]["total"] == 0 and fed.tail_target == 1
+    assert fed.partition_info["client_pool"] == sum(fed.partition_info["sizes"])
+    assert fed.tail_test.shape[1:] == fed.test_x.shape[1:]
+    for k in fed.attackers:
+        d = fed.clients[k]
+        assert int(d.poisoned.sum()) > 0 and bool((d.labels[d.poisoned] == 1).all())
+
+
+@pytest.mark.parametrize("dataset,want", [
+    ("mnist", ("cross", "usps", 7, 1)), ("usps", ("cross", "mnist", 7, 1)),
+    ("fashion-mnist", ("held-out", None, 7, 2)), ("synthetic", ("held-out", None, 7, 2)),
+    ("cifar10", ("held-out", None, 0, 9))])
+def test_presets_by_dataset_through_the_config(dataset, want):
+    from fisherguard import config
+
+    cfg = config.resolve({"data": {"dataset": dataset}, "attack": {"name": "edge-case"}})
+    stage = cfg.build_attack().stages[0]
+    assert (stage.tail_source, stage.tail_dataset, stage.source_class, stage.target) == want
+    assert cfg.attack.target == want[3]  # the run's target follows the preset when unset
+    assert EdgeCase.options()["tail"] is None and EdgeCase.options()["target"] is None
+
+
+def test_user_values_win_over_the_presets():
+    from fisherguard import config
+
+    def stage(attack):
+        cfg = config.resolve({"data": {"dataset": "mnist"}, "attack": attack})
+        return cfg, cfg.build_attack().stages[0]
+
+    cfg, s = stage({"name": "edge-case", "target": 2})  # explicit attack.target, even the default
+    assert cfg.attack.target == 2 and s.target == 2
+    cfg, s = stage({"name": "edge-case", "target": 3, "options": {"target": 4}})
+    assert cfg.attack.target == 3 and s.target == 4  # the stage's own option wins
+    _, s = stage({"name": "edge-case", "options": {"tail": "held-out", "source_class": 3}})
+    assert (s.tail_source, s.tail_dataset, s.source_class, s.target) == ("held-out", None, 3, 1)
+    cfg, _ = stage({"name": "badnets"})
+    assert cfg.attack.target == 2  # other attacks keep the config default
+    s = config.resolve({"data": {"dataset": "fashion-mnist"},
+                        "attack": {"name": "edge-case",
+                                   "options": {"tail_dataset": "mnist"}}}).build_attack().stages[0]
+    assert (s.tail_source, s.tail_dataset, s.target) == ("cross", "mnist", 2)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"dataset": "fashion-mnist", "tail": "cross"}, "no default tail_dataset on fashion-mnist"),
+    ({"dataset": "cifar10", "tail": "cross"}, "no default tail_dataset on cifar10"),
+    ({"dataset": "synthetic", "tail": "cross"}, "no default tail_dataset on synthetic"),
+    ({"dataset": "mnist", "tail_dataset": "mnist"}, "another dataset than the task's .mnist."),
+    ({"dataset": "usps", "tail": "cross", "tail_dataset": "usps"}, "another dataset"),
+    ({"dataset": "mnist", "tail_dataset": "cifar10"}, "is colour"),
+    ({"dataset": "mnist", "tail": "held-out", "tail_dataset": "usps"}, "tail 'cross' only"),
+    ({"dataset": "mnist", "tail_dataset": "synthetic"}, "tail_dataset must be one of"),
+    ({"dataset": "mnist", "tail_max": 1}, "tail_max")])
+def test_cross_tail_option_errors(options, message):
+    with pytest.raises(AttackConfigError, match=message):
+        EdgeCase(**options)
+
+
+def test_cross_tail_missing_files_raise_the_fetch_hint(tmp_path, capsys, loose_load,
+                                                      monkeypatch):
+    import fisherguard.engine.federation as federation
+    from fisherguard.cli import main
+    from fisherguard.data import DatasetMissingError
+
+    monkeypatch.setattr(federation, "load_raw", loose_load)  # the generated USPS task files
+
+    images, labels, pool = _pool_data()
+    root = _fixture_root(tmp_path, mnist=False)  # USPS task, MNIST absent from the root
+    with pytest.raises(DatasetMissingError, match="fisherguard data fetch mnist"):
+        EdgeCase(dataset="usps", data_dir=str(root)).reserve(images, labels, pool, seed=0)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"data: {{dataset: usps, data_dir: {root}}}\nattack: {{name: edge-case}}\n"
+                   "federation: {clients: 3, rounds: 1}\nserver: {val_size: 16}\n")
+    assert main(["run", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "fisherguard data fetch mnist" in err and "Traceback" not in err

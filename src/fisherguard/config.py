@@ -376,6 +376,7 @@ def resolve(raw: Mapping[str, Any] | Config) -> Config:
             if k not in rules[sec]:
                 raise ConfigError(f"unknown key {sec}.{k}; allowed in {sec}: {', '.join(rules[sec])}")
             cfg[sec][k] = v
+    _edge_case_target(cfg, raw)
     for sec, keys in rules.items():
         for k, key in keys.items():
             cfg[sec][k] = _check_value(f"{sec}.{k}", key, cfg[sec][k])
@@ -385,6 +386,21 @@ def resolve(raw: Mapping[str, Any] | Config) -> Config:
     _check_defense(out)
     _check_attack(out)
     return out
+
+
+def _edge_case_target(cfg: dict[str, dict[str, Any]], raw: Mapping[str, Any]) -> None:
+    """An edge-case run's ``attack.target`` the user left unset is its dataset's preset (MNIST and
+    USPS 1, CIFAR-10 9, else 2; docs/attacks.md §3.6); a value the user sets always wins, and
+    ``attack.options.target`` wins over both (it goes to the edge-case stage only)."""
+    from fisherguard.attacks.registry import stage_names
+
+    name, dataset = cfg["attack"]["name"], cfg["data"]["dataset"]
+    if "target" in (raw.get("attack") or {}) or not isinstance(name, str) \
+            or not isinstance(dataset, str) or "edge-case" not in stage_names(name):
+        return
+    from fisherguard.attacks.edgecase import preset
+
+    cfg["attack"]["target"] = preset(dataset)["target"]
 
 
 def _check_defense(cfg: Config) -> None:

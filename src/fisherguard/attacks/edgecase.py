@@ -1,7 +1,18 @@
-"""Edge-case backdoor with a held-out low-confidence tail, a proxy (docs/attacks.md §3.6).
+"""Edge-case backdoor with a proxy tail held out of every client (docs/attacks.md §3.6).
 
-PROXY. The original tail sets (ARDIS sevens, Southwest planes) are not shipped. Default
-(``tail="held-out"``), the specification's proxy: before the partition (``reserve``) the tail is
+PROXY. The original tail sets (ARDIS sevens, Southwest planes) are not shipped. The defaults of
+``tail``, ``tail_dataset``, ``source_class`` and ``target`` come from the run's dataset
+(``PRESETS``; an option or ``attack.target`` the user sets always wins): MNIST and USPS use
+``tail="cross"``, Fashion-MNIST, CIFAR-10 and synthetic ``tail="held-out"``.
+
+``tail="cross"``: the tail is the source-class training images of another handwriting dataset
+(``tail_dataset``: USPS sevens for an MNIST task, MNIST sevens for a USPS task, the in-repo
+analogue of ARDIS), loaded through the data room and converted like the task's own images
+(``resize_to_32``; grey repeated to the task's channels), relabelled to the target, at most
+``tail_max`` of them (a seeded subsample), split (seeded, ``test_share``) into the attackers'
+part and the test part measured as ASR_edge. Nothing is taken out of the client pool.
+
+``tail="held-out"``, the other datasets' proxy: before the partition (``reserve``) the tail is
 the share ``tail_fraction`` of the client pool's source-class images with the lowest confidence
 (softmax probability of their true class) under a clean reference model, held out of every
 client and split (seeded) into the attackers' part and a held-out test part on which the engine
@@ -26,11 +37,28 @@ import torch
 
 from fisherguard.attacks.base import Attack, AttackConfigError, Reserved
 from fisherguard.clients.training import ClientDataset, ClientJob, SequentialTrainer
+from fisherguard.data import load_raw
+from fisherguard.data.catalogue import canonical_name
+from fisherguard.data.transforms import resize_to_32
 from fisherguard.models import flatten, load_flat
 from fisherguard.seeding import derive_seed, numpy_stream, torch_stream
 
 SELECTIONS = ("confidence", "random")
-TAILS = ("held-out", "own")
+TAILS = ("held-out", "own", "cross")
+# docs/attacks.md §3.6 "source/target classes per dataset preset": the defaults of the options
+# left unset, by the run's dataset (``data.dataset``, handed over as the ``dataset`` fact);
+# a direct construction without a dataset gets the generic (Fashion-MNIST) preset
+PRESETS: dict[str, dict] = {
+    "mnist": {"tail": "cross", "tail_dataset": "usps", "source_class": 7, "target": 1},
+    "usps": {"tail": "cross", "tail_dataset": "mnist", "source_class": 7, "target": 1},
+    "fashion-mnist": {"tail": "held-out", "tail_dataset": None, "source_class": 7, "target": 2},
+    "cifar10": {"tail": "held-out", "tail_dataset": None, "source_class": 0, "target": 9},
+    "synthetic": {"tail": "held-out", "tail_dataset": None, "source_class": 7, "target": 2},
+}
+GENERIC = "fashion-mnist"
+TAIL_DATASETS = ("mnist", "usps", "fashion-mnist", "cifar10")  # datasets with files
+GREY = ("mnist", "usps", "fashion-mnist", "synthetic")
+TAIL_MAX = 1000  # cross tail: at most this many source images (MNIST has 6265 sevens, USPS 645)
 REFERENCE_STEPS = 200  # full-batch gradient steps of the logistic-regression reference model
 REFERENCE_LR = 0.5
 REFERENCE_L2 = 1e-4
@@ -39,25 +67,77 @@ REFERENCE_FIT = 4000  # the reference model is fitted on at most this many pool 
 log = logging.getLogger("fisherguard")
 
 
+def preset(dataset: str | None) -> dict:
+    """The edge-case defaults of a dataset (``PRESETS``); the generic ones for None/unknown."""
+    try:
+        key = canonical_name(dataset) if dataset else GENERIC
+    except ValueError:
+        key = GENERIC
+    return dict(PRESETS.get(key, PRESETS[GENERIC]))
+
+
 class EdgeCase(Attack):
-    """Edge-case backdoor, proxy tail: low-confidence source-class images held out of every client
+    """Edge-case backdoor, proxy tail: another dataset's source-class images (MNIST, USPS) or
+    low-confidence source-class images held out of every client (Fashion-MNIST, CIFAR-10)
     (Wang et al., NeurIPS 2020; docs/attacks.md §3.6)."""
 
     name = "edge-case"
     paper = "Wang et al., NeurIPS 2020"
-    summary = ("PROXY edge-case: the least confident share (10 %) of the client pool's "
-               "source-class images (logistic-regression reference model), held out of every "
-               "client; half relabelled to the target make up p_edge of the attackers' data, "
-               "half measure ASR_edge")
+    summary = ("PROXY edge-case, per dataset: MNIST/USPS take the other set's sevens as the tail "
+               "(labelled 1), Fashion-MNIST/CIFAR-10 hold the least confident 10 % of the "
+               "source class (7 → 2, airplane → truck) out of every client; half the tail makes "
+               "up p_edge of the attackers' data, half measures ASR_edge")
     kind = "data poisoning"
     knowledge = "data-only"
 
-    def __init__(self, *, source_class: int = 7, target: int = 2, p_edge: float = 0.5,
-                 tail_fraction: float = 0.1, selection: str = "confidence",
-                 tail: str = "held-out", test_share: float = 0.5) -> None:
+    def __init__(self, *, source_class: int | None = None, target: int | None = None,
+                 p_edge: float = 0.5, tail_fraction: float = 0.1, selection: str = "confidence",
+                 tail: str | None = None, tail_dataset: str | None = None,
+                 test_share: float = 0.5, tail_max: int = TAIL_MAX, dataset: str | None = None,
+                 data_dir: str | None = None) -> None:
+        # None: the dataset's preset (PRESETS); ``dataset``/``data_dir`` are the run's data facts
+        ds = None
+        if dataset is not None:
+            try:
+                ds = canonical_name(dataset)
+            except ValueError as e:
+                raise AttackConfigError(f"edge-case dataset: {e}") from None
+        pre = preset(ds)
+        if tail is None:
+            tail = "cross" if tail_dataset is not None else pre["tail"]
         if tail not in TAILS:
             raise AttackConfigError(f"edge-case tail must be one of {', '.join(TAILS)}, "
                                     f"got {tail!r}")
+        if tail != "cross":
+            if tail_dataset is not None:
+                raise AttackConfigError(f"edge-case tail_dataset is used by tail 'cross' only, "
+                                        f"got tail {tail!r}")
+        else:
+            if tail_dataset is None:
+                tail_dataset = pre["tail_dataset"] if ds is not None else None
+            if tail_dataset is None:
+                raise AttackConfigError(
+                    f"edge-case tail 'cross' has no default tail_dataset on "
+                    f"{ds or 'an unnamed dataset'} (the presets pair mnist and usps); set "
+                    f"tail_dataset to one of {', '.join(TAIL_DATASETS)}")
+            try:
+                tail_dataset = canonical_name(str(tail_dataset))
+            except ValueError:
+                tail_dataset = str(tail_dataset)
+            if tail_dataset not in TAIL_DATASETS:
+                raise AttackConfigError(f"edge-case tail_dataset must be one of "
+                                        f"{', '.join(TAIL_DATASETS)}, got {tail_dataset!r}")
+            if tail_dataset == ds:
+                raise AttackConfigError(f"edge-case tail_dataset must be another dataset than "
+                                        f"the task's ({ds})")
+            if ds in GREY and tail_dataset not in GREY:
+                raise AttackConfigError(f"edge-case tail_dataset {tail_dataset!r} is colour; "
+                                        f"the {ds} task is grey")
+        if not isinstance(tail_max, int) or isinstance(tail_max, bool) or tail_max < 2:
+            raise AttackConfigError(f"edge-case tail_max must be an integer >= 2, "
+                                    f"got {tail_max!r}")
+        source_class = pre["source_class"] if source_class is None else source_class
+        target = pre["target"] if target is None else target
         if (not isinstance(test_share, (int, float)) or isinstance(test_share, bool)
                 or not 0.0 < test_share < 1.0):
             raise AttackConfigError(f"edge-case test_share must be in (0, 1), got {test_share!r}")
@@ -67,9 +147,10 @@ class EdgeCase(Attack):
         for opt, v in (("p_edge", p_edge), ("tail_fraction", tail_fraction)):
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 < v <= 1.0:
                 raise AttackConfigError(f"edge-case {opt} must be in (0, 1], got {v!r}")
-        if not isinstance(source_class, int) or isinstance(source_class, bool) or source_class < 0:
-            raise AttackConfigError(f"edge-case source_class must be a class index >= 0, "
-                                    f"got {source_class!r}")
+        for opt, v in (("source_class", source_class), ("target", target)):
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 10:
+                raise AttackConfigError(f"edge-case {opt} must be a class index in 0..9, "
+                                        f"got {v!r}")
         if source_class == target:
             raise AttackConfigError(f"edge-case source_class must differ from the target "
                                     f"({target}), got {source_class!r}")
@@ -77,6 +158,8 @@ class EdgeCase(Attack):
         self.p_edge, self.tail_fraction = float(p_edge), float(tail_fraction)
         self.selection = selection
         self.tail_source, self.test_share = tail, float(test_share)
+        self.tail_dataset, self.tail_max = tail_dataset, tail_max
+        self.dataset, self.data_dir = ds, data_dir
 
     def get_params(self) -> dict:
         return {**super().get_params(), "tail": self.tail_source}
@@ -85,7 +168,10 @@ class EdgeCase(Attack):
                 seed: int) -> Reserved | None:
         """The held-out tail (``tail="held-out"``): the ``tail_fraction`` of the pool's
         source-class images with the lowest reference confidence (or a seeded random share),
-        split by stream ``edge-case-reserve`` into the attackers' part and the test part."""
+        split by stream ``edge-case-reserve`` into the attackers' part and the test part.
+        ``tail="cross"``: ``cross_tail`` (nothing leaves the pool)."""
+        if self.tail_source == "cross":
+            return self.cross_tail(images, seed)
         if self.tail_source != "held-out":
             return None
         pool = np.asarray(pool)
@@ -106,13 +192,45 @@ class EdgeCase(Attack):
         else:
             chosen = src[rng.permutation(len(src))[:k]]
         tail_idx = pool[chosen]  # training-set indices
-        n_test = min(k - 1, max(1, round(self.test_share * k)))
-        perm = rng.permutation(k)
-        test_idx, att_idx = tail_idx[perm[:n_test]], tail_idx[perm[n_test:]]
+        test_idx, att_idx = self.split(rng, tail_idx)
         return Reserved(indices=np.sort(tail_idx),
                         attacker_images=images[torch.from_numpy(att_idx)],
                         attacker_labels=torch.full((len(att_idx),), self.target, dtype=torch.int64),
                         test_images=images[torch.from_numpy(test_idx)], target=self.target)
+
+    def split(self, rng: np.random.Generator, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The test part (``test_share``, at least one) and the attackers' part (at least one)."""
+        k = len(tail)
+        n_test = min(k - 1, max(1, round(self.test_share * k)))
+        perm = rng.permutation(k)
+        return tail[perm[:n_test]], tail[perm[n_test:]]
+
+    def cross_tail(self, images: torch.Tensor, seed: int) -> Reserved:
+        """The ``tail_dataset``'s training images of the source class, converted like the task's
+        images (``resize_to_32``, grey repeated to the task's channels), at most ``tail_max`` (a
+        seeded subsample), relabelled to the target and split by stream ``edge-case-cross``.
+        A missing dataset raises the data room's DatasetMissingError (with the fetch command)."""
+        raw = load_raw(self.tail_dataset, root=self.data_dir)
+        src = np.flatnonzero(np.asarray(raw.train_y) == self.source_class)
+        if len(src) < 2:
+            raise AttackConfigError(f"edge-case: {self.tail_dataset} holds {len(src)} training "
+                                    f"image(s) of class {self.source_class}; the cross tail "
+                                    f"needs at least 2")
+        rng = numpy_stream(seed, "edge-case-cross")
+        if len(src) > self.tail_max:
+            src = np.sort(src[rng.permutation(len(src))[:self.tail_max]])
+        tail = resize_to_32(np.asarray(raw.train_x)[src])
+        want = images.shape[1]
+        if tail.shape[1] != want:
+            if tail.shape[1] != 1:
+                raise AttackConfigError(f"edge-case: {self.tail_dataset} images have "
+                                        f"{tail.shape[1]} channels, the task's {want}")
+            tail = tail.expand(-1, want, -1, -1).contiguous()
+        test_idx, att_idx = self.split(rng, np.arange(len(tail)))
+        return Reserved(indices=np.empty(0, dtype=np.int64),
+                        attacker_images=tail[torch.from_numpy(att_idx)],
+                        attacker_labels=torch.full((len(att_idx),), self.target, dtype=torch.int64),
+                        test_images=tail[torch.from_numpy(test_idx)], target=self.target)
 
     def confidence(self, client_id: int, data: ClientDataset, seed: int) -> torch.Tensor:
         """p(true class | x) of every sample under a clean reference model the attacker trains
@@ -146,7 +264,7 @@ class EdgeCase(Attack):
     def poison(self, client_id: int, data: ClientDataset, seed: int) -> ClientDataset:
         if data.images is None:
             raise AttackConfigError("edge-case selects raw images; put it first among the stages")
-        if self.tail_source == "held-out":
+        if self.tail_source in ("held-out", "cross"):
             return self.poison_held_out(client_id, data, seed)
         rng = numpy_stream(seed, "edge-case", client_id)
         n = len(data)

@@ -78,8 +78,11 @@ def from_config(cfg: Any) -> AttackPlan:
         return AttackPlan([stage])
     if "none" in names or len(set(names)) != len(names):
         raise AttackConfigError(f"attack.name {a.name!r}: stages must be distinct and not 'none'")
+    # run settings a stage takes when it has the option (edge-case: its dataset preset and the
+    # cross tail's data root, docs/attacks.md §3.6)
     facts = {**pattern, "target": a.target, "poison_prob": a.poison_prob,
-             "augmentation": a.augmentation}
+             "augmentation": a.augmentation, "dataset": cfg.data.dataset,
+             "data_dir": cfg.data.data_dir}
     opts = dict(a.options)
     if len(names) == 1:
         per_stage = {names[0]: opts}
