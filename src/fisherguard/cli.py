@@ -1,4 +1,5 @@
-"""Command line: ``fisherguard run | table | export | report | reproduce | defenses | attacks | data``."""
+"""Command line: ``fisherguard run | table | export | report | reproduce | defenses | attacks |
+data``."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 ``published-tables.md`` (docs/results.md §0 describes the fields) and read by ``load``. One record
 per printed value: paper, table, dataset, β, Υ, method (as printed and as a method id of
 ``METHODS``), metric (A, R, V; or an assumption for the qualitative SDFC Table 1), the value as
-printed and as a number, and the flags of docs/results.md §5.3–§5.5 and §3.3.
+printed and as a number, and the flags of docs/results.md §3.3 and docs/results.md §5.3–§5.5.
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ def _parse_block(lines: list[str], i: int, table: str, ctx: dict[str, Any],
 
 
 def _flag(cells: list[dict[str, Any]]) -> None:
-    """Attach the flags of docs/results.md §3.3 and §5.3–§5.5 to every numeric cell."""
+    """Attach the flags of docs/results.md §3.3 and docs/results.md §5.3–§5.5 to each cell."""
     a_of = {(c["table"], c["dataset"], c["beta"], c["upsilon"], c["row"]): c["value"]
             for c in cells if c["metric"] == "A"}
     for c in cells:

@@ -153,8 +153,8 @@ def describe(runs: list[PlannedRun]) -> str:
     for r in runs:
         st = r.status
         counts[st] += 1
-        lines.append(f"{r.key}  {r.config.data.dataset}  {r.method}  seed {r.config.experiment.seed}"
-                     f"  {st}")
+        seed = r.config.experiment.seed
+        lines.append(f"{r.key}  {r.config.data.dataset}  {r.method}  seed {seed}  {st}")
     lines.append(f"total {len(runs)} runs: {counts['done']} done, {counts['partial']} partial, "
                  f"{counts['pending']} pending")
     return "\n".join(lines)

@@ -121,7 +121,7 @@ def build(table: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         for col in cols:
             for m in methods:
                 p = pub.get((*col, m), {})
-                if m == "fdcr-oracle":  # set against the published FDCR cells (§5.3)
+                if m == "fdcr-oracle":  # against the FDCR cells, docs/results.md §5.3
                     p = pub.get((*col, "fdcr"), {})
                 ours = ours_of(idx.get((family, *col, m, preset), []))
                 raw[(preset, col, m)] = (p, ours)
@@ -302,7 +302,8 @@ def write_report(roots: list[str | Path], out: str | Path = DEFAULT_OUT) -> list
     runs = collect_runs(roots)
     written, index = [], ["# Results against the published tables", "",
                           f"{len(runs)} complete runs read. Rules: docs/results.md.", "",
-                          "| table | priority | preset | verdict | files |", "|---|---|---|---|---|"]
+                          "| table | priority | preset | verdict | files |",
+                          "|---|---|---|---|---|"]
     for table in PRIORITY:
         built = build(table, runs)
         for preset in built["presets"]:

@@ -1,7 +1,7 @@
 """Agreement with the published numbers: cell verdicts, named causes, table verdicts with Kendall τ.
 
-The rules are the spec's (published-tables.md, sections 5.1–5.5), restated in docs/results.md
-§5.1–§5.5. Numpy only: Kendall's τ-b is computed here.
+The rules are the spec's (published-tables.md, sections 5.1–5.5), restated in
+docs/results.md §5.1–§5.5. Numpy only: Kendall's τ-b is computed here.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class Ours:
 
 @dataclass
 class CellVerdict:
-    """One cell's outcome (docs/results.md §5.1) and, when it disagrees, its one cause (§5.2)."""
+    """A cell's outcome (docs/results.md §5.1) and the one cause of a miss (docs/results.md §5.2)."""
 
     status: str  # agree | disagree | not-run | not-scored | collapse-agree
     a_ok: bool | None = None
@@ -67,7 +67,7 @@ class CellVerdict:
 def cell_verdict(pub_a: float | None, pub_r: float | None, ours: Ours | None, *,
                  dataset: str, flags: Sequence[str] = (), preset: str = "paper",
                  other_preset_agrees: bool | None = None) -> CellVerdict:
-    """docs/results.md §5.1 for one (dataset, β, Υ, method) cell, with the cause of a miss (§5.2)."""
+    """docs/results.md §5.1 for one cell, with the cause of a miss (docs/results.md §5.2)."""
     flags = set(flags)
     if ours is None:
         return CellVerdict("not-run", note="not run")
