@@ -217,3 +217,24 @@ def test_report_plots_hook_is_optional(tmp_path, monkeypatch):
     assert tables.plots_hook([tmp_path], tmp_path) == [] and called == [([tmp_path], tmp_path)]
     monkeypatch.setitem(sys.modules, "fisherguard.report.plots", None)  # import fails
     assert tables.plots_hook([tmp_path], tmp_path) == []
+
+
+def test_only_runs_of_the_published_protocol_stand_beside_a_published_cell(tmp_path):
+    import yaml
+
+    from fisherguard.report.tables import collect_runs
+
+    runs = tmp_path / "runs"
+    fake_run(runs, "fdcr-t4", "fedavg", "usps", 0.5, 30, 0, A=95.0, R=6.0)
+    for name, change in (("other-attack", {"attack": {"name": "sign-flip"}}),
+                         ("subset", {"data": {"train_subset": 2000}}),
+                         ("short", {"federation": {"rounds": 8}})):
+        d = fake_run(runs / name, "fdcr-t4", "fedavg", "usps", 0.5, 30, 0, A=1.0, R=1.0)
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        for section, values in change.items():
+            cfg[section].update(values)
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    left: dict[str, int] = {}
+    got = collect_runs([runs], left)
+    assert [r["A"] for r in got] == [95.0] and got[0]["_scale"] == (50, 10)
+    assert sum(left.values()) == 3 and all("published protocol" in k for k in left)

@@ -16,10 +16,10 @@ from typing import Any, Iterable
 import yaml
 
 from fisherguard.report import published
-from fisherguard.report.reproduce import PRIORITY, columns, command, grid
+from fisherguard.report.reproduce import PRIORITY, SCALES, columns, command, config_for, grid
 from fisherguard.report.verdict import (CellVerdict, ColumnRank, Ours, TableVerdict,
                                         cell_verdict, column_rank, table_verdict)
-from fisherguard.results import RunDir, collect_summaries
+from fisherguard.results import RunDir, _results_part, collect_summaries
 
 log = logging.getLogger("fisherguard")
 DEFAULT_OUT = Path("results") / "report"
@@ -28,24 +28,59 @@ NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-1
 STAND_INS = {"cifar10-jpeg": "cifar10"}  # docs/results.md §5.5
 
 
-def collect_runs(roots: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """Complete run summaries below ``roots`` with their directory, defense options and scale."""
+def collect_runs(roots: Iterable[str | Path],
+                 left_out: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """Complete runs below ``roots`` made under the published protocol at a known scale, with
+    their directory, defense options and scale; ``left_out`` counts the others by reason."""
     out = []
     for root in roots:
         summaries = collect_summaries(root)
         dirs = [p.parent for p in sorted(Path(root).rglob(RunDir.SUMMARY_JSON))]
         assert len(dirs) == len(summaries)  # collect_summaries walks the same sorted list
         for s, d in zip(summaries, dirs):
-            if not s.get("complete", False):
-                continue
             cfg_file = d / RunDir.CONFIG
             cfg = (yaml.safe_load(cfg_file.read_text()) or {}) if cfg_file.is_file() else {}
-            fed = cfg.get("federation") or {}
             dfn = cfg.get("defense") or {}
             opts = dict(dfn.get("options") or {}) if isinstance(dfn, dict) else {}
-            out.append(dict(s, _dir=d, _options=opts,
-                            _scale=(fed.get("rounds"), fed.get("local_epochs"))))
+            run = dict(s, _dir=d, _options=opts)
+            why = ("not finished" if not s.get("complete", False) else
+                   "no resolved config" if not cfg else None)
+            scale = None if why else protocol_scale(run, cfg)
+            if why is None and scale is None:
+                why = "not the published protocol (attack, data, schedule or scale differ)"
+            if why is not None:
+                if left_out is not None:
+                    left_out[why] = left_out.get(why, 0) + 1
+                continue
+            out.append(dict(run, _scale=scale))
     return out
+
+
+def protocol_scale(run: dict[str, Any], cfg: dict[str, Any]) -> tuple[int, int] | None:
+    """(T, E) when the run's resolved config is exactly what ``reproduce`` would plan for its
+    method, dataset, β, Υ, seed and preset at one of its scales (docs/results.md §4); else None.
+
+    Only a BadNets run of the papers' protocol may stand beside a published cell: a demo-scale
+    run, another attack or a client-pool subset never does."""
+    mid = method_of(run)
+    try:
+        beta, ups = float(run["beta"]), round(float(run["attack_fraction"]) * 100)
+        seed, preset = int(run["seed"]), str(run["preset"])
+        family, dataset = str(run["family"]), str(run["dataset"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if mid is None:
+        return None
+    have = _results_part(yaml.safe_dump(cfg))
+    for scale in SCALES:
+        try:
+            want = config_for(f"{family}-t4", mid, dataset, beta, ups, seed, preset=preset,
+                              scale=scale)
+        except Exception:  # noqa: BLE001 - a method or dataset this family cannot plan
+            return None
+        if _results_part(want.to_yaml()) == have:
+            return (want.federation.rounds, want.federation.local_epochs)
+    return None
 
 
 def method_of(run: dict[str, Any]) -> str | None:
@@ -299,9 +334,12 @@ def write_report(roots: list[str | Path], out: str | Path = DEFAULT_OUT) -> list
     """Every regenerable table against ``roots``' runs, as MD, LaTeX, CSV, plus ``index.md``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = collect_runs(roots)
+    left_out: dict[str, int] = {}
+    runs = collect_runs(roots, left_out)
+    skipped = "".join(f" Left out: {n} ({why})." for why, n in sorted(left_out.items()))
     written, index = [], ["# Results against the published tables", "",
-                          f"{len(runs)} complete runs read. Rules: docs/results.md.", "",
+                          f"{len(runs)} runs of the published protocol read.{skipped} "
+                          "Rules: docs/results.md.", "",
                           "| table | priority | preset | verdict | files |",
                           "|---|---|---|---|---|"]
     for table in PRIORITY:
