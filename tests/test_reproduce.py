@@ -117,3 +117,11 @@ def test_reproduce_runs_a_tiny_grid_once(tmp_path, capsys):
     assert "ran 1" in capsys.readouterr().out
     assert main(args + ["--dry-run"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "total 1 runs: 1 done, 0 partial, 0 pending"
+
+
+def test_a_bad_number_list_is_one_clear_line(capsys):
+    from fisherguard.cli import main
+
+    assert main(["reproduce", "fdcr-t4", "--upsilons", "0.3", "--dry-run"]) == 2
+    assert "--upsilons expects comma-separated integers, got '0.3' (Υ in percent" in \
+        capsys.readouterr().err

@@ -102,8 +102,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _csv(text: str | None, kind: type = str) -> list[Any] | None:
-    return [kind(x.strip()) for x in text.split(",") if x.strip()] if text else None
+def _csv(text: str | None, kind: type = str, flag: str = "") -> list[Any] | None:
+    from fisherguard.config import ConfigError
+
+    try:
+        return [kind(x.strip()) for x in text.split(",") if x.strip()] if text else None
+    except ValueError:
+        what = {int: "integers", float: "numbers"}.get(kind, "values")
+        raise ConfigError(f"{flag} expects comma-separated {what}, got {text!r}"
+                          + (" (Υ in percent, e.g. 30)" if flag == "--upsilons" else "")) from None
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
@@ -111,7 +118,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     from fisherguard.report import reproduce
 
     runs = reproduce.plan(args.table, datasets=_csv(args.datasets), methods=_csv(args.methods),
-                          betas=_csv(args.betas, float), upsilons=_csv(args.upsilons, int),
+                          betas=_csv(args.betas, float, "--betas"),
+                          upsilons=_csv(args.upsilons, int, "--upsilons"),
                           seeds=_parse_seeds(args.seeds), presets=_csv(args.presets) or ["paper"],
                           scale=args.scale, out=args.out,
                           overrides=[parse_override(o) for o in args.set])
