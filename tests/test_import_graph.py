@@ -54,7 +54,7 @@ LAYERS = [
     {"fisherguard.clients"},
     {"fisherguard.defenses", "fisherguard.attacks"},
     {"fisherguard.config"},
-    {"fisherguard.engine"},
+    {"fisherguard.engine", "fisherguard.report"},
     {"fisherguard.cli"},
     {"fisherguard.__main__"},
 ]

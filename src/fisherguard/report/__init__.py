@@ -1,0 +1,1 @@
+"""Reports of run directories: tables and figures."""
