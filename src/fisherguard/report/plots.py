@@ -186,10 +186,15 @@ def _series(run: Run, section: str, key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
-def _colours(labels: list[str]) -> dict[str, Any]:
-    """A stable colour per defense label (sorted order in the tab10 cycle)."""
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _styles(labels: list[str]) -> dict[str, dict[str, Any]]:
+    """A stable colour and marker per defense label (sorted order), so equal lines still show."""
     cmap = matplotlib.colormaps["tab10"]
-    return {lab: cmap(i % 10) for i, lab in enumerate(sorted(set(labels)))}
+    return {lab: {"color": cmap(i % 10), "marker": _MARKERS[i % len(_MARKERS)],
+                  "markersize": 7 - 3 * i / max(1, len(set(labels)) - 1)}
+            for i, lab in enumerate(sorted(set(labels)))}
 
 
 def _lines(runs: list[Run], section: str, keys: tuple[str, ...], title: str,
@@ -198,7 +203,7 @@ def _lines(runs: list[Run], section: str, keys: tuple[str, ...], title: str,
     with matplotlib.rc_context(_RC):
         fig = Figure(figsize=(5.0 * len(keys), 3.6))
         axes = np.atleast_1d(fig.subplots(1, len(keys), sharex=True))
-        colours = _colours([r.defense_label for r in runs])
+        styles = _styles([r.defense_label for r in runs])
         seeds: dict[str, set[Any]] = {}
         for r in runs:
             seeds.setdefault(r.defense_label, set()).add(r.seed)
@@ -208,8 +213,7 @@ def _lines(runs: list[Run], section: str, keys: tuple[str, ...], title: str,
                 label = r.defense_label
                 if len(seeds[label]) > 1:
                     label = f"{label} (seed {r.seed})"
-                ax.plot(xs, ys, marker="o", markersize=3, color=colours[r.defense_label],
-                        label=label)
+                ax.plot(xs, ys, label=label, alpha=0.85, **styles[r.defense_label])
             ax.set_title(key)
             ax.set_xlabel("round")
             ax.set_ylabel(f"{key} {ylabel}")
