@@ -249,8 +249,7 @@ def _has_detection(run: Run) -> bool:
 
 
 def plot_weights(run: Run, out_dir: Path, stem: str) -> list[Path]:
-    """Aggregation weight per client and round (clients × rounds); attacker ids in red,
-    flagged clients hatched."""
+    """Aggregation weight per client and round; attacker ids in red, flagged cells hatched."""
     recs = run.rounds()
     ids = sorted({int(i) for rec in recs for i in (rec.get("clients") or {}).get("ids") or []})
     row = {c: i for i, c in enumerate(ids)}
@@ -303,8 +302,7 @@ def plot_weights(run: Run, out_dir: Path, stem: str) -> list[Path]:
 def matrix_cells(summaries: list[dict[str, Any]], rows: str = "attack",
                  cols: str = "defense") -> tuple[list[str], list[str], dict[tuple[str, str],
                                                                               dict[str, Any]]]:
-    """The cells of results.pivot: mean A and ASR over seeds per (row, col), † when one
-    collapsed; returns (row keys, column keys, cells)."""
+    """results.pivot's cells: (row keys, column keys, {(row, col): mean A, ASR, collapsed})."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for s in summaries:
         if s.get(rows) is None or s.get(cols) is None:
@@ -358,11 +356,9 @@ def plot_matrix(summaries: list[dict[str, Any]], out_dir: Path,
 
 
 def write_plots(run_dirs: list[Path] | Path, out_dir: Path) -> list[Path]:
-    """Every applicable figure of the runs below ``run_dirs`` into ``out_dir``; their paths.
-
-    curves-<group>, detection-<group> (runs with detection), weights-<run> (runs with client
-    weights) and matrix-attack-defense, each as PNG and SVG; ValueError when a path holds no run.
-    """
+    """Every applicable figure of the runs below ``run_dirs``, PNG and SVG; their paths."""
+    # curves-<group>, detection-<group> (runs with detection), weights-<run> (runs with client
+    # weights), matrix-attack-defense; ValueError when a given path holds no run directory
     runs = find_runs(run_dirs)
     out_dir = Path(out_dir)
     paths: list[Path] = []
