@@ -54,6 +54,8 @@ LAYERS = [
     {"fisherguard.clients"},
     {"fisherguard.defenses", "fisherguard.attacks"},
     {"fisherguard.config"},
+    # report reads results and config and runs the engine only as `fisherguard run` subprocesses,
+    # so it needs nothing of the engine and sits beside it, below the CLI that calls it
     {"fisherguard.engine", "fisherguard.report"},
     {"fisherguard.cli"},
     {"fisherguard.__main__"},

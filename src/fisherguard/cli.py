@@ -1,4 +1,5 @@
-"""Command line: ``fisherguard run | table | export | defenses | attacks | data``."""
+"""Command line: ``fisherguard run | table | export | report | reproduce | defenses | attacks |
+data``."""
 
 from __future__ import annotations
 
@@ -90,6 +91,36 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if not done and not skipped:
         raise ConfigError(f"no run directories below {args.runs}")
     return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fisherguard.report.tables import DEFAULT_OUT, write_report
+
+    out = Path(args.out) if args.out else DEFAULT_OUT
+    written = write_report(args.results, out)
+    print(f"wrote {len(written)} files to {out} (index: {out / 'index.md'})")
+    return 0
+
+
+def _csv(text: str | None, kind: type = str) -> list[Any] | None:
+    return [kind(x.strip()) for x in text.split(",") if x.strip()] if text else None
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from fisherguard.config import parse_override
+    from fisherguard.report import reproduce
+
+    runs = reproduce.plan(args.table, datasets=_csv(args.datasets), methods=_csv(args.methods),
+                          betas=_csv(args.betas, float), upsilons=_csv(args.upsilons, int),
+                          seeds=_parse_seeds(args.seeds), presets=_csv(args.presets) or ["paper"],
+                          scale=args.scale, out=args.out,
+                          overrides=[parse_override(o) for o in args.set])
+    if args.dry_run:
+        print(reproduce.describe(runs))
+        return 0
+    counts = reproduce.execute(runs, jobs=args.jobs, resume=args.resume)
+    print(", ".join(f"{k} {v}" for k, v in counts.items()) + f"; runs in {args.out}")
+    return 1 if counts["failed"] else 0
 
 
 def _cmd_defenses(args: argparse.Namespace) -> int:
@@ -185,6 +216,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dest", help="where to put them (e.g. results/attacks-demo)")
     p.set_defaults(func=_cmd_export)
 
+    p = sub.add_parser("report", help="our runs beside the published tables, with verdicts "
+                       "(Markdown, LaTeX, CSV; docs/results.md)")
+    p.add_argument("results", nargs="+", help="directories holding run directories")
+    p.add_argument("--out", help="where the tables go (default results/report)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("reproduce", help="plan and run the grid of a published table once "
+                       "(docs/results.md)")
+    p.add_argument("table", help="sdfc-t2 ... sdfc-t5, fdcr-t1 ... fdcr-t4 (P0: fdcr-t4, fdcr-t3, "
+                   "sdfc-t5, sdfc-t3)")
+    p.add_argument("--datasets", help="comma-separated subset (e.g. usps,cifar10)")
+    p.add_argument("--methods", help="comma-separated method ids (docs/results.md), e.g. fdcr,rlr")
+    p.add_argument("--betas", help="comma-separated β subset")
+    p.add_argument("--upsilons", help="comma-separated Υ subset in percent")
+    p.add_argument("--seeds", default="0,1,2", help="default 0,1,2")
+    p.add_argument("--presets", default="paper", help="paper, code or paper,code")
+    p.add_argument("--scale", choices=("full", "reduced"), default="full",
+                   help="full: the papers' T and E; reduced: T 20, E 2")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, one process each")
+    p.add_argument("--dry-run", action="store_true", help="print the plan only")
+    p.add_argument("--resume", action="store_true", help="continue partial runs")
+    p.add_argument("--out", default="runs/reproduce", help="default runs/reproduce")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value of every run (changes the run keys)")
+    p.set_defaults(func=_cmd_reproduce)
+
     p = sub.add_parser("defenses", help="list every available defense")
     p.set_defaults(func=_cmd_defenses)
 
@@ -208,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     from fisherguard.config import ConfigError
     from fisherguard.data.partition import PartitionError
     from fisherguard.defenses.base import DefenseConfigError
+    from fisherguard.report.reproduce import PlanError
     from fisherguard.results import ResumeError
 
     from fisherguard.engine.flower import FlowerMissing
@@ -216,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     known: tuple[type[BaseException], ...] = (ConfigError, DefenseConfigError, AttackConfigError,
                                               PartitionError,
                                               ResumeError, OSError, ValueError, FlowerMissing,
-                                              FlowerRunError)
+                                              FlowerRunError, PlanError)
     try:
         return int(args.func(args))
     except known as e:
