@@ -105,11 +105,10 @@ class Run:
 
 
 def find_runs(run_dirs: list[Path] | Path) -> list[Run]:
-    """Every run directory (a directory with summary.json) below the given paths, in path order."""
+    """Every run directory (one with summary.json) below the given paths, in order; none for []."""
     paths = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(p) for p in run_dirs]
-    if not paths:
-        raise ValueError("no run directories given")
     runs: list[Run] = []
+    seen: set[Path] = set()
     for root in paths:
         if not root.is_dir():
             raise ValueError(f"{root} is not a directory")
@@ -117,6 +116,9 @@ def find_runs(run_dirs: list[Path] | Path) -> list[Run]:
         if not found:
             raise ValueError(f"{root} holds no run directory (no {RunDir.SUMMARY_JSON} below it)")
         for d in found:
+            if d.resolve() in seen:  # a run below two of the given paths is plotted once
+                continue
+            seen.add(d.resolve())
             rel = d.relative_to(root)
             runs.append(Run(d, str(rel) if rel.parts else root.name))
     return runs
