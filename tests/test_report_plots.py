@@ -10,7 +10,7 @@ import pytest
 
 from fisherguard.report.plots import ATTACKER_COLOUR, find_runs, matrix_cells, write_plots
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration  # matplotlib renders take ~20 s in all
 
 ATTACKS = ("badnets", "dba")
 DEFENSES = {"fedavg": "FedAvg", "multi-krum": "Multi-Krum"}
