@@ -356,7 +356,8 @@ def write_report(roots: list[str | Path], out: str | Path = DEFAULT_OUT) -> list
     index += ["", "SDFC Table 1 is qualitative: nothing to regenerate."]
     (out / "index.md").write_text("\n".join(index) + "\n", encoding="utf-8")
     written.append(out / "index.md")
-    written += plots_hook([r["_dir"] for r in runs], out)
+    # the pictures show every run given, the published protocol's or not
+    written += plots_hook([Path(r) for r in roots], out)
     return written
 
 
