@@ -383,3 +383,22 @@ def test_stateful_forgeries_save_and_restore_their_state():
     n = FDCRMinV()
     n.load_state_dict(m.state_dict())
     assert n.prev[0] == 4 and torch.equal(n.prev[1], torch.ones(P))
+
+
+def test_class_balanced_subset_takes_the_rarest_count_of_every_class():
+    from fisherguard.attacks.forgery import class_balanced
+    from fisherguard.data.transforms import Pipeline
+    from fisherguard.clients.training import ClientDataset
+
+    labels = torch.tensor([0, 0, 0, 1, 2, 2, 1, 0])
+    data = ClientDataset(labels=labels, pipeline=Pipeline(grey=True, out_channels=1),
+                         frozen=torch.arange(8, dtype=torch.float32).view(8, 1, 1, 1))
+    sub = class_balanced(data, torch.Generator().manual_seed(0))
+    assert sorted(sub.labels.tolist()) == [0, 0, 1, 1, 2, 2]
+    assert torch.equal(labels[sub.frozen.view(-1).long()], sub.labels)
+
+
+@pytest.mark.integration
+def test_a_forged_fisher_survives_the_byzantine_recompute(tmp_path):
+    _, rounds, _ = run_attack(tmp_path, "sign-flip+f-zero", **{"defense.name": "fdcr"})
+    assert rounds[0]["clients"]["reasons"][3:] == ["constant", "constant"]
