@@ -402,3 +402,19 @@ def test_class_balanced_subset_takes_the_rarest_count_of_every_class():
 def test_a_forged_fisher_survives_the_byzantine_recompute(tmp_path):
     _, rounds, _ = run_attack(tmp_path, "sign-flip+f-zero", **{"defense.name": "fdcr"})
     assert rounds[0]["clients"]["reasons"][3:] == ["constant", "constant"]
+
+
+def test_minimiser_hardening_aware_variant_raises_the_mean_importance_on_small_gradients():
+    from fisherguard.attacks.fdcr_forgery import raise_mean
+
+    g = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.5])
+    i = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0])
+    j = raise_mean(i, g, 0.5)
+    # the three smallest |g| (0.5 already 1, then 1.0, 2.0) get I = 1: mean 0.5
+    assert torch.equal(j, torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0]))
+    assert float(raise_mean(i, g, 0.99).min()) == 0.0  # one 0 kept for min-max
+    stage = FDCRMinV(min_mean=0.5)
+    f = stage.crafted(g, torch.zeros(P), HONEST)
+    assert float(minmax(f).mean()) >= 0.5
+    with pytest.raises(AttackConfigError, match="option min_mean"):
+        FDCRMinV(min_mean=2)

@@ -39,6 +39,19 @@ def importance_for(g: Tensor, tau: Tensor) -> Tensor:
     return i.to(g.dtype)
 
 
+def raise_mean(importance: Tensor, g: Tensor, floor: float) -> Tensor:
+    """The hardening-aware step (docs/attacks.md §4.7): I = 1 on the coordinates of smallest |g|
+    (almost free for V) until mean(I) ≥ floor; min-max still returns I when one 0 is left."""
+    i = importance.clone()
+    if float(i.mean()) >= floor:
+        return i
+    order = torch.argsort(g.abs(), stable=True)
+    zeros = order[i[order] < 1.0]
+    need = math.ceil(floor * i.numel() - float(i.sum()))
+    i[zeros[:max(0, min(need, zeros.numel() - 1))]] = 1.0
+    return i
+
+
 def fisher_for(importance: Tensor, honest: Tensor | None) -> Tensor:
     """F = c₁·I, c₁ = 2^round(log₂ max F_honest) (1 without one): benign magnitude, and exact
     under min-max because scaling by a power of two loses no bits."""
@@ -59,9 +72,15 @@ class FDCRMinV(Forgery):
     needs_view_fisher = True
     shared = False  # steering: every attacker uploads the same (Δ, F)
 
-    def __init__(self, *, estimate: str = "prev_global") -> None:
+    def __init__(self, *, estimate: str = "prev_global",
+                 min_mean: float | str | None = None) -> None:
         check_choice(self.name, "estimate", estimate, ESTIMATES)
-        self.estimate = estimate
+        if not (min_mean is None or min_mean == "auto" or (
+                isinstance(min_mean, (int, float)) and not isinstance(min_mean, bool)
+                and 0 < min_mean < 1)):
+            raise AttackConfigError(f"{self.name} option min_mean must be null, 'auto' or a "
+                                    f"fraction in (0, 1), got {min_mean!r}")
+        self.estimate, self.min_mean = estimate, min_mean
         self.knowledge = ("omniscient" if estimate == "omniscient"  # type: ignore[misc]
                           else "colluding" if self.shared else "model")
         self.reference = CleanReference(f"{self.name}-reference")
@@ -116,10 +135,24 @@ class FDCRMinV(Forgery):
         self.prev = (view.round_idx, g.detach().clone())
         return view.own
 
+    def floor(self, honest: Tensor | None) -> float | None:
+        """The mean importance to keep: ``auto`` = mean(minmax(own honest F)) / 10, ten times the
+        FDCR spikiness threshold at its default ratio 100 if benign means are like its own."""
+        if self.min_mean == "auto":
+            return None if honest is None else float(minmax(honest).mean()) / 10
+        return None if self.min_mean is None else float(self.min_mean)
+
+    def crafted(self, grad: Tensor, tau: Tensor, honest: Tensor | None) -> Tensor:
+        i = importance_for(grad, tau)
+        floor = self.floor(honest)
+        if floor is not None:
+            i = raise_mean(i, grad, floor)
+        return fisher_for(i, honest)
+
     def forge(self, view: RoundView, k: int, u: Upload) -> None:
         g = view.global_weights
         grad = (u.weights - g) / self.eta()
-        u.fisher = fisher_for(importance_for(grad, self.target(view, k)), self.honest(view, k, u))
+        u.fisher = self.crafted(grad, self.target(view, k), self.honest(view, k, u))
 
     def steer(self, view: RoundView, own: dict[int, Upload]) -> None:
         """Every attacker uploads w^t + mean Δ and one Fisher, from the lowest id's estimate."""
@@ -127,7 +160,7 @@ class FDCRMinV(Forgery):
         first = min(own)
         delta = torch.stack([u.weights - g for u in own.values()]).mean(0)
         honest = self.honest(view, first, own[first])
-        f = fisher_for(importance_for(delta / self.eta(), self.target(view, first)), honest)
+        f = self.crafted(delta / self.eta(), self.target(view, first), honest)
         for u in own.values():
             u.weights, u.fisher = g + delta, f.clone()
 
