@@ -418,3 +418,30 @@ def test_minimiser_hardening_aware_variant_raises_the_mean_importance_on_small_g
     assert float(minmax(f).mean()) >= 0.5
     with pytest.raises(AttackConfigError, match="option min_mean"):
         FDCRMinV(min_mean=2)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name,defense", [("badnets+f-val-echo", "sdfc"),
+                                          ("badnets+fdcr-min-v", "fdcr")])
+def test_stateful_forgeries_resume_after_kill_equal_an_uninterrupted_run(name, defense,
+                                                                         tmp_path):
+    import json
+
+    from attack_harness import attack_config
+    from fisherguard.engine.runner import run
+
+    def records(out):
+        clock = ("wall_time_s", "timing", "attack_reference_s")
+        rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in clock} for r in rows]
+
+    cfg = attack_config(name, None, **{"federation.rounds": 3, "defense.name": defense})
+    run(cfg, tmp_path / "whole", progress=None)
+    run(cfg, tmp_path / "resumed", progress=None, stop_after=2)
+    saved = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    assert saved["attack_state"]["stages"][1], "the checkpoint holds the forgery's state"
+    run(cfg, tmp_path / "resumed", resume=True, progress=None)
+    assert records(tmp_path / "whole") == records(tmp_path / "resumed")
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["weights"]
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["weights"]
+    assert torch.equal(a, b)
