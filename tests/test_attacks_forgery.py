@@ -11,8 +11,8 @@ from fisherguard.attacks import registry
 from fisherguard.attacks.base import AttackConfigError, AttackContext
 from fisherguard.attacks.fdcr_forgery import FDCRMinV, FDCRSteer, fisher_for, importance_for
 from fisherguard.attacks.forgery import (CountForgery, CountInflation, FConst, FDRegSkip, FMimic,
-                                         FMismatch, FNonfinite, FSpike, FValEcho, FZero, mask_topq,
-                                         minmax, recover_val_fisher, with_echo_margin)
+                                         FMismatch, FNonfinite, FSpike, FZero, mask_topq, minmax)
+from fisherguard.attacks.val_echo import FValEcho, recover_val_fisher, with_echo_margin
 from fisherguard.attacks.plan import AttackPlan
 from fisherguard.clients.fdreg import FDReg
 from fisherguard.clients.plan import TrainPlan
@@ -386,7 +386,7 @@ def test_stateful_forgeries_save_and_restore_their_state():
 
 
 def test_class_balanced_subset_takes_the_rarest_count_of_every_class():
-    from fisherguard.attacks.forgery import class_balanced
+    from fisherguard.attacks.val_echo import class_balanced
     from fisherguard.data.transforms import Pipeline
     from fisherguard.clients.training import ClientDataset
 
