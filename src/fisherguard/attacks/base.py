@@ -28,7 +28,7 @@ KNOWLEDGE = ("data-only", "model", "colluding", "omniscient")
 ATTACKER_CHOICE = ("last", "random")
 # docs/attacks.md §0: what a stage changes
 KINDS = ("data poisoning", "model poisoning", "trigger optimisation", "upload forgery",
-         "byzantine", "none")
+         "protocol deviation", "byzantine", "none")
 
 
 def check_state_keys(attack: str, state: dict[str, Any], keys: Iterable[str]) -> None:
@@ -105,6 +105,12 @@ class Reserved:
     target: int  # the label the held-out part is measured against
 
 
+# F(D; w) for one of the attack's own clients k at weights w: on its round's training data
+# (dataset None) or on the dataset given (e.g. its clean data), with the client's own Fisher
+# options and stream, so a forged upload can carry a Fisher computed the way the client would
+OwnFisher = Callable[[int, torch.Tensor, "ClientDataset | None"], torch.Tensor]
+
+
 @dataclass
 class RoundView:
     """What an attack's after-training stage sees of one round, by its knowledge level."""
@@ -113,6 +119,13 @@ class RoundView:
     global_weights: torch.Tensor
     own: dict[int, Upload]  # the attackers' uploads, by client id (changed in place or replaced)
     benign: dict[int, Upload] | None = None  # only for an omniscient attack
+    # own clients' Fisher (``OwnFisher``); None when the defense reads no Fisher
+    fisher: OwnFisher | None = None
+    # the defense's plans (``ClientPlan``, e.g. SDFC's FDReg with H_k) sent to the attack's own
+    # clients this round: what a client legitimately receives
+    plans: dict[int, Any] = field(default_factory=dict)
+    # M(U; w), the server set's Fisher: a named oracle, only for an omniscient stage
+    server_fisher: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class Attack:
@@ -128,6 +141,8 @@ class Attack:
     # the upload it crafts carries the honest Fisher of the uploaded model on the attacker's own
     # data (docs/attacks.md §5), recomputed by the engine after ``after_training``
     fisher_at_upload: ClassVar[bool] = False
+    # the stage makes its clients skip the defense's client-side term (docs/attacks.md §4.0)
+    breaks_protocol: ClassVar[bool] = False
 
     def bind(self, ctx: AttackContext) -> None:
         """Learn the run's facts once, before ``poison`` (default: keep them)."""
@@ -170,12 +185,20 @@ class Attack:
             raise ValueError(f"attack {self.name!r} keeps no state, got keys {sorted(state)}")
 
     def round_view(self, round_idx: int, global_weights: torch.Tensor,
-                   uploads: dict[int, Upload], attackers: list[int]) -> RoundView:
-        """The stage's input: own uploads, plus the benign ones only at the ``omniscient`` level."""
+                   uploads: dict[int, Upload], attackers: list[int], *,
+                   fisher: OwnFisher | None = None,
+                   plans: dict[int, Any] | None = None,
+                   server_fisher: Callable[[torch.Tensor], torch.Tensor] | None = None
+                   ) -> RoundView:
+        """The stage's input: own uploads, the own clients' Fisher and plans, plus the benign
+        uploads and the server set's Fisher (an oracle) only at the ``omniscient`` level."""
         own = {k: u for k, u in uploads.items() if k in attackers}
         benign = ({k: u for k, u in uploads.items() if k not in attackers}
                   if self.knowledge == "omniscient" else None)
-        return RoundView(round_idx, global_weights, own, benign)
+        own_plans = {k: p for k, p in (plans or {}).items() if k in attackers}
+        omniscient = self.knowledge == "omniscient"
+        return RoundView(round_idx, global_weights, own, benign, fisher, own_plans,
+                         server_fisher if omniscient else None)
 
     @classmethod
     def options(cls) -> dict[str, Any]:

@@ -66,7 +66,8 @@ class AttackPlan(Attack):
             raise AttackConfigError("an attack needs at least one stage")
         self.stages = list(stages)
         self.schedule = schedule or Schedule()
-        self.follow_protocol = follow_protocol
+        # a protocol-breaking stage (fdreg-skip) turns compliance off like the config switch does
+        self.follow_protocol = follow_protocol and not any(s.breaks_protocol for s in self.stages)
         self.name = "+".join(s.name for s in self.stages)  # type: ignore[misc]
         self.knowledge = max((s.knowledge for s in self.stages), key=KNOWLEDGE.index)  # type: ignore[misc]
         self.per_client = any(s.per_client for s in self.stages)  # type: ignore[misc]
@@ -113,8 +114,11 @@ class AttackPlan(Attack):
     def after_training(self, view: RoundView) -> dict[int, Upload]:
         own = view.own
         for s in self.stages:
+            omniscient = s.knowledge == "omniscient"
             own = s.after_training(RoundView(view.round_idx, view.global_weights, own,
-                                             view.benign if s.knowledge == "omniscient" else None))
+                                             view.benign if omniscient else None,
+                                             view.fisher, view.plans,
+                                             view.server_fisher if omniscient else None))
         return own
 
     def test_trigger(self) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -188,11 +188,12 @@ def training_data(fed: Federation, cid: int, round_idx: int) -> ClientDataset:
 
 def local_fisher(fed: Federation, model: nn.Module, cid: int, round_idx: int,
                  weights: torch.Tensor, tag: int | str,
-                 fisher_options: dict[str, Any]) -> torch.Tensor:
-    """F(D_k; w), client ``cid``'s diagonal Fisher on its round's data (docs/algorithms.md §2),
-    drawn from stream ``tag``."""
-    return client_fisher(model, training_data(fed, cid, round_idx), weights,
-                         fisher_request(fed, cid, tag, fisher_options))
+                 fisher_options: dict[str, Any],
+                 data: ClientDataset | None = None) -> torch.Tensor:
+    """F(D_k; w), client ``cid``'s diagonal Fisher on its round's data, or on ``data`` when given
+    (docs/algorithms.md §2), drawn from stream ``tag``."""
+    return client_fisher(model, training_data(fed, cid, round_idx) if data is None else data,
+                         weights, fisher_request(fed, cid, tag, fisher_options))
 
 
 def plan_tag(round_idx: int) -> str:

@@ -23,7 +23,7 @@ from typing import Any, Callable, TextIO
 import torch
 
 from fisherguard import metrics
-from fisherguard.clients.training import LocalTrainer, SequentialTrainer, Upload
+from fisherguard.clients.training import ClientDataset, LocalTrainer, SequentialTrainer, Upload
 from fisherguard.config import Config
 from fisherguard.defenses.base import ClientPlan, PlanInput, RoundInput
 from fisherguard.defenses.fdcr import ORACLE_LABEL
@@ -135,10 +135,19 @@ class Server:
         t_att = time.perf_counter()
         if active and fed.attackers:
             trained = {k: by_id[k].weights for k in fed.attackers if k in by_id}
-            view = attack.round_view(t, self.weights, by_id, fed.attackers)
+            trained_fisher = {k: by_id[k].fisher for k in trained}
+            view = attack.round_view(t, self.weights, by_id, fed.attackers,
+                                     fisher=self._own_fisher(t) if self.defense.needs_fisher
+                                     else None, plans=start.plans,
+                                     server_fisher=None if self.server_set is None
+                                     else self.server_set.peek_fisher)
             by_id.update(attack.after_training(view))
             if attack.fisher_at_upload and self.defense.needs_fisher:
-                self._fisher_at_upload(t, by_id, trained)
+                # a Fisher a forgery stage replaced is the upload as meant; only the trained
+                # one follows the crafted weights
+                self._fisher_at_upload(t, by_id, {k: w for k, w in trained.items()
+                                                  if k in by_id and by_id[k].fisher is
+                                                  trained_fisher[k]})
         # begin_round, the upload stage, and the attackers' own training hooks (summed over them)
         attack_s = (start.attack_s + time.perf_counter() - t_att
                     + sum(u.timing.get("attack_s", 0.0) for u in by_id.values()))
@@ -179,6 +188,21 @@ class Server:
         self.bar.update(t + 1, f"A={scores['A']:.2f} ASR={scores['ASR']:.2f} "
                                f"({record['wall_time_s']:.1f}s)")
         return record
+
+    def _own_fisher(self, t: int) -> Callable[[int, torch.Tensor, ClientDataset | None],
+                                               torch.Tensor]:
+        """The attack's ``RoundView.fisher``: F(D; w) for an attacker at any weights, on its
+        round's training data or a given dataset, with the client's own options and stream."""
+        def fisher(cid: int, weights: torch.Tensor,
+                   data: ClientDataset | None = None) -> torch.Tensor:
+            if cid not in self.fed.attackers:  # the seam is for the attack's own clients only
+                raise ValueError(f"RoundView.fisher: client {cid} is not an attacker")
+            if self._fisher_model is None:
+                self._fisher_model = self.fed.model_factory()
+            return local_fisher(self.fed, self._fisher_model, cid, t, weights, t,
+                                self.fisher_options, data)
+
+        return fisher
 
     def _fisher_at_upload(self, t: int, by_id: dict[int, Upload],
                           trained: dict[int, torch.Tensor | None]) -> None:

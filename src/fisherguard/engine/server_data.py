@@ -51,6 +51,15 @@ class ValidationSet:
         return diagonal_fisher(self._model, weights, self._inputs(g), self._labels,
                                generator=g, **self._fisher_options)
 
+    def peek_fisher(self, weights: torch.Tensor) -> torch.Tensor:
+        """M(U; w) from the stream the server's next ``fisher`` call will draw, without moving
+        it: the named oracle of an attack (docs/attacks.md §4.0) must not change the defense."""
+        calls = self._calls
+        try:
+            return self.fisher(weights)
+        finally:
+            self._calls = calls
+
     def train(self, weights: torch.Tensor, epochs: int) -> torch.Tensor:
         g = self._stream("train")
         data = ClientDataset(labels=self._labels, pipeline=self._pipeline,
