@@ -67,13 +67,18 @@ def _parse_seeds(text: str) -> list[int]:
 
 
 def _cmd_table(args: argparse.Namespace) -> int:
+    from fisherguard.config import ConfigError
     from fisherguard.results import aggregate_seeds, collect_summaries, format_table, pivot
 
     summaries = collect_summaries(args.dir)
     if args.by:
         metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-        print(pivot(summaries, rows=args.by, cols="defense", metrics=metrics,
-                    markdown=args.markdown))
+        try:
+            text = pivot(summaries, rows=args.by, cols="defense", metrics=metrics,
+                         markdown=args.markdown, only=_csv(args.defenses))
+        except ValueError as e:
+            raise ConfigError(f"--defenses: {e}") from None
+        print(text)
     else:
         print(format_table(aggregate_seeds(summaries)))
     return 0
@@ -215,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics", default="A,ASR",
                    help="with --by: the summary metrics per defense (default A,ASR; e.g. "
                         "A,ASR,ASR_edge,attacker_share)")
+    p.add_argument("--defenses", help="with --by: these defense columns, in this order "
+                        "(comma-separated names)")
     p.add_argument("--markdown", action="store_true", help="with --by: a Markdown table")
     p.set_defaults(func=_cmd_table)
 

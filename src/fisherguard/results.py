@@ -263,7 +263,8 @@ def collect_summaries(root: str | Path) -> list[dict[str, Any]]:
 
 
 def pivot(summaries: list[dict[str, Any]], *, rows: str = "attack", cols: str = "defense",
-          metrics: tuple[str, ...] = ("A", "ASR"), markdown: bool = False) -> str:
+          metrics: tuple[str, ...] = ("A", "ASR"), markdown: bool = False,
+          only: list[str] | None = None) -> str:
     """One line per ``rows`` value, one column group per ``cols`` value: each metric's mean over
     seeds, † when a run collapsed, and the mean wall time per run (a defenses × attacks matrix)."""
     import numpy as np
@@ -275,6 +276,11 @@ def pivot(summaries: list[dict[str, Any]], *, rows: str = "attack", cols: str = 
         cells.setdefault((str(s[rows]), str(s[cols])), []).append(s)
     row_keys = list(dict.fromkeys(r for r, _ in cells))
     col_keys = list(dict.fromkeys(c for _, c in cells))
+    if only:  # these columns, in this order
+        unknown = [c for c in only if c not in col_keys]
+        if unknown:
+            raise ValueError(f"no {cols} {unknown[0]!r} among the runs; have {', '.join(col_keys)}")
+        col_keys = list(only)
     head = [rows] + [f"{c} {m}" for c in col_keys for m in metrics] + [f"{c} s" for c in col_keys]
     table = []
     for r in row_keys:
