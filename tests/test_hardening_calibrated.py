@@ -17,6 +17,8 @@ import torch
 from fisherguard.data.partition import dirichlet
 from fisherguard.defenses import registry
 from fisherguard.defenses.base import COUNT_CAP, DefenseConfigError, RoundInput, bound_counts
+from fisherguard.defenses.fdcr import (FDCR, SUPPORT_RATIO, fisher_importance,
+                                       importance_support, spiky_rows)
 
 pytestmark = pytest.mark.unit
 
@@ -136,6 +138,67 @@ def test_count_cap_is_an_option_and_checked() -> None:
         bound_counts(ri, [None] * 3)
 
 
+# ------------------------------------------------------------------ spikiness (§8.2)
+
+
+def test_honest_real_uploads_are_never_spiky(real) -> None:
+    # full-vector statistics of 60 honest uploads (2 runs × 3 rounds × 10 clients)
+    for tag in ("fdcr", "sdfc"):
+        for stats in real[f"{tag}_stats"]:
+            support = torch.tensor(stats[:, 2], dtype=D)
+            level = torch.tensor(stats[:, 0] / stats[:, 2], dtype=D)
+            assert spiky_rows(support, level, SUPPORT_RATIO) == []
+            # and with a margin: half the default ratio still rejects nobody
+            assert spiky_rows(support, level, SUPPORT_RATIO / 2) == []
+    agg = FDCR().aggregate(fdcr_round(real))
+    assert "spiky" not in agg.reasons
+
+
+def test_support_and_level_do_not_depend_on_p(real) -> None:
+    f = torch.tensor(real["fdcr_fisher"], dtype=D)
+    s1, l1 = importance_support(fisher_importance(f))
+    s2, l2 = importance_support(fisher_importance(f.repeat(1, 60)))
+    torch.testing.assert_close(s1, s2)
+    torch.testing.assert_close(l1, l2)
+
+
+@pytest.mark.parametrize("p", [100, 200, 1500, 90_000])
+def test_one_coordinate_spike_is_spiky_at_every_size(real, p) -> None:
+    f = torch.tensor(real["fdcr_fisher"], dtype=D).repeat(1, 60)[:, :p].clone()
+    f[9] = 0.0
+    f[9, 0] = 1e6
+    agg = FDCR().aggregate(_sized(real, f))
+    assert agg.reasons[9] == "spiky" and float(agg.client_weights[9]) == 0.0
+    assert "spiky" not in agg.reasons[:9]
+
+
+def test_floor_trick_is_spiky_below_the_honest_median_mass(real) -> None:
+    # spike + constant floor c (min 0 kept so min-max leaves I = c): every floor whose mean
+    # importance is below half the honest median is caught at the real model's size
+    f = torch.tensor(real["fdcr_fisher"], dtype=D).repeat(1, 62)  # P = 93 000
+    imp = fisher_importance(f)
+    median_mass = float(imp.mean(1).median())
+    old_threshold = median_mass / 100  # the replaced rule: mean(I) < median / 100
+    floors = [old_threshold * 1.01, *np.geomspace(1e-7, 0.5 * median_mass, 25)]
+    for c in floors:
+        g = f.clone()
+        g[9] = float(c)
+        g[9, 0], g[9, 1] = 0.0, 1.0
+        forged = fisher_importance(g)
+        support, level = importance_support(forged)
+        assert 9 in spiky_rows(support, level, SUPPORT_RATIO), c
+        assert spiky_rows(support[:9], level[:9], SUPPORT_RATIO) == []
+        if c == floors[0]:  # the replaced rule let this floor through
+            assert float(forged[9].mean()) >= float(forged.mean(1).median()) / 100
+
+
+def test_spiky_ratio_is_refused_with_its_replacement_named() -> None:
+    with pytest.raises(DefenseConfigError, match="support_ratio"):
+        FDCR(spiky_ratio=100.0)
+    with pytest.raises(DefenseConfigError, match="support_ratio"):
+        registry.build("fdcr", {"spiky_ratio": 100.0})
+    assert FDCR(spiky_ratio=None).support_ratio == SUPPORT_RATIO
+
 
 class _Server:
     """ServerData stand-in: M(U) of the uploaded model looked up by its weights."""
@@ -154,3 +217,12 @@ class _Server:
 
     def loss_and_entropy(self, weights):  # pragma: no cover
         raise NotImplementedError
+
+
+def _sized(real: dict[str, np.ndarray], fisher: torch.Tensor) -> RoundInput:
+    """A round of the fixture's clients at the Fisher's size P (updates tiled to match)."""
+    p = fisher.shape[1]
+    upd = torch.tensor(real["fdcr_updates"], dtype=D).repeat(1, p // 1500 + 1)[:, :p]
+    return RoundInput(global_weights=torch.zeros(p, dtype=D), updates=upd.contiguous(),
+                      num_samples=torch.tensor(real["fdcr_counts"][-1], dtype=D),
+                      client_ids=list(range(10)), fisher=fisher, lr=0.01)
