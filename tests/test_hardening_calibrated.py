@@ -19,6 +19,7 @@ from fisherguard.defenses import registry
 from fisherguard.defenses.base import COUNT_CAP, DefenseConfigError, RoundInput, bound_counts
 from fisherguard.defenses.fdcr import (FDCR, SUPPORT_RATIO, fisher_importance,
                                        importance_support, spiky_rows)
+from fisherguard.defenses.sdfc import ECHO_RTOL, SDFC, echo_ratio
 
 pytestmark = pytest.mark.unit
 
@@ -200,6 +201,9 @@ def test_spiky_ratio_is_refused_with_its_replacement_named() -> None:
     assert FDCR(spiky_ratio=None).support_ratio == SUPPORT_RATIO
 
 
+# ------------------------------------------------------------------ SDFC echo (§8.2)
+
+
 class _Server:
     """ServerData stand-in: M(U) of the uploaded model looked up by its weights."""
 
@@ -217,6 +221,47 @@ class _Server:
 
     def loss_and_entropy(self, weights):  # pragma: no cover
         raise NotImplementedError
+
+
+def sdfc_round(real: dict[str, np.ndarray], local: torch.Tensor) -> RoundInput:
+    val = torch.tensor(real["sdfc_val"], dtype=D)
+    upd = 0.01 * torch.arange(1, 11, dtype=D).unsqueeze(1) * torch.ones(10, val.shape[1], dtype=D)
+    wt = torch.zeros(val.shape[1], dtype=D)
+    table = {(wt + upd[k]).numpy().tobytes(): val[k] for k in range(10)}
+    return RoundInput(global_weights=wt, updates=upd, num_samples=torch.full((10,), 100.0, dtype=D),
+                      client_ids=list(range(10)), fisher=local,
+                      server_data=_Server(table, val.shape[1]))
+
+
+def test_honest_real_echo_ratios_pass_with_margin(real) -> None:
+    rho = real["sdfc_echo"]  # 30 honest uploads, full vectors
+    assert rho.min() > 5 * ECHO_RTOL  # measured minimum 0.324
+    agg = SDFC().aggregate(sdfc_round(real, torch.tensor(real["sdfc_local"], dtype=D)))
+    assert "echo" not in agg.reasons and bool((agg.client_weights > 0).all())
+    assert min(agg.diagnostics["echo_ratio"]) > ECHO_RTOL
+
+
+@pytest.mark.parametrize("forgery", ["x1.0021", "x1.01", "noise1%", "exact"])
+def test_near_echo_forgeries_are_rejected(real, forgery) -> None:
+    local = torch.tensor(real["sdfc_local"], dtype=D)
+    val = torch.tensor(real["sdfc_val"], dtype=D)
+    g = torch.Generator().manual_seed(5)
+    for k in (7, 8, 9):
+        if forgery == "exact":
+            local[k] = val[k]
+        elif forgery.startswith("x"):
+            local[k] = val[k] * float(forgery[1:])
+        else:
+            local[k] = val[k] * (1 + 0.01 * torch.randn(val.shape[1], generator=g, dtype=D)).abs()
+        assert echo_ratio(local[k], val[k]) < ECHO_RTOL
+    for preset in ("paper", "code"):
+        agg = SDFC(preset=preset).aggregate(sdfc_round(real, local))
+        assert agg.reasons[7:] == ["echo"] * 3 and float(agg.client_weights[7:].sum()) == 0.0
+        assert agg.reasons[:7] == [None] * 7
+    # the replaced threshold (1e-3) let the rescaled echoes through
+    if forgery in ("x1.0021", "x1.01", "noise1%"):
+        old = SDFC(echo_rtol=1e-3).aggregate(sdfc_round(real, local))
+        assert old.reasons[7:] == [None] * 3
 
 
 def _sized(real: dict[str, np.ndarray], fisher: torch.Tensor) -> RoundInput:
