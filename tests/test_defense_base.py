@@ -19,7 +19,7 @@ NON_DEFAULT = {
     "dnc": {"b": 50, "niters": 2, "c": 0.5, "f": 2, "weighted": True, "seed": 1, "preset": "code"},
     "fdcr": {"preset": "code", "clustering": "kmeans", "importance_scope": "layer",
              "layer_sizes": [4, 2], "param_slice": [0, 3], "max_drop_fraction": 0.5,
-             "min_silhouette": None, "spiky_ratio": 10.0, "seed": 7},
+             "min_silhouette": None, "support_ratio": 4.0, "seed": 7},
     "fdcr-oracle": {"fisher_estimator": "per_sample", "seed": 2},
     "fedavg": {"weights": "uniform"},
     "finetuning": {"epochs": 0, "weights": "uniform"},

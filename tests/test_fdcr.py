@@ -281,7 +281,7 @@ def test_example_f_spiky() -> None:
     assert agg.diagnostics["importance_mass"][0] == pytest.approx(0.5)
     assert agg.diagnostics["importance_mass"][3] == pytest.approx(0.001)
     assert agg.diagnostics["num_rejected"] == 1
-    for off in (FDCR(hardening="off"), FDCR(spiky_ratio=None)):
+    for off in (FDCR(hardening="off"), FDCR(support_ratio=None)):
         assert off.aggregate(ri).reasons[3] != "spiky"
 
 
@@ -496,7 +496,8 @@ def test_registry_builds() -> None:
 @pytest.mark.parametrize("opts, name", [
     ({"preset": "pape"}, "preset"), ({"discrepancy": "l1"}, "discrepancy"),
     ({"clustering": "hdbscan"}, "clustering"), ({"min_silhouette": 1.5}, "min_silhouette"),
-    ({"spiky_ratio": 0.5}, "spiky_ratio"), ({"max_drop_fraction": 0}, "max_drop_fraction"),
+    ({"support_ratio": 0.5}, "support_ratio"), ({"spiky_ratio": 100.0}, "support_ratio"),
+    ({"max_drop_fraction": 0}, "max_drop_fraction"),
     ({"hardening": True}, "hardening"), ({"use_fpra": "yes"}, "use_fpra"),
     ({"importance_scope": "layer"}, "layer_sizes"), ({"fisher_estimator": "minibatch"}, "fisher_estimator"),
     ({"seed": -1}, "seed"), ({"param_slice": [5, 2]}, "param_slice"),

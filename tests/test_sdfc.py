@@ -121,7 +121,7 @@ def test_fdreg_on_simplecnn_matches_flat_formula() -> None:
 def example_round(echo_client: bool = False) -> tuple[RoundInput, FakeServer]:
     """Clients whose M(D) sits at different distances from a fixed M(U) (Example D's)."""
     mu = t(1, 1, 1, 0.5)
-    local = torch.stack([t(0.5, 1, 3, 1.5), t(1.1, 1, 1, 0.6), t(4, 4, 5, 4), t(1, 2, 1, 1)])
+    local = torch.stack([t(0.5, 1, 3, 1.5), t(1.3, 1, 1, 0.7), t(4, 4, 5, 4), t(1, 2, 1, 1)])
     if echo_client:
         local[3] = mu
     server = FakeServer(lambda w: mu.clone())
@@ -135,7 +135,7 @@ def test_aggregate_weights_and_model() -> None:
     ri, server = example_round()
     sdfc = SDFC()
     agg = sdfc.aggregate(ri)
-    T = t(3.5, 0.2, 13.5, 1.5)
+    T = t(3.5, 0.5, 13.5, 1.5)
     expected = fdagg_weights(T, "sigmoid")
     torch.testing.assert_close(agg.client_weights, expected, **TOL)
     assert agg.diagnostics["fisher_difference"] == pytest.approx(T.tolist())
@@ -196,7 +196,7 @@ def test_attackers_get_lower_weight() -> None:
     g = torch.Generator().manual_seed(0)
     p, k = 300, 10
     mu = torch.exp(torch.randn(p, generator=g, dtype=D))
-    local = mu * (1 + 0.1 * torch.rand(k, p, generator=g, dtype=D))
+    local = mu * (1 + torch.rand(k, p, generator=g, dtype=D))  # honest ρ ≈ 0.2
     local[7:] = mu * (3 + torch.rand(3, p, generator=g, dtype=D))  # poisoned data: M(D) far from M(U)
     ri = RoundInput(global_weights=torch.zeros(p, dtype=D),
                     updates=0.01 * torch.randn(k, p, generator=g, dtype=D), fisher=local,
@@ -250,13 +250,13 @@ def test_plan_round_zero_and_history() -> None:
     plans = two_phase(sdfc, pi, calls)
     assert calls == []
     reg = plans[1].regulariser
-    torch.testing.assert_close(reg.importance.to(D), t(0.1, 0, 0, 0.1), **TOL)
+    torch.testing.assert_close(reg.importance.to(D), t(0.3, 0, 0, 0.2), **TOL)
     torch.testing.assert_close(reg.anchor.to(D), ri.global_weights + ri.updates[1], **TOL)
     glob = SDFC(anchor="global")
     glob.aggregate(example_round()[0])
     reg_g = two_phase(glob, *make_plan_input(1, new_wt, server))[1].regulariser
     torch.testing.assert_close(reg_g.anchor.to(D), new_wt, **TOL)
-    torch.testing.assert_close(reg_g.importance.to(D), t(0.1, 0, 0, 0.1), **TOL)
+    torch.testing.assert_close(reg_g.importance.to(D), t(0.3, 0, 0, 0.2), **TOL)
     assert two_phase(SDFC(use_fdreg=False), pi, calls) == {} and calls == []
 
 

@@ -28,6 +28,10 @@ L2_EPS = 1e-6
 # Scores this close count as equal: all-equal V skips clustering (docs/algorithms.md §3.2); tied cluster means unite.
 EQUAL_V_RTOL = 1e-12
 TIE_RTOL = 1e-12
+# The spiky rule's default: reject when the importance support S or level L is below the
+# round median / 10. Honest real uploads reached S/median ≥ 0.259 and L/median ≥ 0.377
+# (tests/fixtures/fisher_real.npz; docs/algorithms.md §8.2).
+SUPPORT_RATIO = 10.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +146,34 @@ def separation_silhouette(scores: Tensor | Sequence[float], flagged: Sequence[bo
     return total / n
 
 
+def importance_support(importance: Tensor) -> tuple[Tensor, Tensor]:
+    """(S, L) per row of (K, P) importance: support fraction and level (docs/algorithms.md §8.2).
+
+    S_k = exp(H(q_k))/P with q_k = I_k/ΣI_k (entropy effective dimension over P, in (0, 1]);
+    L_k = mean(I_k)/S_k = ΣI_k/exp(H(q_k)), the mean importance on that effective support.
+    Neither depends on P for vectors whose entries follow one distribution (tiling a vector
+    leaves both unchanged); a one-coordinate spike has S = 1/P, a flat floor c has L ≈ c.
+    """
+    imp = importance.to(torch.float64)
+    if imp.dim() == 1:
+        imp = imp.unsqueeze(0)
+    total = imp.sum(dim=1)
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    q = imp / safe.unsqueeze(1)
+    eff = torch.exp(torch.special.entr(q).sum(dim=1))
+    support = torch.where(total > 0, eff / imp.shape[1], torch.zeros_like(total))
+    level = torch.where(total > 0, total / eff, torch.zeros_like(total))
+    return support, level
+
+
+def spiky_rows(support: Tensor, level: Tensor, ratio: float) -> list[int]:
+    """Rows whose support S or level L is below the rows' median / ``ratio`` (the spiky rule)."""
+    med_s = statistics.median(support.tolist())
+    med_l = statistics.median(level.tolist())
+    return [pos for pos in range(support.numel())
+            if float(support[pos]) < med_s / ratio or float(level[pos]) < med_l / ratio]
+
+
 def fpra_rescale(updates: Tensor, importance: Tensor) -> Tensor:
     """Rescaled updates 2σ(I_k) ⊙ Δ_k, i.e. ŵ_k = w^t + 2σ(I_k) ⊙ Δ_k (FDCR Eq. 12, code's sign)."""
     return 2.0 * torch.sigmoid(importance.to(torch.float64)) * updates.to(torch.float64)
@@ -208,10 +240,12 @@ class FDCR(Defense):
     finch|kmeans|dbscan; ``weight_by_importance`` (Eq. 8 uses I_k); ``use_fcdc`` (cluster and
     drop); ``use_fpra`` (rescale); ``importance_scope`` global|layer with ``layer_sizes``;
     ``fpra_when_single_cluster`` (paper true, code false); ``min_silhouette`` (gate threshold,
-    None = published rule); ``hardening`` on|off (gate and spikiness check); ``spiky_ratio``
-    (None disables); ``max_drop_fraction`` (None = no cap); ``param_slice`` [start, stop) of the
-    vectors the discrepancy looks at (None = all); ``fisher_estimator`` per_sample|
-    official_label_mixed (paper / code); ``label_source``; ``seed`` (K-Means starts).
+    None = published rule); ``hardening`` on|off (gate and spikiness check); ``support_ratio``
+    (spikiness threshold, None disables; ``spiky_ratio``, its mean-importance predecessor, is
+    refused with a message); ``max_drop_fraction`` (None = no cap); ``param_slice``
+    [start, stop) of the vectors the discrepancy looks at (None = all); ``fisher_estimator``
+    per_sample|official_label_mixed (paper / code); ``label_source``; ``seed`` (K-Means
+    starts).
 
     Round scalars in diagnostics: ``gate_fired`` is true when the separation gate cancelled a
     drop that clustering proposed; ``num_removed`` counts clients removed by clustering
@@ -230,7 +264,8 @@ class FDCR(Defense):
                  layer_sizes: list[int] | None = None,
                  fpra_when_single_cluster: bool | None = None,
                  min_silhouette: float | None = 0.75, hardening: str = "on",
-                 spiky_ratio: float | None = 100.0, max_drop_fraction: float | None = None,
+                 support_ratio: float | None = SUPPORT_RATIO,
+                 spiky_ratio: float | None = None, max_drop_fraction: float | None = None,
                  param_slice: list[int] | None = None,
                  fisher_estimator: str | None = None, label_source: str = "dataset",
                  seed: int = 0) -> None:
@@ -254,7 +289,12 @@ class FDCR(Defense):
         check_flag("fpra_when_single_cluster", fpra_when_single_cluster)
         check_range("min_silhouette", min_silhouette, low=-1.0, high=1.0, allow_none=True)
         check_choice("hardening", hardening, ("on", "off"))
-        check_range("spiky_ratio", spiky_ratio, low=1.0, allow_none=True)
+        check_range("support_ratio", support_ratio, low=1.0, allow_none=True)
+        if spiky_ratio is not None:
+            raise DefenseConfigError(
+                "spiky_ratio (the mean-importance spikiness rule) was replaced by support_ratio, "
+                "which bounds the importance support and level (docs/algorithms.md §8.2); "
+                f"set support_ratio instead of spiky_ratio={spiky_ratio!r}")
         check_range("max_drop_fraction", max_drop_fraction, low=0.0, high=1.0, low_open=True,
                     allow_none=True)
         if param_slice is not None:
@@ -277,7 +317,8 @@ class FDCR(Defense):
         self.fpra_when_single_cluster = fpra_when_single_cluster
         self.min_silhouette = min_silhouette
         self.hardening = hardening
-        self.spiky_ratio = spiky_ratio
+        self.support_ratio = support_ratio
+        self.spiky_ratio = None  # replaced by support_ratio; kept only to name the change
         self.max_drop_fraction = max_drop_fraction
         self.param_slice = list(param_slice) if param_slice is not None else None
         self.fisher_estimator = fisher_estimator
@@ -295,7 +336,8 @@ class FDCR(Defense):
     def _blank_diagnostics(self, k_all: int) -> dict[str, Any]:
         """Every key of the round's record, filled in as the steps run (also on rejection)."""
         return {
-            "importance_mass": [None] * k_all, "discrepancy": [None] * k_all,
+            "importance_mass": [None] * k_all, "importance_support": [None] * k_all,
+            "importance_level": [None] * k_all, "discrepancy": [None] * k_all,
             "cluster": [None] * k_all, "silhouette": None, "gate_fired": False,
             "num_removed": 0, "num_rejected": 0, "num_clusters": None, "fpra_applied": False,
             "drop_capped": False,
@@ -324,13 +366,14 @@ class FDCR(Defense):
         layer = self.layer_sizes if self.importance_scope == "layer" else None
         imp = fisher_importance(fisher[idx], layer)
         mass = imp.mean(dim=1)
-        if self.hardening == "on" and self.spiky_ratio is not None and len(idx) >= 3:
-            med = statistics.median(mass.tolist())
-            for pos, k in enumerate(idx):
-                if float(mass[pos]) < med / self.spiky_ratio:
-                    reasons[k] = "spiky"
+        support, level = importance_support(imp)
+        if self.hardening == "on" and self.support_ratio is not None and len(idx) >= 3:
+            for pos in spiky_rows(support, level, self.support_ratio):
+                reasons[idx[pos]] = "spiky"
         for pos, k in enumerate(idx):
             diag["importance_mass"][k] = float(mass[pos])
+            diag["importance_support"][k] = float(support[pos])
+            diag["importance_level"][k] = float(level[pos])
         keep_pos = [pos for pos, k in enumerate(idx) if reasons[k] is None]
         idx = [idx[pos] for pos in keep_pos]
         imp = imp[keep_pos]
@@ -453,7 +496,7 @@ class FDCROracle(FDCR):
     needs_attacker_ids = True
 
     def __init__(self, *, fisher_estimator: str | None = None, seed: int = 0) -> None:
-        super().__init__(preset="code", min_silhouette=None, hardening="off", spiky_ratio=None,
+        super().__init__(preset="code", min_silhouette=None, hardening="off", support_ratio=None,
                          fisher_estimator=fisher_estimator, seed=seed)
         self._attacker_ids: frozenset[int] | None = None
         self._noise = torch.Generator().manual_seed(int(seed))
