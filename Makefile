@@ -12,7 +12,7 @@ export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
-.PHONY: demo test test-fast test-integration test-flower test-latest lock data install clean-runs table-defenses table-fisher table-attacks bench bench-full bench-floor bench-attacks
+.PHONY: demo test test-fast test-integration test-flower test-latest lock data install clean-runs table-defenses table-fisher table-attacks table-forgery bench bench-full bench-floor bench-attacks
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -84,6 +84,12 @@ table-fisher: data
 
 table-attacks: data
 	$(FG) run configs/attacks-demo.yaml --out runs/attacks-demo --resume
+
+# Issue 15's outcome matrix: every Fisher forgery × 7 defenses, reduced Fashion-MNIST, seeds 0 and 1
+# (about 280 runs: a multi-sitting campaign; it resumes).
+table-forgery: data
+	$(FG) run configs/forgery-matrix.yaml --out runs/forgery-matrix --resume --seeds 0,1
+	$(FG) table runs/forgery-matrix --by row --metrics A,ASR,attacker_share
 
 # Benchmarks (spec performance.md §8–§9), not part of `make test`. `bench`: targets 1 and 2 in the
 # labelled quick mode (E = 2), then the Flower comparison when benchmarks/flower_bench.py exists;

@@ -102,6 +102,9 @@ def test_table_by_attack_is_one_line_per_attack_with_a_column_pair_per_defense(t
     assert main(["table", str(tmp_path), "--by", "attack", "--defenses", "fdcr,fedavg"]) == 0
     head = capsys.readouterr().out.splitlines()[0].split()
     assert head[:5] == ["attack", "fdcr", "A", "fdcr", "ASR"]
+    assert main(["table", str(tmp_path), "--by", "row", "--markdown"]) == 0  # "row | column"
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "| row | fedavg A | fedavg ASR | fdcr A | fdcr ASR | fedavg s | fdcr s |")
     assert main(["table", str(tmp_path), "--by", "attack", "--defenses", "krum"]) == 2
     assert "--defenses: no defense 'krum' among the runs" in capsys.readouterr().err
 

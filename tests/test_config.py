@@ -122,3 +122,27 @@ def test_the_defense_and_its_options_come_from_one_place():
     assert opts["assumed_attackers"] == 2 and opts["preset"] == "paper"
     assert type(cfg.build_defense()).__name__ == "Bulyan"
     assert config.resolve({"attack": {"name": "none"}}).attack_fraction == 0.0
+
+
+def test_a_matrix_expands_to_row_by_column_variants_column_by_column():
+    raw = {"federation": {"rounds": 3},
+           "matrix": {"rows": [{"label": "badnets", "set": {"attack.name": "badnets"}},
+                               {"label": "zero", "set": {"attack.name": "badnets+f-zero",
+                                                         "federation.rounds": 4}}],
+                      "columns": [{"label": "FedAvg", "set": {"defense": "fedavg"}},
+                                  {"label": "FDCR off", "set": {"defense": "fdcr",
+                                                                "federation.rounds": 5,
+                                                                "defense.options":
+                                                                    {"hardening": "off"}}}]}}
+    vs = config.variants_of(raw)
+    assert [v.label for v in vs] == ["badnets | FedAvg", "zero | FedAvg", "badnets | FDCR off",
+                                     "zero | FDCR off"]
+    assert [v.config.federation.rounds for v in vs] == [3, 4, 5, 5]  # the column's set wins
+    assert vs[3].config.attack.name == "badnets+f-zero"
+    assert dict(vs[3].config.defense.options) == {"hardening": "off"}
+    with pytest.raises(ConfigError, match="either variants or a matrix"):
+        config.variants_of({**raw, "variants": [{"label": "x", "set": {}}]})
+    with pytest.raises(ConfigError, match=r"matrix.columns\[0\]: expected"):
+        config.variants_of({"matrix": {"rows": [{"label": "a"}], "columns": ["fedavg"]}})
+    with pytest.raises(ConfigError, match="matrix: expected"):
+        config.variants_of({"matrix": {"rows": []}})

@@ -74,7 +74,8 @@ def _cmd_table(args: argparse.Namespace) -> int:
     if args.by:
         metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
         try:
-            text = pivot(summaries, rows=args.by, cols="defense", metrics=metrics,
+            text = pivot(summaries, rows=args.by,
+                         cols="column" if args.by == "row" else "defense", metrics=metrics,
                          markdown=args.markdown, only=_csv(args.defenses))
         except ValueError as e:
             raise ConfigError(f"--defenses: {e}") from None
@@ -214,14 +215,15 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("table", help="print the table of the run summaries below a directory")
     p.add_argument("dir")
-    p.add_argument("--by", choices=("attack", "dataset", "beta", "attack_fraction"),
+    p.add_argument("--by", choices=("attack", "row", "dataset", "beta", "attack_fraction"),
                    help="one line per value of this key, one A/ASR column pair per defense "
-                        "(mean over seeds, † = a run collapsed, s = mean wall time per run)")
+                        "(mean over seeds, † = a run collapsed, s = mean wall time per run); "
+                        "row: a matrix config's rows × its columns (labels 'row | column')")
     p.add_argument("--metrics", default="A,ASR",
                    help="with --by: the summary metrics per defense (default A,ASR; e.g. "
                         "A,ASR,ASR_edge,attacker_share)")
-    p.add_argument("--defenses", help="with --by: these defense columns, in this order "
-                        "(comma-separated names)")
+    p.add_argument("--defenses", help="with --by: these defense (or matrix column) columns, in "
+                        "this order (comma-separated)")
     p.add_argument("--markdown", action="store_true", help="with --by: a Markdown table")
     p.set_defaults(func=_cmd_table)
 

@@ -3,8 +3,8 @@
 A config is read from YAML (a mapping of sections) and resolved into a ``Config``: one frozen
 dataclass per section, every field with its type, default and (where it matters) allowed values.
 An unknown key, a wrong type or an impossible value raises ``ConfigError`` naming the dotted key
-and what is allowed. ``variants`` (optional) lists labelled overrides that are run one after
-another and reported in one table.
+and what is allowed. ``variants`` (optional; or a ``matrix`` of rows × columns) lists labelled
+overrides that are run one after another and reported in one table.
 
 Frozen dataclasses rather than pydantic: the schema is small and flat, the standard library keeps
 the core's dependencies to torch/numpy/yaml, and the field annotations are the schema (types,
@@ -354,11 +354,12 @@ def resolve(raw: Mapping[str, Any] | Config) -> Config:
             if not isinstance(d["options"], dict):
                 raise ConfigError("defense.options: expected mapping")
             d["options"] = {**extra, **d["options"]}
-    unknown = sorted(set(raw) - set(rules) - {"variants"})
+    unknown = sorted(set(raw) - set(rules) - {"variants", "matrix"})
     if unknown:
-        raise ConfigError(f"unknown section {unknown[0]!r}; allowed: {', '.join(rules)}, variants")
+        raise ConfigError(f"unknown section {unknown[0]!r}; allowed: {', '.join(rules)}, variants, "
+                          "matrix")
     for sec, values in raw.items():
-        if sec != "variants" and values is not None and not isinstance(values, dict):
+        if sec not in ("variants", "matrix") and values is not None and not isinstance(values, dict):
             raise ConfigError(f"{sec}: expected a mapping of keys, got {values!r}")
     part = raw.get("partition") or {}
     if part.get("beta") == "iid":  # docs/protocol.md §3 alias
@@ -370,7 +371,7 @@ def resolve(raw: Mapping[str, Any] | Config) -> Config:
             sec, k = dotted.split(".")
             cfg[sec][k] = v
     for sec, values in raw.items():
-        if sec == "variants" or values is None:
+        if sec in ("variants", "matrix") or values is None:
             continue
         for k, v in values.items():
             if k not in rules[sec]:
@@ -486,8 +487,13 @@ def variants_of(raw: dict[str, Any], overrides: list[tuple[str, Any]] | None = N
 
     if not isinstance(raw, dict):
         raise ConfigError("a config must be a mapping of sections")
-    base = apply_overrides({k: v for k, v in raw.items() if k != "variants"}, overrides or [])
+    base = apply_overrides({k: v for k, v in raw.items() if k not in ("variants", "matrix")},
+                           overrides or [])
     specs = raw.get("variants")
+    if raw.get("matrix") is not None:
+        if specs is not None:
+            raise ConfigError("a config has either variants or a matrix, not both")
+        specs = matrix_variants(raw["matrix"])
     if specs is None:
         cfg = resolve(base)
         return [Variant(cfg.experiment.name, cfg)]
@@ -511,6 +517,28 @@ def variants_of(raw: dict[str, Any], overrides: list[tuple[str, Any]] | None = N
         raise ConfigError("variants: labels must be unique, also as directory names "
                           f"({', '.join(slugs)})")
     return out
+
+
+def matrix_variants(matrix: Any) -> list[dict[str, Any]]:
+    """``matrix: {rows: [{label, set}], columns: [{label, set}]}`` as variants labelled
+    "row | column" with both overrides (the column's win), column by column, so that a
+    long campaign finishes one column (e.g. one defense) before it starts the next."""
+    if not isinstance(matrix, dict) or set(matrix) != {"rows", "columns"}:
+        raise ConfigError("matrix: expected {rows: [{label, set}], columns: [{label, set}]}")
+    parts: dict[str, list[dict[str, Any]]] = {}
+    for axis in ("rows", "columns"):
+        items = matrix[axis]
+        if not isinstance(items, list) or not items:
+            raise ConfigError(f"matrix.{axis}: expected a non-empty list of {{label, set}}")
+        for i, it in enumerate(items):
+            if (not isinstance(it, dict) or set(it) - {"label", "set"} or "label" not in it
+                    or not isinstance(it.get("set") or {}, dict)):
+                raise ConfigError(f"matrix.{axis}[{i}]: expected {{label: ..., set: {{key: value}}}}, "
+                                  f"got {it!r}")
+        parts[axis] = items
+    return [{"label": f"{r['label']} | {c['label']}",
+             "set": {**(r.get("set") or {}), **(c.get("set") or {})}}
+            for c in parts["columns"] for r in parts["rows"]]
 
 
 def dump(cfg: Config) -> str:

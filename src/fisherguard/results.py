@@ -256,6 +256,9 @@ def collect_summaries(root: str | Path) -> list[dict[str, Any]]:
         cfg_path = p.parent / RunDir.CONFIG
         if "attack" not in s and cfg_path.is_file():
             s["attack"] = ((yaml.safe_load(cfg_path.read_text()) or {}).get("attack") or {}).get("name")
+        label = str(s.get("label", ""))
+        if " | " in label:  # a matrix variant: "row | column"
+            s["row"], s["column"] = label.split(" | ", 1)
         out.append(s)
     if not out:
         raise FileNotFoundError(f"no {RunDir.SUMMARY_JSON} below {root}")
