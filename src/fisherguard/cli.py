@@ -137,6 +137,32 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return 1 if counts["failed"] else 0
 
 
+def _cmd_matrix(args: argparse.Namespace) -> int:
+    from fisherguard.config import parse_override
+    from fisherguard.report import matrix, reproduce
+    from fisherguard.results import collect_summaries, pivot
+
+    runs = matrix.plan(attacks_=_csv(args.attacks), defenses_=_csv(args.defenses),
+                       seeds=_parse_seeds(args.seeds), out=args.out,
+                       overrides=[parse_override(o) for o in args.set])
+    print(f"protocol: {matrix.protocol_text(runs)}")
+    if args.dry_run:
+        print(reproduce.describe(runs))
+        return 0
+    counts = reproduce.execute(runs, jobs=args.jobs, resume=args.resume)
+    print(", ".join(f"{k} {v}" for k, v in counts.items()) + f"; runs in {args.out}")
+    done = [r for r in runs if r.status == "done"]
+    if done:
+        summaries = [s for r in done for s in collect_summaries(r.path)]
+        order = list(dict.fromkeys(r.method for r in done))
+        print(pivot(summaries, rows="attack", cols="defense", only=order))
+        from fisherguard.report.plots import plot_matrix
+
+        for p in plot_matrix(summaries, Path(args.out)):
+            print(f"wrote {p}")
+    return 1 if counts["failed"] else 0
+
+
 def _cmd_defenses(args: argparse.Namespace) -> int:
     from fisherguard.defenses import registry
 
@@ -258,6 +284,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value of every run (changes the run keys)")
     p.set_defaults(func=_cmd_reproduce)
+
+    p = sub.add_parser("matrix", help="every defense against every attack on the budget "
+                       "protocol of docs/results.md §6 (USPS, E = 2, T = 20), then the A/ASR table "
+                       "and heatmap")
+    p.add_argument("--attacks", help="comma-separated subset (as the matrix names them, e.g. "
+                                     "badnets,badnets+pgd,alie)")
+    p.add_argument("--defenses", help="comma-separated subset, e.g. fedavg,fdcr,sdfc")
+    p.add_argument("--seeds", default="0", help="default 0")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, one process each")
+    p.add_argument("--dry-run", action="store_true", help="print the plan only")
+    p.add_argument("--resume", action="store_true", help="continue partial runs")
+    p.add_argument("--out", default="runs/matrix", help="default runs/matrix")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value of every run (changes the run keys)")
+    p.set_defaults(func=_cmd_matrix)
 
     p = sub.add_parser("defenses", help="list every available defense")
     p.set_defaults(func=_cmd_defenses)
