@@ -163,6 +163,16 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
     return 1 if counts["failed"] else 0
 
 
+def _grid_flags(p: argparse.ArgumentParser, out: str) -> None:
+    """The flags of a command that runs a grid of keyed runs (reproduce, matrix)."""
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, one process each")
+    p.add_argument("--dry-run", action="store_true", help="print the plan only")
+    p.add_argument("--resume", action="store_true", help="continue partial runs")
+    p.add_argument("--out", default=out, help=f"default {out}")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value of every run (changes the run keys)")
+
+
 def _cmd_defenses(args: argparse.Namespace) -> int:
     from fisherguard.defenses import registry
 
@@ -277,12 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presets", default="paper", help="paper, code or paper,code")
     p.add_argument("--scale", choices=("full", "reduced"), default="full",
                    help="full: the papers' T and E; reduced: T 20, E 2")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time, one process each")
-    p.add_argument("--dry-run", action="store_true", help="print the plan only")
-    p.add_argument("--resume", action="store_true", help="continue partial runs")
-    p.add_argument("--out", default="runs/reproduce", help="default runs/reproduce")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value of every run (changes the run keys)")
+    _grid_flags(p, "runs/reproduce")
     p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("matrix", help="every defense against every attack on the budget "
@@ -292,12 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "badnets,badnets+pgd,alie)")
     p.add_argument("--defenses", help="comma-separated subset, e.g. fedavg,fdcr,sdfc")
     p.add_argument("--seeds", default="0", help="default 0")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time, one process each")
-    p.add_argument("--dry-run", action="store_true", help="print the plan only")
-    p.add_argument("--resume", action="store_true", help="continue partial runs")
-    p.add_argument("--out", default="runs/matrix", help="default runs/matrix")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value of every run (changes the run keys)")
+    _grid_flags(p, "runs/matrix")
     p.set_defaults(func=_cmd_matrix)
 
     p = sub.add_parser("defenses", help="list every available defense")
