@@ -12,7 +12,7 @@ Not implemented: tuning the update scaling.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -367,16 +367,7 @@ class ThreeDFed(BadNetsPixelPoison, Attack):
         alpha = state["alpha"]
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
             raise ValueError(f"attack {name!r}: state 'alpha' must be a number, got {alpha!r}")
-        idx, shift = state["planted_idx"], state["planted_shift"]
-        if (idx is None) != (shift is None):
-            raise ValueError(f"attack {name!r}: planted_idx and planted_shift go together")
-        planted = None
-        if idx is not None:
-            idx = state_tensor(name, "planted_idx", idx)
-            shift = state_tensor(name, "planted_shift", shift, ())
-            if idx.dim() != 1 or idx.dtype != torch.long:
-                raise ValueError(f"attack {name!r}: state 'planted_idx' must be a 1-D long tensor")
-            planted = (idx, shift)
+        planted = _indicator_pair(name, state, "planted", lambda idx: ())
         feedback = state["feedback"]
         if not isinstance(feedback, list) or not all(isinstance(f, dict) for f in feedback):
             raise ValueError(f"attack {name!r}: state 'feedback' must be a list of dicts")
@@ -387,16 +378,26 @@ class ThreeDFed(BadNetsPixelPoison, Attack):
         if not isinstance(slots, list) or not all(isinstance(c, int) and not isinstance(c, bool)
                                                   for c in slots):
             raise ValueError(f"attack {name!r}: state 'decoy_slots' must be a list of client ids")
-        d_idx, d_shift = state["decoy_idx"], state["decoy_shift"]
-        if (d_idx is None) != (d_shift is None):
-            raise ValueError(f"attack {name!r}: decoy_idx and decoy_shift go together")
-        decoy = None
-        if d_idx is not None:
-            d_idx = state_tensor(name, "decoy_idx", d_idx)
-            if d_idx.dim() != 1 or d_idx.dtype != torch.long or len(d_idx) > len(slots):
-                raise ValueError(f"attack {name!r}: state 'decoy_idx' must be a 1-D long tensor, "
-                                 f"at most one index per decoy slot")
-            decoy = (d_idx, state_tensor(name, "decoy_shift", d_shift, tuple(d_idx.shape)))
+        decoy = _indicator_pair(name, state, "decoy", lambda idx: tuple(idx.shape))
+        if decoy is not None and len(decoy[0]) > len(slots):
+            raise ValueError(f"attack {name!r}: state 'decoy_idx' holds more indices than decoy "
+                             "slots")
         self._prev_global, self.alpha, self._planted = prev, float(alpha), planted
         self.feedback = [dict(f) for f in feedback]
         self.decoy_count, self._decoy_slots, self._decoy_planted = count, list(slots), decoy
+
+
+def _indicator_pair(name: str, state: dict[str, Any], prefix: str,
+                    shift_shape: Callable[[Tensor], tuple[int, ...]]
+                    ) -> tuple[Tensor, Tensor] | None:
+    """The saved (``<prefix>_idx``, ``<prefix>_shift``) of planted indicators: both None, or a
+    1-D long index tensor and its shift of ``shift_shape(idx)``."""
+    idx, shift = state[f"{prefix}_idx"], state[f"{prefix}_shift"]
+    if (idx is None) != (shift is None):
+        raise ValueError(f"attack {name!r}: {prefix}_idx and {prefix}_shift go together")
+    if idx is None:
+        return None
+    idx = state_tensor(name, f"{prefix}_idx", idx)
+    if idx.dim() != 1 or idx.dtype != torch.long:
+        raise ValueError(f"attack {name!r}: state '{prefix}_idx' must be a 1-D long tensor")
+    return idx, state_tensor(name, f"{prefix}_shift", shift, shift_shape(idx))
