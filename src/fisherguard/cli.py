@@ -68,7 +68,8 @@ def _parse_seeds(text: str) -> list[int]:
 
 def _cmd_table(args: argparse.Namespace) -> int:
     from fisherguard.config import ConfigError
-    from fisherguard.results import aggregate_seeds, collect_summaries, format_table, pivot
+    from fisherguard.results import (MixedRunsError, aggregate_seeds, collect_summaries,
+                                     format_table, pivot)
 
     summaries = collect_summaries(args.dir)
     if args.by:
@@ -77,6 +78,8 @@ def _cmd_table(args: argparse.Namespace) -> int:
             text = pivot(summaries, rows=args.by,
                          cols="column" if args.by == "row" else "defense", metrics=metrics,
                          markdown=args.markdown, only=_csv(args.defenses))
+        except MixedRunsError:
+            raise
         except ValueError as e:
             raise ConfigError(f"--defenses: {e}") from None
         print(text)
