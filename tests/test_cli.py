@@ -192,3 +192,16 @@ def test_pivot_refuses_a_cell_of_runs_that_differ_in_more_than_the_seed(tmp_path
         pivot(runs, rows="attack", cols="defense")
     assert main(["table", str(tmp_path), "--by", "attack"]) == 2
     assert "differ in more than the seed" in capsys.readouterr().err
+
+
+def test_table_says_when_clients_failed(tmp_path, capsys):
+    import json
+
+    _run_dir(tmp_path, "a", "fdcr", {"defense": {"name": "fdcr"}}, 10.0)
+    assert main(["table", str(tmp_path)]) == 0
+    assert "clients failed" not in capsys.readouterr().out
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    s.update(nodes_failed=True, failed_client_rounds=3, failures={"missing": 3})
+    (tmp_path / "a" / "summary.json").write_text(json.dumps(s))
+    assert main(["table", str(tmp_path)]) == 0
+    assert "clients failed" in capsys.readouterr().out.splitlines()[-1]

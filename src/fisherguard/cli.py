@@ -16,7 +16,7 @@ from fisherguard import __version__
 def _cmd_run(args: argparse.Namespace) -> int:
     from fisherguard import config
     from fisherguard.engine.runner import run_all
-    from fisherguard.results import aggregate_seeds, format_table
+    from fisherguard.results import aggregate_seeds, failure_note, format_table
 
     sets = list(args.set) + ([f"runtime.engine={args.engine}"] if args.engine else [])
     variants = config.load(args.config, sets)
@@ -34,6 +34,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         summaries = run_all(variants, out, resume=args.resume, seeds=seeds,
                             progress=None if args.quiet else sys.stderr)
     print(format_table(aggregate_seeds(summaries) if seeds else summaries))
+    note = failure_note(summaries)
+    if note:
+        print(f"\n{note}")
     print(f"\nresults: {out}")
     return 0
 
@@ -69,7 +72,7 @@ def _parse_seeds(text: str) -> list[int]:
 def _cmd_table(args: argparse.Namespace) -> int:
     from fisherguard.config import ConfigError
     from fisherguard.results import (MixedRunsError, aggregate_seeds, collect_summaries,
-                                     format_table, pivot)
+                                     failure_note, format_table, pivot)
 
     summaries = collect_summaries(args.dir)
     if args.by:
@@ -85,6 +88,9 @@ def _cmd_table(args: argparse.Namespace) -> int:
         print(text)
     else:
         print(format_table(aggregate_seeds(summaries)))
+    note = failure_note(summaries)
+    if note:
+        print(f"\n{note}")
     return 0
 
 

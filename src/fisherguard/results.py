@@ -329,6 +329,18 @@ def aggregate_seeds(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def failure_note(summaries: list[dict[str, Any]]) -> str | None:
+    """A line under a table naming the runs in which clients failed (``nodes_failed``: missing or
+    invalid uploads, left out of TPR/FPR; docs/protocol.md §7.6), or None."""
+    hit = [s for s in summaries if s.get("nodes_failed")]
+    if not hit:
+        return None
+    runs = ", ".join(f"{s.get('label')} seed {s.get('seed')} ({s.get('failed_client_rounds')})"
+                     for s in hit)
+    return (f"clients failed (failed client-rounds, left out of TPR/FPR; see summary.json "
+            f"'failures') in: {runs}")
+
+
 def collect_summaries(root: str | Path) -> list[dict[str, Any]]:
     """Every run summary below ``root`` (any engine), in directory order, with its resolved config
     beside it as ``_config`` (None without one; ``run_identity``); a summary written before
