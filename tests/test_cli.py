@@ -140,3 +140,68 @@ def test_export_keeps_the_evidence_of_finished_runs_only(tmp_path, capsys):
     assert gzip.decompress(first).decode().count("\n") == 2
     assert main(["export", str(tmp_path / "nothing"), str(dest)]) == 2
     assert "no run directories" in capsys.readouterr().err
+
+
+def _run_dir(root, name, label, cfg, a, *, seed=0, wall=10.0):
+    """A finished run directory: its resolved config (with ``seed``) and its summary."""
+    import json
+
+    import yaml
+
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = {"experiment": {"name": label, "seed": seed}, **cfg, "runtime": {"workers": seed + 1}}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    s = {"label": label, "defense": cfg["defense"]["name"], "attack": "badnets", "A": a,
+         "ASR": 1.0, "wall_time_s": wall, "collapsed": False, "seed": seed}
+    (d / "summary.json").write_text(json.dumps(s))
+
+
+def test_table_groups_only_runs_that_differ_in_the_seed(tmp_path, capsys):
+    # issue 19.1: one label over unrelated configs must not become one "mean ± std" row
+    krum = {"defense": {"name": "krum"}, "federation": {"rounds": 5}}
+    median = {"defense": {"name": "median"}, "federation": {"rounds": 10}}
+    _run_dir(tmp_path, "x/krum", "krum", krum, 10.0)
+    _run_dir(tmp_path, "x/median", "krum", median, 20.0)
+    _run_dir(tmp_path, "y/seed-0", "fedavg", {"defense": {"name": "fedavg"}}, 50.0, seed=0)
+    _run_dir(tmp_path, "y/seed-1", "fedavg", {"defense": {"name": "fedavg"}}, 52.0, seed=1,
+             wall=30.0)
+    assert main(["table", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()[2:]
+    assert len(lines) == 3
+    assert lines[0].startswith("krum (defense.name=krum, federation.rounds=5) ")
+    assert lines[1].startswith("krum (defense.name=median, federation.rounds=10) ")
+    assert "10.00" in lines[0] and "20.00" in lines[1] and "±" not in lines[0] + lines[1]
+    assert lines[2].startswith("fedavg ") and "51.00 ± 1.41" in lines[2]
+    assert lines[2].split()[2] == "0,1" and lines[2].split()[-1] == "20.00"  # mean wall time
+
+
+def test_pivot_refuses_a_cell_of_runs_that_differ_in_more_than_the_seed(tmp_path, capsys):
+    from fisherguard.results import MixedRunsError, collect_summaries, pivot, same_but_seed
+
+    base = {"defense": {"name": "fdcr"}, "data": {"dataset": "usps"}}
+    _run_dir(tmp_path, "a", "fdcr", base, 10.0)
+    _run_dir(tmp_path, "b", "fdcr", base, 20.0, seed=1)
+    runs = collect_summaries(tmp_path)
+    assert same_but_seed(runs[0], runs[1])
+    assert "fdcr A" in pivot(runs, rows="attack", cols="defense")
+    _run_dir(tmp_path, "c", "fdcr", {**base, "data": {"dataset": "mnist"}}, 30.0)
+    runs = collect_summaries(tmp_path)
+    assert not same_but_seed(runs[0], runs[2])
+    with pytest.raises(MixedRunsError, match="data.dataset"):
+        pivot(runs, rows="attack", cols="defense")
+    assert main(["table", str(tmp_path), "--by", "attack"]) == 2
+    assert "differ in more than the seed" in capsys.readouterr().err
+
+
+def test_table_says_when_clients_failed(tmp_path, capsys):
+    import json
+
+    _run_dir(tmp_path, "a", "fdcr", {"defense": {"name": "fdcr"}}, 10.0)
+    assert main(["table", str(tmp_path)]) == 0
+    assert "clients failed" not in capsys.readouterr().out
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    s.update(nodes_failed=True, failed_client_rounds=3, failures={"missing": 3})
+    (tmp_path / "a" / "summary.json").write_text(json.dumps(s))
+    assert main(["table", str(tmp_path)]) == 0
+    assert "clients failed" in capsys.readouterr().out.splitlines()[-1]

@@ -187,6 +187,35 @@ def test_error_replies_and_silence_count_as_missing(strategy):
     assert rec["replies"]["errors"] == {"2": "ClientApp raised"}
 
 
+def test_a_dead_node_is_a_failed_client_with_its_error_saved_not_a_false_positive(tmp_path):
+    """Issue 19.2: the SuperLink answers for a killed SuperNode (source: the SuperLink, not the
+    node); its error is saved under the client the message went to, and the missing client is
+    no detection: FPR stays 0, the summary says nodes failed."""
+    s = DefenseStrategy(cfg(defense="fedavg"), tmp_path / "run", progress=None, min_replies=2)
+    s.nodes = {c: 100 + c for c in s.ids}
+    begin(s, 1)
+    s._messages = {c: Message(content=RecordDict(), metadata=Metadata(
+        run_id=1, message_id=f"q{n}", src_node_id=0, dst_node_id=n, reply_to_message_id="",
+        group_id="1", created_at=0.0, ttl=3600.0, message_type="train"))
+        for c, n in s._sent.items()}
+    w0 = s.weights
+    f = torch.rand(w0.numel()) + 0.1
+    replies = [_reply(100 + c, _good(s, c, w0 + 0.01 * c, f)) for c in (0, 1, 2, 4)]
+    dead = Message(error=Error(code=5, reason="Error: Node Unavailable"), metadata=Metadata(
+        run_id=1, message_id="e", src_node_id=1, dst_node_id=1, reply_to_message_id="q103",
+        group_id="1", created_at=0.0, ttl=3600.0, message_type="train"))
+    s.aggregate_train(1, replies + [dead])
+    rec = s.run_dir.rounds()[-1]
+    assert rec["replies"]["errors"] == {"3": "Error: Node Unavailable"}
+    assert rec["clients"]["reasons"][3] == "missing" and rec["clients"]["flagged"][3]
+    assert s.fed.attackers == [4]
+    assert rec["detection"]["FPR"] == 0.0 and rec["detection"]["removed"] == 0
+    assert rec["detection"]["failed"] == 1 and rec["detection"]["failures"] == {"missing": 1}
+    summary = s.finish()
+    assert summary["FPR"] == 0.0 and summary["nodes_failed"] is True
+    assert summary["failed_client_rounds"] == 1
+
+
 def test_too_few_replies_stop_with_a_clear_message_and_keep_finished_rounds(strategy):
     w0 = strategy.weights
     f = torch.rand(w0.numel()) + 0.1

@@ -42,6 +42,31 @@ def test_detection_rates():
     assert none["TPR"] is None and none["FPR"] == 0.0
 
 
+def test_failed_clients_are_not_detections():
+    # issue 19.2: a dead or invalid client (weight 0, flagged) is neither a true nor a false
+    # positive: it leaves the TPR/FPR denominators and is counted apart
+    flagged = [True, True, False, True, True]
+    failed = [True, True, False, False, True]  # 0, 1 benign non_finite; 4 an attacker missing
+    d = detection(flagged, [0, 1, 2, 3, 4], attackers=[3, 4], failed=failed)
+    assert d["FPR"] == 0.0 and d["TPR"] == 100.0  # benign 2 kept; attacker 3 removed
+    assert d["removed"] == 1 and d["failed"] == 3
+    all_failed = detection([True, True], [0, 1], attackers=[1], failed=[True, True])
+    assert all_failed["TPR"] is None and all_failed["FPR"] is None and all_failed["failed"] == 2
+
+
+def test_summary_counts_failed_client_rounds_apart():
+    ok = _round(50.0)
+    failed = _round(50.0)
+    failed["detection"] = {"TPR": None, "FPR": 0.0, "removed": 0, "failed": 2,
+                           "failures": {"missing": 1, "non_finite": 1}}
+    s = summarize([ok, failed, failed])
+    assert s["failed_client_rounds"] == 4 and s["nodes_failed"] is True
+    assert s["failures"] == {"missing": 2, "non_finite": 2}
+    assert s["FPR"] == 0.0
+    s = summarize([ok, ok])
+    assert s["failed_client_rounds"] == 0 and s["nodes_failed"] is False and s["failures"] == {}
+
+
 def _round(a, collapsed=False):
     return {"metrics": {"A": a, "R": 100 - a, "ASR": a, "V": 50.0, "ASR_all": a, "q_max": 0.1,
                         "entropy": 1.0, "collapsed": collapsed},

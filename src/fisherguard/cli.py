@@ -16,7 +16,7 @@ from fisherguard import __version__
 def _cmd_run(args: argparse.Namespace) -> int:
     from fisherguard import config
     from fisherguard.engine.runner import run_all
-    from fisherguard.results import aggregate_seeds, format_table
+    from fisherguard.results import aggregate_seeds, failure_note, format_table
 
     sets = list(args.set) + ([f"runtime.engine={args.engine}"] if args.engine else [])
     variants = config.load(args.config, sets)
@@ -34,6 +34,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         summaries = run_all(variants, out, resume=args.resume, seeds=seeds,
                             progress=None if args.quiet else sys.stderr)
     print(format_table(aggregate_seeds(summaries) if seeds else summaries))
+    note = failure_note(summaries)
+    if note:
+        print(f"\n{note}")
     print(f"\nresults: {out}")
     return 0
 
@@ -68,7 +71,8 @@ def _parse_seeds(text: str) -> list[int]:
 
 def _cmd_table(args: argparse.Namespace) -> int:
     from fisherguard.config import ConfigError
-    from fisherguard.results import aggregate_seeds, collect_summaries, format_table, pivot
+    from fisherguard.results import (MixedRunsError, aggregate_seeds, collect_summaries,
+                                     failure_note, format_table, pivot)
 
     summaries = collect_summaries(args.dir)
     if args.by:
@@ -77,11 +81,16 @@ def _cmd_table(args: argparse.Namespace) -> int:
             text = pivot(summaries, rows=args.by,
                          cols="column" if args.by == "row" else "defense", metrics=metrics,
                          markdown=args.markdown, only=_csv(args.defenses))
+        except MixedRunsError:
+            raise
         except ValueError as e:
             raise ConfigError(f"--defenses: {e}") from None
         print(text)
     else:
         print(format_table(aggregate_seeds(summaries)))
+    note = failure_note(summaries)
+    if note:
+        print(f"\n{note}")
     return 0
 
 

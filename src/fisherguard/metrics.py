@@ -57,17 +57,22 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000,
     return torch.cat(out).numpy()
 
 
-def detection(flagged: Sequence[bool], client_ids: Sequence[int], attackers: Sequence[int]) -> dict[str, float | None]:
-    """TPR and FPR of flagged (weight exactly 0) clients against the true attacker set (docs/protocol.md §7.6)."""
+def detection(flagged: Sequence[bool], client_ids: Sequence[int], attackers: Sequence[int],
+              failed: Sequence[bool] | None = None) -> dict[str, Any]:
+    """TPR and FPR of flagged (weight exactly 0) clients against the true attacker set
+    (docs/protocol.md §7.6). A ``failed`` client (missing, or its upload invalid:
+    ``defenses.base.FAILURE_REASONS``) is no detection: it leaves both rates and is counted in
+    ``failed``; ``removed`` counts the defense's removals only."""
     att = set(attackers)
-    is_att = [c in att for c in client_ids]
-    n_att = sum(is_att)
-    n_ben = len(client_ids) - n_att
-    tp = sum(1 for f, a in zip(flagged, is_att) if f and a)
-    fp = sum(1 for f, a in zip(flagged, is_att) if f and not a)
+    failed = [False] * len(client_ids) if failed is None else [bool(f) for f in failed]
+    judged = [(bool(f), c in att) for f, c, x in zip(flagged, client_ids, failed) if not x]
+    n_att = sum(a for _, a in judged)
+    n_ben = len(judged) - n_att
+    tp = sum(1 for f, a in judged if f and a)
+    fp = sum(1 for f, a in judged if f and not a)
     return {"TPR": 100.0 * tp / n_att if n_att else None,
             "FPR": 100.0 * fp / n_ben if n_ben else None,
-            "removed": int(sum(bool(f) for f in flagged))}
+            "removed": int(sum(f for f, _ in judged)), "failed": int(sum(failed))}
 
 
 def attacker_weight_share(weights: Sequence[float], client_ids: Sequence[int], attackers: Sequence[int]) -> float | None:
@@ -101,6 +106,14 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     out["attacker_share"] = _mean([r["detection"].get("attacker_share") for r in rounds])
     out.update(lifespan(rounds))
     out["removed_per_round"] = _mean([float(r["detection"]["removed"]) for r in rounds])
+    # clients that failed (missing, or an invalid upload) are counted apart from detections
+    failures: dict[str, int] = {}
+    for r in rounds:
+        for why, n in (r["detection"].get("failures") or {}).items():
+            failures[why] = failures.get(why, 0) + int(n)
+    out["failed_client_rounds"] = int(sum(int(r["detection"].get("failed") or 0) for r in rounds))
+    out["failures"] = failures
+    out["nodes_failed"] = out["failed_client_rounds"] > 0
     out["wall_time_s"] = float(sum(r.get("wall_time_s", 0.0) for r in rounds))
     return out
 

@@ -21,6 +21,10 @@ class ResumeError(RuntimeError):
     """A run directory cannot be resumed (different config, damaged checkpoint)."""
 
 
+class MixedRunsError(ValueError):
+    """Runs that differ in more than the seed would be averaged into one table cell."""
+
+
 def _results_part(cfg_text: str) -> Any:
     """The config without what never changes results: the ``runtime`` section and the run's name."""
     import yaml
@@ -185,7 +189,7 @@ COLUMNS = ("label", "defense", "seeds", "A", "R", "ASR", "V", "collapsed", "TPR"
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     cols = list(dict.fromkeys([c for c in COLUMNS if any(c in r for r in rows)]
-                              + [k for r in rows for k in r]))
+                              + [k for r in rows for k in r if not k.startswith("_")]))
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
@@ -218,16 +222,96 @@ def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS)
 
 SEED_METRICS = ("A", "R", "ASR", "V", "TPR", "FPR")
 
+# What a summary without a resolved config beside it is known by (older or hand-made summaries).
+SUMMARY_IDENTITY = ("label", "defense", "attack", "dataset", "preset", "family", "beta",
+                    "attack_fraction")
+
+
+def _flat(x: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(x, dict) and x:
+        out: dict[str, Any] = {}
+        for k, v in x.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: x}
+
+
+def run_identity(summary: dict[str, Any]) -> dict[str, Any]:
+    """What a run is apart from its seed: its resolved config (``_config``, which
+    ``collect_summaries`` and ``run_all`` attach) without the runtime section, the run's name and
+    ``experiment.seed``, as dotted keys; a summary without a config is known by its own
+    ``SUMMARY_IDENTITY`` fields."""
+    cfg = summary.get("_config")
+    if cfg is None:
+        return {f"summary.{k}": summary.get(k) for k in SUMMARY_IDENTITY}
+    flat = _flat(_results_part(cfg) if isinstance(cfg, str) else _results_part_of(cfg))
+    flat.pop("experiment.seed", None)
+    return flat
+
+
+def _results_part_of(cfg: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in cfg.items() if k != "runtime"}
+    if isinstance(out.get("experiment"), dict):
+        out["experiment"] = {k: v for k, v in out["experiment"].items() if k != "name"}
+    return out
+
+
+def same_but_seed(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """The two run summaries come from configs that differ in the seed alone (and share a label):
+    the one rule for pooling runs into a mean over seeds (``aggregate_seeds``, ``pivot``)."""
+    return str(a.get("label")) == str(b.get("label")) and run_identity(a) == run_identity(b)
+
+
+def distinguishing_keys(summaries: list[dict[str, Any]]) -> list[str]:
+    """The dotted config keys whose values are not the same in all these runs (seed aside), in
+    the order the first config holds them."""
+    ids = [run_identity(s) for s in summaries]
+    keys = list(dict.fromkeys(k for i in ids for k in i))
+    return [k for k in keys if any(i.get(k, _ABSENT) != ids[0].get(k, _ABSENT) for i in ids)]
+
+
+_ABSENT = object()
+
+
+def _seed_groups(summaries: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The runs in groups that differ in the seed alone, in the order first found."""
+    groups: list[list[dict[str, Any]]] = []
+    for s in summaries:
+        for g in groups:
+            if same_but_seed(g[0], s):
+                g.append(s)
+                break
+        else:
+            groups.append([s])
+    return groups
+
+
+def _show(v: Any) -> str:
+    if v is _ABSENT:
+        return "–"
+    return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+
 
 def aggregate_seeds(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per label: mean ± sample std (ddof = 1) over seeds; collapse as †k/n (docs/protocol.md §7.4–§7.5)."""
+    """One row per group of runs that differ in the seed alone (``same_but_seed``): mean ± sample
+    std (ddof = 1) over seeds; collapse as †k/n (docs/protocol.md §7.4–§7.5); the mean wall time
+    per run. Groups sharing a label are told apart by the config keys that differ between them,
+    e.g. ``krum (defense.name=median, federation.rounds=10)``. Rows in the order first found."""
     import numpy as np
 
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for s in summaries:
-        groups.setdefault(str(s["label"]), []).append(s)
+    groups = _seed_groups(summaries)
+    by_label: dict[str, list[list[dict[str, Any]]]] = {}
+    for g in groups:
+        by_label.setdefault(str(g[0]["label"]), []).append(g)
     rows = []
-    for label, runs in groups.items():
+    for runs in groups:
+        label = str(runs[0]["label"])
+        peers = by_label[label]
+        if len(peers) > 1:
+            keys = distinguishing_keys([g[0] for g in peers])
+            ident = run_identity(runs[0])
+            label += " (" + ", ".join(f"{k.removeprefix('summary.')}="
+                                      f"{_show(ident.get(k, _ABSENT))}" for k in keys) + ")"
         row: dict[str, Any] = {"label": label, "defense": runs[0].get("defense"),
                                "seeds": ",".join(str(r.get("seed")) for r in runs)}
         for m in SEED_METRICS:
@@ -240,22 +324,37 @@ def aggregate_seeds(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row[m] = f"{np.mean(vals):.2f} ± {np.std(vals, ddof=1):.2f}"
         k = sum(bool(r.get("collapsed")) for r in runs)
         row["collapsed"] = f"†{k}/{len(runs)}" if k else "no"
-        row["wall_time_s"] = float(sum(float(r.get("wall_time_s") or 0.0) for r in runs))
+        row["wall_time_s"] = float(np.mean([float(r.get("wall_time_s") or 0.0) for r in runs]))
         rows.append(row)
     return rows
 
 
+def failure_note(summaries: list[dict[str, Any]]) -> str | None:
+    """A line under a table naming the runs in which clients failed (``nodes_failed``: missing or
+    invalid uploads, left out of TPR/FPR; docs/protocol.md §7.6), or None."""
+    hit = [s for s in summaries if s.get("nodes_failed")]
+    if not hit:
+        return None
+    runs = ", ".join(f"{s.get('label')} seed {s.get('seed')} ({s.get('failed_client_rounds')})"
+                     for s in hit)
+    return (f"clients failed (failed client-rounds, left out of TPR/FPR; see summary.json "
+            f"'failures') in: {runs}")
+
+
 def collect_summaries(root: str | Path) -> list[dict[str, Any]]:
-    """Every run summary below ``root`` (any engine), in directory order; a summary written before
-    summaries named their attack gets it from the resolved config beside it."""
+    """Every run summary below ``root`` (any engine), in directory order, with its resolved config
+    beside it as ``_config`` (None without one; ``run_identity``); a summary written before
+    summaries named their attack gets it from that config."""
     import yaml
 
     out = []
     for p in sorted(Path(root).rglob(RunDir.SUMMARY_JSON)):
         s = json.loads(p.read_text())
         cfg_path = p.parent / RunDir.CONFIG
-        if "attack" not in s and cfg_path.is_file():
-            s["attack"] = ((yaml.safe_load(cfg_path.read_text()) or {}).get("attack") or {}).get("name")
+        cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else None
+        s["_config"] = cfg
+        if "attack" not in s and cfg is not None:
+            s["attack"] = (cfg.get("attack") or {}).get("name")
         label = str(s.get("label", ""))
         if " | " in label:  # a matrix variant: "row | column"
             s["row"], s["column"] = label.split(" | ", 1)
@@ -269,7 +368,9 @@ def pivot(summaries: list[dict[str, Any]], *, rows: str = "attack", cols: str = 
           metrics: tuple[str, ...] = ("A", "ASR"), markdown: bool = False,
           only: list[str] | None = None) -> str:
     """One line per ``rows`` value, one column group per ``cols`` value: each metric's mean over
-    seeds, † when a run collapsed, and the mean wall time per run (a defenses × attacks matrix)."""
+    seeds, † when a run collapsed, and the mean wall time per run (a defenses × attacks matrix).
+    MixedRunsError when a cell holds runs that differ in more than the seed
+    (``same_but_seed``)."""
     import numpy as np
 
     cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -277,6 +378,14 @@ def pivot(summaries: list[dict[str, Any]], *, rows: str = "attack", cols: str = 
         if s.get(rows) is None or s.get(cols) is None:
             raise ValueError(f"summary {s.get('label')!r} has no {rows!r} or {cols!r}")
         cells.setdefault((str(s[rows]), str(s[cols])), []).append(s)
+    for (r, c), runs in cells.items():
+        mixed = [x for x in runs if not same_but_seed(runs[0], x)]
+        if mixed:
+            keys = distinguishing_keys([runs[0], *mixed])
+            raise MixedRunsError(f"the cell {rows}={r}, {cols}={c} holds runs that differ in more "
+                             f"than the seed ({', '.join(k.removeprefix('summary.') for k in keys)}"
+                             f"): {runs[0].get('label')!r} and {mixed[0].get('label')!r}; "
+                             "table the directories apart")
     row_keys = list(dict.fromkeys(r for r, _ in cells))
     col_keys = list(dict.fromkeys(c for _, c in cells))
     if only:  # these columns, in this order

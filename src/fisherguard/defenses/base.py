@@ -22,6 +22,13 @@ Tensor = torch.Tensor
 # Reasons a client can be flagged (weight exactly 0). Upload-validity reasons come first.
 UPLOAD_REASONS = ("missing", "bad_shape", "non_finite", "negative", "constant", "no_samples")
 
+# Reasons that are failures, not detections (docs/protocol.md §7.6): the client did not answer
+# (``missing``) or its upload was not valid input (the rest of UPLOAD_REASONS; ``non_finite``
+# also where a defense finds that the uploaded model breaks its own computation). They stay out
+# of TPR/FPR and are counted apart. Every other reason (``clustered_out``, ``spiky``, ``echo``,
+# ``trimmed``, ``zero_weight``, ...) is a defense's judgement: a detection.
+FAILURE_REASONS = frozenset(UPLOAD_REASONS)
+
 # Claimed sample counts above COUNT_CAP × the round's lower median are clipped to it
 # (docs/algorithms.md §8.3). Honest Dirichlet partitions stay below it: see bound_counts.
 COUNT_CAP = 5.0

@@ -25,7 +25,7 @@ import torch
 from fisherguard import metrics
 from fisherguard.clients.training import ClientDataset, LocalTrainer, SequentialTrainer, Upload
 from fisherguard.config import Config
-from fisherguard.defenses.base import ClientPlan, PlanInput, RoundInput
+from fisherguard.defenses.base import FAILURE_REASONS, ClientPlan, PlanInput, RoundInput
 from fisherguard.defenses.fdcr import ORACLE_LABEL
 from fisherguard.engine.federation import (Federation, client_job, evaluate, fisher_request,
                                            initial_weights, local_fisher, plan_tag, server_data,
@@ -224,7 +224,12 @@ class Server:
                train_stats: list[dict[str, float]], wall_time_s: float) -> dict[str, Any]:
         """One line of rounds.jsonl: metrics, detection, per-client weights/flags/reasons (docs/architecture.md §5)."""
         cw = agg.client_weights.tolist()
-        det = metrics.detection(agg.flagged.tolist(), self.ids, self.fed.attackers)
+        failed = [r in FAILURE_REASONS for r in agg.reasons]
+        det = metrics.detection(agg.flagged.tolist(), self.ids, self.fed.attackers, failed)
+        det["failures"] = {}
+        for r, f in zip(agg.reasons, failed):
+            if f:
+                det["failures"][r] = det["failures"].get(r, 0) + 1
         det["attacker_share"] = metrics.attacker_weight_share(cw, self.ids, self.fed.attackers)
         record = {"round": round_idx + 1, "engine": self.engine, "metrics": scores,
                   "detection": det,

@@ -75,6 +75,7 @@ def run_all(variants: list[Variant], out_root: str | Path, *, resume: bool = Fal
                 cfg = cfg.replace({"experiment.seed": seed})
                 where = sub / f"seed-{seed}"
             s = run(cfg, where, resume=resume, label=v.label, progress=progress)
+            s = dict(s, _config=cfg.to_dict())  # for results.same_but_seed; not written
             summaries.append(s)
             if on_summary:
                 on_summary(s)

@@ -73,6 +73,7 @@ class DefenseStrategy(FedAvg):
         self._first = done  # the round index of the first round of this start()
         self._start: RoundStart | None = None
         self._sent: dict[int, int] = {}
+        self._messages: dict[int, Message] = {}  # this round's TRAIN messages, by client
         self._collect_t0 = 0.0
 
     # ------------------------------------------------------------------ helpers
@@ -183,14 +184,15 @@ class DefenseStrategy(FedAvg):
         attack, t = self.fed.attack, start.round_idx
         state = (attack_state_bytes(attack.state_dict())
                  if attack.dynamic and attack.active(t) and self.fed.attackers else None)
-        msgs = []
+        self._messages = {}
         for cid, node in self._sent.items():
             extra = {ATTACK_STATE: state} if state is not None and cid in self.fed.attackers else {}
             content = RecordDict({ARRAYS: glob, CONFIG: self._config(t, **extra),
                                   **plan_records(start.plans.get(cid), self.layout)})
-            msgs.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+            self._messages[cid] = Message(content, dst_node_id=node,
+                                          message_type=MessageType.TRAIN)
         self._collect_t0 = time.perf_counter()
-        return msgs
+        return list(self._messages.values())
 
     def begin_round(self, server_round: int, grid: Grid) -> RoundStart:
         """``Server.begin`` for the clients whose nodes are online (they are this round's targets)."""
@@ -207,13 +209,18 @@ class DefenseStrategy(FedAvg):
         if self._start is None or self._start.round_idx != t:
             raise RuntimeError(f"round {t + 1}: aggregate_train without configure_train")
         by_node = {n: c for c, n in self._sent.items()}
+        # an error the SuperLink writes for a dead node comes from the SuperLink, not the node:
+        # it names the message it answers, which names the client (Flower set its id on sending)
+        by_msg = {m.metadata.message_id: c for c, m in self._messages.items()
+                  if m.metadata.message_id}
         uploads: dict[int, Upload] = {}
-        errors: dict[int, str] = {}
+        errors: dict[str, str] = {}
         for reply in replies:
             cid = by_node.get(reply.metadata.src_node_id)
             if reply.has_error():
-                if cid is not None:
-                    errors[cid] = str(reply.error.reason)[:300]
+                cid = by_msg.get(reply.metadata.reply_to_message_id, cid)
+                key = str(cid) if cid is not None else f"node {reply.metadata.src_node_id}"
+                errors[key] = str(reply.error.reason)[:300]
                 log.warning("round %d: error reply from node %s: %s", t + 1,
                             reply.metadata.src_node_id, str(reply.error.reason)[:300])
                 continue
@@ -228,8 +235,7 @@ class DefenseStrategy(FedAvg):
                             f"{lost}); rounds 1..{t} are saved in {self.run_dir.path} (resume to "
                             "continue)")
         record = self.server.end(self._start, list(uploads.values()),
-                                 replies={"received": replied,
-                                          "errors": {str(c): e for c, e in errors.items()}},
+                                 replies={"received": replied, "errors": errors},
                                  collect_s=time.perf_counter() - self._collect_t0)
         numeric = {k: float(v) for k, v in record["metrics"].items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
