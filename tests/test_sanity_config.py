@@ -18,4 +18,3 @@ def test_the_sanity_config_learns_in_seconds_without_an_attack(tmp_path):
     s = run(variant.config, tmp_path / "run", progress=None)
     assert s["complete"] and not s["collapsed"]
     assert s["A"] >= 90.0, s  # the mean of the last five rounds
-    assert s["wall_time_s"] < 60.0  # seconds, not minutes (a loose bound on a busy machine)
