@@ -364,6 +364,18 @@ def collect_summaries(root: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+def pivot_groups(summaries: list[dict[str, Any]], rows: str = "attack", cols: str = "defense"
+                 ) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """The runs of each (``rows`` value, ``cols`` value) cell, in the order first seen; the
+    grouping of ``pivot`` and of the report's heatmap."""
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for s in summaries:
+        if s.get(rows) is None or s.get(cols) is None:
+            raise ValueError(f"summary {s.get('label')!r} has no {rows!r} or {cols!r}")
+        cells.setdefault((str(s[rows]), str(s[cols])), []).append(s)
+    return cells
+
+
 def pivot(summaries: list[dict[str, Any]], *, rows: str = "attack", cols: str = "defense",
           metrics: tuple[str, ...] = ("A", "ASR"), markdown: bool = False,
           only: list[str] | None = None) -> str:
@@ -373,11 +385,7 @@ def pivot(summaries: list[dict[str, Any]], *, rows: str = "attack", cols: str = 
     (``same_but_seed``)."""
     import numpy as np
 
-    cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for s in summaries:
-        if s.get(rows) is None or s.get(cols) is None:
-            raise ValueError(f"summary {s.get('label')!r} has no {rows!r} or {cols!r}")
-        cells.setdefault((str(s[rows]), str(s[cols])), []).append(s)
+    cells = pivot_groups(summaries, rows, cols)
     for (r, c), runs in cells.items():
         mixed = [x for x in runs if not same_but_seed(runs[0], x)]
         if mixed:

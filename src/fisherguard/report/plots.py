@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
-from fisherguard.results import RunDir, slug
+from fisherguard.results import RunDir, pivot_groups, slug
 
 ATTACKER_COLOUR = "#d62728"
 FORMATS = ("png", "svg")
@@ -305,11 +305,7 @@ def matrix_cells(summaries: list[dict[str, Any]], rows: str = "attack",
                  cols: str = "defense") -> tuple[list[str], list[str], dict[tuple[str, str],
                                                                               dict[str, Any]]]:
     """results.pivot's cells: (row keys, column keys, {(row, col): mean A, ASR, collapsed})."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for s in summaries:
-        if s.get(rows) is None or s.get(cols) is None:
-            raise ValueError(f"summary {s.get('label')!r} has no {rows!r} or {cols!r}")
-        groups.setdefault((str(s[rows]), str(s[cols])), []).append(s)
+    groups = pivot_groups(summaries, rows, cols)
     cells = {}
     for key, runs in groups.items():
         cell: dict[str, Any] = {"collapsed": any(bool(x.get("collapsed")) for x in runs)}
