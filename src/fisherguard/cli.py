@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                         "row: a matrix config's rows × its columns (labels 'row | column')")
     p.add_argument("--metrics", default="A,ASR",
                    help="with --by: the summary metrics per defense (default A,ASR; e.g. "
-                        "A,ASR,ASR_edge,attacker_share)")
+                        "A,ASR,ASR_edge,attacker_share; AUC,AP: mean per-round ranking of the "
+                        "defense's suspicion score, AUC_rounds: rounds where it is defined)")
     p.add_argument("--defenses", help="with --by: these defense (or matrix column) columns, in "
                         "this order (comma-separated)")
     p.add_argument("--markdown", action="store_true", help="with --by: a Markdown table")

@@ -58,11 +58,14 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000,
 
 
 def detection(flagged: Sequence[bool], client_ids: Sequence[int], attackers: Sequence[int],
-              failed: Sequence[bool] | None = None) -> dict[str, Any]:
+              failed: Sequence[bool] | None = None,
+              suspicion: Sequence[float | None] | None = None) -> dict[str, Any]:
     """TPR and FPR of flagged (weight exactly 0) clients against the true attacker set
     (docs/protocol.md §7.6). A ``failed`` client (missing, or its upload invalid:
     ``defenses.base.FAILURE_REASONS``) is no detection: it leaves both rates and is counted in
-    ``failed``; ``removed`` counts the defense's removals only."""
+    ``failed``; ``removed`` counts the defense's removals only. ``AUC`` and ``AP`` rank the
+    defense's per-client ``suspicion`` (``defenses.base.SUSPICION``) over the same judged
+    clients (``score_detection``); None without a score."""
     att = set(attackers)
     failed = [False] * len(client_ids) if failed is None else [bool(f) for f in failed]
     judged = [(bool(f), c in att) for f, c, x in zip(flagged, client_ids, failed) if not x]
@@ -70,9 +73,73 @@ def detection(flagged: Sequence[bool], client_ids: Sequence[int], attackers: Seq
     n_ben = len(judged) - n_att
     tp = sum(1 for f, a in judged if f and a)
     fp = sum(1 for f, a in judged if f and not a)
-    return {"TPR": 100.0 * tp / n_att if n_att else None,
-            "FPR": 100.0 * fp / n_ben if n_ben else None,
-            "removed": int(sum(f for f, _ in judged)), "failed": int(sum(failed))}
+    out = {"TPR": 100.0 * tp / n_att if n_att else None,
+           "FPR": 100.0 * fp / n_ben if n_ben else None,
+           "removed": int(sum(f for f, _ in judged)), "failed": int(sum(failed))}
+    out.update(score_detection(suspicion, flagged, client_ids, attackers, failed))
+    return out
+
+
+def roc_auc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
+    """ROC AUC in the Mann–Whitney form: the share of (positive, negative) pairs in which the
+    positive scores higher, a tie counting one half. None without a positive or a negative."""
+    pos = [float(s) for s, p in zip(scores, positive) if p]
+    neg = [float(s) for s, p in zip(scores, positive) if not p]
+    if not pos or not neg:
+        return None
+    wins = sum((sp > sn) + 0.5 * (sp == sn) for sp in pos for sn in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def average_precision(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
+    """Average precision Σ_t (R_t − R_{t−1}) P_t over the thresholds t = the distinct scores,
+    highest first (tied scores enter together, as in scikit-learn's ``average_precision_score``).
+    None without a positive or a negative (the same rounds as ``roc_auc``)."""
+    pairs = [(float(s), bool(p)) for s, p in zip(scores, positive)]
+    n_pos = sum(p for _, p in pairs)
+    if n_pos == 0 or n_pos == len(pairs):
+        return None
+    ap, tp, seen, recall_prev = 0.0, 0, 0, 0.0
+    for t in sorted({s for s, _ in pairs}, reverse=True):
+        at = [p for s, p in pairs if s == t]
+        tp += sum(at)
+        seen += len(at)
+        recall = tp / n_pos
+        ap += (recall - recall_prev) * (tp / seen)
+        recall_prev = recall
+    return ap
+
+
+def score_detection(suspicion: Sequence[float | None] | None, flagged: Sequence[bool],
+                    client_ids: Sequence[int], attackers: Sequence[int],
+                    failed: Sequence[bool]) -> dict[str, float | None]:
+    """Per-round ``AUC`` and ``AP`` of the defense's suspicion (higher = more suspicious)
+    against the attacker set, over the clients that did not fail (as TPR/FPR;
+    docs/protocol.md §7.6).
+
+    A judged client without a score (None or NaN) that the defense removed (FDCR ``spiky``,
+    SDFC ``echo``, Sageflow ``high_entropy``: refused before or instead of scoring) ranks above
+    every scored client; a kept client without a score leaves the round undefined. Both are
+    None when the defense has no score, or no attacker or no benign client was judged: never
+    a made-up 0.5.
+    """
+    none: dict[str, float | None] = {"AUC": None, "AP": None}
+    if suspicion is None or len(suspicion) != len(client_ids):
+        return none
+    att = set(attackers)
+    scores: list[float] = []
+    positive: list[bool] = []
+    for s, f, c, x in zip(suspicion, flagged, client_ids, failed):
+        if x:
+            continue
+        v = math.nan if s is None else float(s)
+        if math.isnan(v):
+            if not f:
+                return none
+            v = math.inf
+        scores.append(v)
+        positive.append(c in att)
+    return {"AUC": roc_auc(scores, positive), "AP": average_precision(scores, positive)}
 
 
 def attacker_weight_share(weights: Sequence[float], client_ids: Sequence[int], attackers: Sequence[int]) -> float | None:
@@ -104,6 +171,10 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         out[m] = _mean([r["detection"][m] for r in rounds])
         out[f"{m}_last5"] = _mean([r["detection"][m] for r in last])
     out["attacker_share"] = _mean([r["detection"].get("attacker_share") for r in rounds])
+    # the suspicion score's ranking quality: mean over the rounds where it is defined, and how many
+    for m in ("AUC", "AP"):
+        out[m] = _mean([r["detection"].get(m) for r in rounds])
+    out["AUC_rounds"] = sum(r["detection"].get("AUC") is not None for r in rounds)
     out.update(lifespan(rounds))
     out["removed_per_round"] = _mean([float(r["detection"]["removed"]) for r in rounds])
     # clients that failed (missing, or an invalid upload) are counted apart from detections

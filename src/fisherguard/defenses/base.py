@@ -36,6 +36,13 @@ COUNT_CAP = 5.0
 # ``preset``: the published algorithm (``paper``) or what the authors' released code does.
 PRESETS = ("paper", "code")
 
+# The diagnostics key under which a scoring or weighting defense reports its per-client
+# suspicion: a list of K floats in RoundInput order, higher = more suspicious, None for a client
+# it did not score (an invalid upload, or one refused by a check before scoring). Each class
+# says what the number is in ``Defense.suspicion_score`` (None: the rule has no per-client
+# score). Only ``metrics`` compares it with the attacker set (per-round ROC AUC and AP).
+SUSPICION = "suspicion"
+
 
 class DefenseConfigError(ValueError):
     """A hyperparameter is out of its allowed range; the message names it and the range."""
@@ -216,6 +223,8 @@ class Defense:
     client_regulariser: ClassVar[str | None] = None
     # Only the labelled FDCR oracle ablation sets this; the engine then hands it the attacker ids.
     needs_attacker_ids: ClassVar[bool] = False
+    # What diagnostics[SUSPICION] holds (one line, with its sign), or None: no per-client score.
+    suspicion_score: ClassVar[str | None] = None
 
     def aggregate(self, round_input: RoundInput) -> Aggregate:
         """One round: validation, the rule's ``combine`` step, the Aggregate (see the class)."""

@@ -10,7 +10,7 @@ from fisherguard.defenses._robust import (AssumedAttackers, CodeMomentumState, S
                                           closest_to_centre_mean, coordinate_median, krum_scores,
                                           marsfl_corrupted_count, pairwise_sq_dists,
                                           share_to_weights, stable_order)
-from fisherguard.defenses.base import PRESETS, Combined, Defense, RoundInput, Rows, check_choice
+from fisherguard.defenses.base import PRESETS, SUSPICION, Combined, Defense, RoundInput, Rows, check_choice
 
 Tensor = torch.Tensor
 
@@ -26,6 +26,7 @@ class Bulyan(CodeMomentumState, AssumedAttackers, Defense):
     name = "bulyan"
     paper = "El Mhamdi, Guerraoui, Rouault, ICML 2018"
     summary = "iterated Krum picks K-2f updates, then a median-centred coordinate-wise mean"
+    suspicion_score = "first Krum score as is (over all valid clients, before iterated selection)"
 
     def __init__(self, *, f: int | None = None, assumed_attackers: int = 0,
                  on_violation: str = "cap", preset: str = "paper") -> None:
@@ -84,7 +85,8 @@ class Bulyan(CodeMomentumState, AssumedAttackers, Defense):
             "f": f, "f_round": f_round, "assumption_violated": violated, "theta": theta,
             "beta": beta, "selected": sorted(rows.ids[i] for i in sel_rows),
             "selection_order": [rows.ids[i] for i in selected],
-            "krum_scores": rows.per_client(first_scores, k), "preset": self.preset}
+            "krum_scores": rows.per_client(first_scores, k), "preset": self.preset,
+            SUSPICION: rows.per_client(first_scores, k)}
         return Combined(weights, ri.global_weights.to(torch.float64) + step, diag,
                         zero_reason="trimmed")
 

@@ -14,9 +14,10 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from fisherguard.defenses.base import (PRESETS, Aggregate, Combined, Defense, DefenseConfigError,
-                                       RoundInput, Rows, check_choice, check_flag, check_range,
-                                       fisher_estimator_option, reject_all, valid_mask)
+from fisherguard.defenses.base import (PRESETS, SUSPICION, Aggregate, Combined, Defense,
+                                       DefenseConfigError, RoundInput, Rows, check_choice,
+                                       check_flag, check_range, fisher_estimator_option,
+                                       reject_all, valid_mask)
 
 Tensor = torch.Tensor
 
@@ -257,6 +258,7 @@ class FDCR(Defense):
     summary = ("Fisher-importance-weighted update discrepancy, FINCH level-0 clustering, top "
                "cluster removed behind a silhouette gate, kept updates rescaled by 2σ(I)")
     needs_fisher = True
+    suspicion_score = "discrepancy V_k as is (Eq. 9b; the top cluster of V is removed)"
 
     def __init__(self, *, preset: str = "paper", discrepancy: str | None = None,
                  clustering: str = "finch", weight_by_importance: bool = True,
@@ -340,7 +342,7 @@ class FDCR(Defense):
             "importance_level": [None] * k_all, "discrepancy": [None] * k_all,
             "cluster": [None] * k_all, "silhouette": None, "gate_fired": False,
             "num_removed": 0, "num_rejected": 0, "num_clusters": None, "fpra_applied": False,
-            "drop_capped": False,
+            "drop_capped": False, SUSPICION: [None] * k_all,
         }
 
     def reject(self, ri: RoundInput, reasons: list[str | None]) -> Aggregate:
@@ -412,6 +414,7 @@ class FDCR(Defense):
                 return Combined.unchanged(ri, "no_valid_clients", diagnostics=diag)
         for pos, k in enumerate(idx):
             diag["discrepancy"][k] = float(v[pos])
+            diag[SUSPICION][k] = float(v[pos])
 
         # steps 7–9: cluster, flag the top cluster, gate
         flagged_pos, info = self.select_flagged(v)

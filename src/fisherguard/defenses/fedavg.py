@@ -14,6 +14,7 @@ class FedAvg(Defense):
     name = "fedavg"
     paper = "McMahan et al., AISTATS 2017"
     summary = "sample-count weighted mean of the client updates; no defense"
+    suspicion_score = None  # no defense: weights are the claimed counts, nothing is judged
 
     def __init__(self, *, weights: str = "samples") -> None:
         if weights not in ("samples", "uniform"):

@@ -17,6 +17,7 @@ class Finetuning(Defense):
     name = "finetuning"
     paper = "no method paper (FDCR/SDFC cite Quinn et al., Dive into Deep Learning, 2019)"
     summary = "FedAvg, then a few epochs of SGD on the server's clean data"
+    suspicion_score = None  # FedAvg weights, then server training: nothing per client
     needs_server_data = True
 
     def __init__(self, *, epochs: int = 20, weights: str = "samples") -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from fisherguard.defenses.base import Combined, Defense, RoundInput, Rows, check_range
+from fisherguard.defenses.base import SUSPICION, Combined, Defense, RoundInput, Rows, check_range
 
 
 class FLTrust(Defense):
@@ -20,6 +20,8 @@ class FLTrust(Defense):
     paper = "Cao, Fang, Liu, Gong, NDSS 2021"
     summary = "weights norm-matched updates by their cosine to an update trained on server data"
     needs_server_data = True
+    # −cos orders clients as −TS does where TS > 0 and also ranks those ReLU clamps to TS = 0
+    suspicion_score = "−cos(Δ_k, g_0), the negated cosine behind the trust TS = ReLU(cos)"
 
     def __init__(self, *, server_epochs: int = 20) -> None:
         check_range("server_epochs", server_epochs, low=1, integer=True)
@@ -39,7 +41,8 @@ class FLTrust(Defense):
                               cos)
         ts = cos.clamp_min(0.0)
         diag: dict[str, Any] = {"trust_scores": rows.per_client(ts, k),
-                                "cosine": rows.per_client(cos, k), "server_update_norm": g0_norm}
+                                "cosine": rows.per_client(cos, k), "server_update_norm": g0_norm,
+                SUSPICION: rows.per_client(-cos, k)}
         total = float(ts.sum())
         if total <= 0.0:
             # No client agrees with the server's direction: keep w and flag the round.

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from fisherguard.defenses._robust import check_finite, check_seed, load_keys, make_generator
-from fisherguard.defenses.base import (PRESETS, Combined, Defense, RoundInput, Rows, check_choice,
+from fisherguard.defenses.base import (PRESETS, SUSPICION, Combined, Defense, RoundInput, Rows, check_choice,
                                        check_range)
 
 Tensor = torch.Tensor
@@ -52,6 +52,7 @@ class FoolsGold(Defense):
     name = "foolsgold"
     paper = "Fung, Yoon, Beschastnikh, arXiv 1808.04866 (RAID 2020)"
     summary = "down-weights clients whose update histories are too similar (sybil detection)"
+    suspicion_score = "−a_k, the negated FoolsGold weight (a ∈ [0, 1]; sybils get low a)"
 
     def __init__(self, *, kappa: float = 1.0, epsilon: float = 1e-5,
                  clip_norm: float | None = 1.0, preset: str = "paper", seed: int = 0) -> None:
@@ -114,7 +115,8 @@ class FoolsGold(Defense):
                   normalise: bool) -> Combined:
         k = ri.num_clients
         diag: dict[str, Any] = {"foolsgold_weights": rows.per_client(a, k),
-                                "max_similarity": rows.per_client(v, k), "preset": self.preset}
+                                "max_similarity": rows.per_client(v, k), "preset": self.preset,
+                SUSPICION: rows.per_client(-a, k)}
         total = float(a.sum())
         if total <= 0.0:
             # Every client looks like a sybil: leave the model unchanged and flag the round.

@@ -9,7 +9,7 @@ import torch
 from fisherguard.defenses._robust import (AssumedAttackers, CodeMomentumState, ServerMomentum,
                                           check_bool, krum_select, marsfl_corrupted_count,
                                           pairwise_sq_dists)
-from fisherguard.defenses.base import (PRESETS, Combined, Defense, DefenseConfigError, RoundInput,
+from fisherguard.defenses.base import (PRESETS, SUSPICION, Combined, Defense, DefenseConfigError, RoundInput,
                                        Rows, check_choice, check_range)
 
 Tensor = torch.Tensor
@@ -17,6 +17,8 @@ Tensor = torch.Tensor
 
 class _KrumBase(CodeMomentumState, AssumedAttackers, Defense):
     """Shared f handling, scoring and the `code` preset's momentum for Krum and Multi-Krum."""
+
+    suspicion_score = "Krum score as is (summed distance to the nearest neighbours; lowest kept)"
 
     def _init_common(self, f: int | None, assumed_attackers: int, on_violation: str,
                      preset: str) -> None:
@@ -43,7 +45,8 @@ class _KrumBase(CodeMomentumState, AssumedAttackers, Defense):
         m = self._count(k, rows.n, f) if count is None else count
         order, scores = krum_select(dist, f, rows.n, neighbours)
         diag = {"f": f, "assumption_violated": violated, "neighbours": neighbours,
-                "krum_scores": rows.per_client(scores, k), "preset": self.preset}
+                "krum_scores": rows.per_client(scores, k), "preset": self.preset,
+                SUSPICION: rows.per_client(scores, k)}
         return order[:m], scores, diag
 
     def _f_limit(self, k: int) -> tuple[int, str] | None:

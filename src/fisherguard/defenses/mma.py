@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from fisherguard.defenses._robust import stable_order
-from fisherguard.defenses.base import (Combined, Defense, RoundInput, Rows, check_choice,
+from fisherguard.defenses.base import (SUSPICION, Combined, Defense, RoundInput, Rows, check_choice,
                                        check_range)
 
 Tensor = torch.Tensor
@@ -51,6 +51,7 @@ class MMA(Defense):
     name = "mma"
     paper = "Huang, Li, Chen, Shi, Gao, ICCV 2023"
     summary = "keeps the p*K clients with the lowest multi-metric (cosine, L1, norm) score"
+    suspicion_score = "multi-metric Mahalanobis score as is (lowest p·K kept)"
 
     def __init__(self, *, p: float = 0.3, vectors: str = "weights") -> None:
         check_range("p", p, low=0.0, low_open=True, high=1.0)
@@ -76,7 +77,8 @@ class MMA(Defense):
         w = w / w.sum()
         step = (w[:, None] * rows.deltas).sum(0)
         diag: dict[str, Any] = {"mma_scores": rows.per_client(scores, k), "keep": keep,
-                                "singular_covariance": singular}
+                                "singular_covariance": singular,
+                                SUSPICION: rows.per_client(scores, k)}
         return Combined(rows.scatter(w, k), ri.global_weights.to(torch.float64) + step, diag,
                         zero_reason="high_score",
                         status="singular_covariance" if singular else "ok")

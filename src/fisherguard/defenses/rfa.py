@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from fisherguard.defenses._robust import check_finite
-from fisherguard.defenses.base import (Combined, Defense, RoundInput, Rows, check_choice,
+from fisherguard.defenses.base import (SUSPICION, Combined, Defense, RoundInput, Rows, check_choice,
                                        check_range)
 
 Tensor = torch.Tensor
@@ -29,6 +29,8 @@ class RFA(Defense):
     name = "rfa"
     paper = "Pillutla, Kakade, Harchaoui, IEEE TSP 2022"
     summary = "geometric median of the updates by smoothed Weiszfeld iterations"
+    # the Weiszfeld weight β_k ∝ α_k / max(‖Δ_k − z‖, ν) falls as this distance grows
+    suspicion_score = "distance ‖Δ_k − z‖ to the returned geometric-median estimate z"
 
     def __init__(self, *, nu: float = 1e-5, max_iter: int = 3, ftol: float = 1e-6,
                  weights: str = "samples") -> None:
@@ -59,5 +61,6 @@ class RFA(Defense):
                 break
         weights = rows.scatter(beta, ri.num_clients)
         diag: dict[str, Any] = {"objective": objective, "iterations": len(objective) - 1,
-                                "weiszfeld_weights": rows.per_client(beta, ri.num_clients)}
+                                "weiszfeld_weights": rows.per_client(beta, ri.num_clients),
+                                SUSPICION: rows.per_client((x - z).norm(dim=1), ri.num_clients)}
         return Combined(weights, ri.global_weights.to(torch.float64) + z, diag)

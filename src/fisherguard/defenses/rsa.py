@@ -27,6 +27,7 @@ class RSA(Defense):
     name = "rsa"
     paper = "Li, Xu, Chen, Giannakis, Ling, AAAI 2019"
     summary = "server moves by the sign of each client's offset (L1 consensus); clients keep models"
+    suspicion_score = None  # one equal sign vote per client: nothing per client
     client_regulariser = "l1pull"
 
     def __init__(self, *, lam: float = 0.07, mu: float = 0.01, c: float = 0.01,

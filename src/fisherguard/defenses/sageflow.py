@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from fisherguard.defenses._robust import check_bool, check_finite
-from fisherguard.defenses.base import (PRESETS, Combined, Defense, RoundInput, Rows, check_choice,
+from fisherguard.defenses.base import (PRESETS, SUSPICION, Combined, Defense, RoundInput, Rows, check_choice,
                                        check_range)
 
 
@@ -24,6 +24,9 @@ class Sageflow(Defense):
     paper = "Park, Han, Choi, Moon, NeurIPS 2021"
     summary = "drops high-entropy models and weights the rest by 1/loss^delta on server data"
     needs_server_data = True
+    # the weight β_k ∝ ℓ_k^(−δ) falls as the loss grows; a client the entropy filter (or a
+    # non-finite loss) removed is not scored: metrics rank such removed clients first
+    suspicion_score = "loss ℓ_k on U of the uploaded model, for clients that passed the entropy filter"
 
     def __init__(self, *, entropy_threshold: float = 2.2, delta: float = 5.0,
                  use_sample_counts: bool = False, preset: str = "paper") -> None:
@@ -54,12 +57,14 @@ class Sageflow(Defense):
             raw = raw * rows.counts
         diag: dict[str, Any] = {"entropy": rows.per_client(torch.nan_to_num(ent, nan=-1.0), k),
                                 "loss": rows.per_client(torch.nan_to_num(loss, nan=-1.0), k),
-                                "preset": self.preset}
+                                "preset": self.preset, SUSPICION: rows.per_client(loss, k)}
         for i, pos in enumerate(rows.index.tolist()):
             if not bool(finite[i]):
                 reasons[pos] = "non_finite_loss"
             elif not bool(passed[i]):
                 reasons[pos] = "high_entropy"
+            if not bool(passed[i]):
+                diag[SUSPICION][pos] = None
         total = float(raw.sum())
         if not (total > 0.0 and math.isfinite(total)):
             return Combined.unchanged(ri, "all_weights_zero", diagnostics=diag)

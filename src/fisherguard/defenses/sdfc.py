@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from fisherguard.clients.fdreg import FDReg
-from fisherguard.defenses.base import (PRESETS, Aggregate, ClientPlan, Combined, Defense,
+from fisherguard.defenses.base import (PRESETS, SUSPICION, Aggregate, ClientPlan, Combined, Defense,
                                        MissingServerDataError, PlanInput, RoundInput, Rows,
                                        check_choice, check_flag, check_range,
                                        fisher_estimator_option, reject_all)
@@ -95,6 +95,8 @@ class SDFC(Defense):
     needs_fisher = True
     needs_server_data = True
     client_regulariser = "fdreg"
+    # FDAgg's α_k = σ(−T̂_k)/Σ falls as T_k grows: the paper takes a large difference as suspect
+    suspicion_score = "Fisher difference T_k = Σ_v H_k,v as is (larger T, smaller FDAgg weight)"
 
     def __init__(self, *, preset: str = "paper", lambda_reg: float | None = None,
                  fdagg_weights: str | None = None, anchor: str = "own", use_fdreg: bool = True,
@@ -188,7 +190,7 @@ class SDFC(Defense):
 
     def _blank_diagnostics(self, k_all: int) -> dict[str, Any]:
         return {"fisher_difference": [None] * k_all, "weight": [0.0] * k_all,
-                "echo_ratio": [None] * k_all, "num_rejected": 0}
+                "echo_ratio": [None] * k_all, "num_rejected": 0, SUSPICION: [None] * k_all}
 
     def _forget_rejected(self, ri: RoundInput, reasons: list[str | None]) -> int:
         """Drop the history of every client rejected this round (docs/algorithms.md §5.5); their number."""
@@ -255,6 +257,7 @@ class SDFC(Defense):
         weights[idx] = alpha
         for pos, k in enumerate(idx):
             diag["fisher_difference"][k] = float(totals[pos])
+            diag[SUSPICION][k] = float(totals[pos])
             diag["weight"][k] = float(alpha[pos])
             cid = int(ri.client_ids[k])
             self._history[cid] = (h_rows[k].to(torch.float32).clone(),

@@ -25,7 +25,8 @@ import torch
 from fisherguard import metrics
 from fisherguard.clients.training import ClientDataset, LocalTrainer, SequentialTrainer, Upload
 from fisherguard.config import Config
-from fisherguard.defenses.base import FAILURE_REASONS, ClientPlan, PlanInput, RoundInput
+from fisherguard.defenses.base import (FAILURE_REASONS, SUSPICION, ClientPlan, PlanInput,
+                                       RoundInput)
 from fisherguard.defenses.fdcr import ORACLE_LABEL
 from fisherguard.engine.federation import (Federation, client_job, evaluate, fisher_request,
                                            initial_weights, local_fisher, plan_tag, server_data,
@@ -225,7 +226,8 @@ class Server:
         """One line of rounds.jsonl: metrics, detection, per-client weights/flags/reasons (docs/architecture.md §5)."""
         cw = agg.client_weights.tolist()
         failed = [r in FAILURE_REASONS for r in agg.reasons]
-        det = metrics.detection(agg.flagged.tolist(), self.ids, self.fed.attackers, failed)
+        det = metrics.detection(agg.flagged.tolist(), self.ids, self.fed.attackers, failed,
+                                agg.diagnostics.get(SUSPICION))
         det["failures"] = {}
         for r, f in zip(agg.reasons, failed):
             if f:
