@@ -189,3 +189,32 @@ def test_find_runs_names_runs_by_their_relative_path(runs_root):
     # as fisherguard report's hook calls it: run directories themselves, and overlapping paths
     both = find_runs([runs_root / "dba-fedavg", runs_root / "dba-multi-krum", runs_root])
     assert [r.name for r in both][:2] == ["dba-fedavg", "dba-multi-krum"] and len(both) == 4
+
+
+def test_auc_plot_per_round_per_method_only_for_scored_runs(tmp_path):
+    # issue 21: FDCR and Krum records carry detection AUC/AP (one round undefined), FedAvg none
+    root = tmp_path / "runs"
+    aucs = {"fdcr": [1.0, 0.571, None], "krum": [0.5, 0.75, 1.0], "fedavg": None}
+    for d, auc in aucs.items():
+        run = root / d
+        run.mkdir(parents=True)
+        run.joinpath("config.yaml").write_text(
+            "experiment: {name: t, seed: 0}\ndata: {dataset: synthetic}\n"
+            f"federation: {{clients: 4, rounds: 3}}\ndefense: {{name: {d}}}\n")
+        recs = [{"round": t + 1, "metrics": {"A": 50.0, "ASR": 10.0},
+                 "detection": {"TPR": 0.0, "FPR": 0.0, "removed": 0,
+                               "AUC": None if auc is None else auc[t],
+                               "AP": None if auc is None or auc[t] is None else auc[t] / 2}}
+                for t in range(3)]
+        run.joinpath("rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        run.joinpath("summary.json").write_text(json.dumps(
+            {"label": d.upper(), "defense": d, "rounds": 3, "A": 50.0, "ASR": 10.0, "seed": 0,
+             "complete": True}))
+    paths = write_plots(root, tmp_path / "out")
+    auc = sorted(p.name for p in paths if p.name.startswith("auc-"))
+    assert auc == ["auc-no-attack-on-synthetic.png", "auc-no-attack-on-synthetic.svg"]
+    svg = (tmp_path / "out" / auc[1]).read_text()
+    for text in (">AUC<", ">AP<", ">fdcr<", ">krum<", ">round<", "suspicion score"):
+        assert text in svg, text
+    assert ">fedavg<" not in svg
+    assert (tmp_path / "out" / auc[0]).read_bytes().startswith(PNG_MAGIC)

@@ -1,4 +1,5 @@
-"""Figures of run directories: accuracy/ASR curves, aggregation weights, detection, the matrix.
+"""Figures of run directories: accuracy/ASR curves, aggregation weights, detection (TPR/FPR and
+the suspicion score's AUC/AP), the matrix.
 
 Every figure is written as PNG and SVG with the Agg backend, fixed sizes and no timestamps, so
 the same run directories give the same bytes. Plots read run directories only; the attacker ids
@@ -200,7 +201,7 @@ def _styles(labels: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def _lines(runs: list[Run], section: str, keys: tuple[str, ...], title: str,
-           ylabel: str) -> Figure:
+           ylabel: str, ylim: tuple[float, float] = (-3, 103)) -> Figure:
     """One panel per key, one line per run coloured by defense label."""
     with matplotlib.rc_context(_RC):
         fig = Figure(figsize=(5.0 * len(keys), 3.6))
@@ -218,8 +219,8 @@ def _lines(runs: list[Run], section: str, keys: tuple[str, ...], title: str,
                 ax.plot(xs, ys, label=label, alpha=0.85, **styles[r.defense_label])
             ax.set_title(key)
             ax.set_xlabel("round")
-            ax.set_ylabel(f"{key} {ylabel}")
-            ax.set_ylim(-3, 103)
+            ax.set_ylabel(f"{key} {ylabel}".rstrip())
+            ax.set_ylim(*ylim)
             ax.grid(alpha=0.3)
             ax.xaxis.get_major_locator().set_params(integer=True)
         axes[-1].legend(fontsize=8, loc="best")
@@ -242,6 +243,20 @@ def plot_detection(runs: list[Run], out_dir: Path, stem: str) -> list[Path]:
     title = f"Detection per round: {runs[0].group_title()}"
     fig = _lines(runs, "detection", ("TPR", "FPR"), title, "(%)")
     return _save(fig, out_dir, f"detection-{stem}")
+
+
+def plot_scores(runs: list[Run], out_dir: Path, stem: str) -> list[Path]:
+    """Per-round ROC AUC and AP of each defense's suspicion score against the attackers, one line
+    per defense (docs/protocol.md §7.6); a dotted line marks the AUC of a random ranking."""
+    title = f"Detection AUC of the suspicion score per round: {runs[0].group_title()}"
+    fig = _lines(runs, "detection", ("AUC", "AP"), title, "", ylim=(-0.03, 1.03))
+    fig.axes[0].axhline(0.5, color="#808080", linestyle=":", linewidth=1.0)
+    return _save(fig, out_dir, f"auc-{stem}")
+
+
+def _has_scores(run: Run) -> bool:
+    """Whether any round record carries a detection AUC (a defense with a suspicion score)."""
+    return any((rec.get("detection") or {}).get("AUC") is not None for rec in run.rounds())
 
 
 def _has_detection(run: Run) -> bool:
@@ -355,7 +370,8 @@ def plot_matrix(summaries: list[dict[str, Any]], out_dir: Path,
 
 def write_plots(run_dirs: list[Path] | Path, out_dir: Path) -> list[Path]:
     """Every applicable figure of the runs below ``run_dirs``, PNG and SVG; their paths."""
-    # curves-<group>, detection-<group> (runs with detection), weights-<run> (runs with client
+    # curves-<group>, detection-<group> (runs with detection), auc-<group> (runs whose defense
+    # has a suspicion score), weights-<run> (runs with client
     # weights), matrix-attack-defense; ValueError when a given path holds no run directory
     runs = find_runs(run_dirs)
     out_dir = Path(out_dir)
@@ -366,6 +382,9 @@ def write_plots(run_dirs: list[Path] | Path, out_dir: Path) -> list[Path]:
         det = [r for r in group if _has_detection(r)]
         if det:
             paths += plot_detection(det, out_dir, stem)
+        scored = [r for r in group if _has_scores(r)]
+        if scored:
+            paths += plot_scores(scored, out_dir, stem)
     with_weights = [r for r in runs
                     if any((rec.get("clients") or {}).get("weights") for rec in r.rounds())]
     for r, stem in zip(with_weights, _unique([_stem(r.name) for r in with_weights])):
