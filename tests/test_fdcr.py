@@ -506,3 +506,105 @@ def test_registry_builds() -> None:
 def test_bad_hyperparameters_name_the_parameter(opts, name: str) -> None:
     with pytest.raises(DefenseConfigError, match=name):
         registry.build("fdcr", opts)
+
+
+# ------------------------------------------------------------------ issue 21: candidate rules
+
+
+def test_robust_z_by_hand() -> None:
+    from fisherguard.defenses.fdcr import robust_z
+
+    # median 3, |V − 3| = 2, 1, 0, 1, 97: MAD 1, σ̂ = 1.4826
+    torch.testing.assert_close(robust_z(t(1, 2, 3, 4, 100)),
+                               t(-2, -1, 0, 1, 97) / 1.4826, **TOL)
+    # MAD 0: σ̂ = 1.253314 · mean |V − 1| = 1.253314 · 0.8
+    torch.testing.assert_close(robust_z(t(1, 1, 1, 1, 5)), t(0, 0, 0, 0, 4) / (1.253314 * 0.8),
+                               **TOL)
+    assert robust_z(t(2, 2, 2)).tolist() == [0.0, 0.0, 0.0]  # no spread, nobody stands out
+
+
+def test_rule_robust_z_removes_only_modified_z_above_3_5() -> None:
+    d = FDCR(rule="robust-z")
+    assert d.select_flagged(t(1, 2, 3, 4, 100))[0] == [4]
+    assert d.select_flagged(t(1, 1, 1, 1, 5))[0] == [4]  # z = 3.99 by the mean-AD fallback
+    assert d.select_flagged(t(1, 1, 1, 2, 3))[0] == []  # z = 2 / (1.253314 · 0.6) = 2.66
+    assert d.select_flagged(t(-100, 1, 2, 3, 4))[0] == []  # one-sided: a low V is not suspect
+    assert d.select_flagged(t(5, 9))[0] == []  # two scores: z = ±0.67
+    # Example A′: V = 37.32, 35.42, 19.67, 130.42, 117.42; median 37.32, MAD 17.646:
+    # z = 3.56 for client 3, 3.06 for client 4 (the second planted client widens the MAD)
+    agg = d.aggregate(round_input(5))
+    assert agg.diagnostics["robust_z"][3] == pytest.approx(
+        (130.423611 - 37.319444) / (1.4826 * (37.319444 - 19.673611)), abs=1e-6)
+    assert agg.reasons == [None, None, None, "high_discrepancy", None]
+    assert agg.diagnostics["rule"] == "robust-z" and agg.diagnostics["silhouette"] is None
+    assert agg.diagnostics["num_removed"] == 1 and agg.diagnostics["gate_fired"] is False
+    w = torch.tensor(N[:5], dtype=D)
+    w[3] = 0
+    torch.testing.assert_close(agg.client_weights, w / w.sum(), **TOL)
+    # the cap applies to every rule
+    assert FDCR(rule="robust-z", max_drop_fraction=0.1).select_flagged(t(1, 2, 3, 4, 100))[0] == []
+
+
+def test_rule_cumulative_accumulates_per_client_across_rounds() -> None:
+    d = FDCR(rule="cumulative")  # threshold 3.5, clip ±3.5, at least 2 rounds
+    ids = [10, 11, 12, 13, 14]
+    # round 1: client 14's z = 65 is clipped to 3.5 and it has one round only: nobody removed
+    top, info = d.select_flagged(t(1, 2, 3, 4, 100), ids)
+    assert top == [] and info["observations"] == [1] * 5
+    assert info["cumulative_z"][4] == pytest.approx(3.5)
+    # round 2, the same: (3.5 + 3.5)/√2 = 4.95 > 3.5
+    top, info = d.select_flagged(t(1, 2, 3, 4, 100), ids)
+    assert top == [4] and info["cumulative_z"][4] == pytest.approx(7 / math.sqrt(2))
+    assert info["cumulative_z"][3] == pytest.approx(2 / 1.4826 / math.sqrt(2))
+    # round 3 without client 14: its history is kept; round 4 it looks ordinary (z = 0) and
+    # its statistic is 7/√3 = 4.04: still removed
+    d.select_flagged(t(1, 2, 3, 4), ids[:4])
+    top, info = d.select_flagged(t(1, 2, 3, 4, 2.5), ids)
+    assert top == [4] and info["observations"][4] == 3
+    assert info["cumulative_z"][4] == pytest.approx(7 / math.sqrt(3))
+    # a single extreme round of a new client, then ordinary ones: 3.5/√2 = 2.47, kept
+    e = FDCR(rule="cumulative")
+    e.select_flagged(t(1, 2, 3, 4, 1000), ids)
+    assert e.select_flagged(t(1, 2, 3, 4, 3), ids)[0] == []
+    # the clip makes one round alone never enough, whatever min_rounds: z/√1 ≤ 3.5
+    assert FDCR(rule="cumulative", min_rounds=1).select_flagged(t(1, 2, 3, 4, 100), ids)[0] == []
+    with pytest.raises(ValueError, match="client id"):
+        FDCR(rule="cumulative").select_flagged(t(1, 2, 3))
+
+
+def test_rule_cumulative_state_round_trips_and_default_keeps_none() -> None:
+    d = FDCR(rule="cumulative")
+    d.aggregate(round_input(5))
+    st = d.state_dict()
+    assert set(st) == {"cumulative"} and st["cumulative"][3][1] == 1
+    e = FDCR(rule="cumulative")
+    e.load_state_dict(st)
+    a, b = d.aggregate(round_input(5)), e.aggregate(round_input(5))
+    assert a.diagnostics["cumulative_z"] == b.diagnostics["cumulative_z"]
+    # round 2: client 3 (z 3.56, clipped 3.5) and client 4 (z 3.06 twice: 4.33) are removed
+    assert a.diagnostics["cumulative_z"][4] == pytest.approx(
+        2 * a.diagnostics["robust_z"][4] / math.sqrt(2))
+    assert a.reasons == b.reasons == [None, None, None, "high_discrepancy", "high_discrepancy"]
+    assert FDCR().state_dict() == {} and FDCR(rule="robust-z").state_dict() == {}
+    with pytest.raises(ValueError):
+        FDCR().load_state_dict(st)
+
+
+def test_rule_options_are_checked_and_default_is_finch() -> None:
+    assert FDCR().get_params()["rule"] == "finch"
+    for bad in ({"rule": "gap"}, {"z_threshold": 0}, {"z_threshold": math.inf},
+                {"min_rounds": 0}):
+        with pytest.raises(DefenseConfigError):
+            FDCR(**bad)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_default_rule_is_the_published_path(k: int) -> None:
+    # rule = finch leaves FINCH, the gate and the record as they were (plus the suspicion list)
+    a = FDCR().aggregate(round_input(k))
+    b = FDCR(rule="finch").aggregate(round_input(k))
+    assert torch.equal(a.new_weights, b.new_weights) and torch.equal(a.client_weights,
+                                                                        b.client_weights)
+    assert a.diagnostics == b.diagnostics and a.reasons == b.reasons
+    assert not {"rule", "robust_z", "cumulative_z", "observations"} & set(a.diagnostics)
+    assert a.diagnostics["suspicion"] == a.diagnostics["discrepancy"]

@@ -23,6 +23,15 @@ Tensor = torch.Tensor
 
 DISCREPANCIES = ("mse", "l2", "cosine")
 CLUSTERINGS = ("finch", "kmeans", "dbscan")
+# How V becomes removals (issue 21): the paper's clustering + gate, or one of the candidate rules
+# with a controlled false-removal rate. ``finch`` is the default and runs ``clustering``.
+RULES = ("finch", "robust-z", "cumulative")
+# Iglewicz & Hoaglin (1993): a modified z-score above 3.5 marks a potential outlier. Not tuned to
+# any run; under normal scores one-sided z > 3.5 has probability 2.3e-4 per client and round.
+Z_THRESHOLD = 3.5
+MAD_TO_SIGMA = 1.4826  # 1/Φ⁻¹(3/4): MAD · 1.4826 estimates σ of a normal sample
+MEANAD_TO_SIGMA = 1.253314  # √(π/2): mean absolute deviation · 1.2533 estimates σ (normal)
+CUMULATIVE_MIN_ROUNDS = 2
 ORACLE_LABEL = "FDCR-oracle (uses ground truth; not a defense)"
 # The released discrepancy is torch's pairwise_distance, whose eps is added to the difference.
 L2_EPS = 1e-6
@@ -188,6 +197,27 @@ def fcdc_reweight(alpha: Tensor, removed: Sequence[int]) -> Tensor:
     return a / a.sum()
 
 
+def robust_z(scores: Tensor | Sequence[float]) -> Tensor:
+    """Modified z-scores (V − median)/(1.4826·MAD) (Iglewicz & Hoaglin 1993); MAD = 0 falls back
+    to 1.2533 × the mean absolute deviation from the median; all zeros when both are 0."""
+    v = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
+    if v.numel() == 0:
+        return v.clone()
+    med = statistics.median(v.tolist())
+    dev = (v - med).abs()
+    scale = MAD_TO_SIGMA * statistics.median(dev.tolist())
+    if not scale > 0:
+        scale = MEANAD_TO_SIGMA * float(dev.mean())
+    if not scale > 0:
+        return torch.zeros_like(v)
+    return (v - med) / scale
+
+
+def stouffer(z_sum: float, n: int) -> float:
+    """Stouffer's combination Σ_t z_t / √n of a client's n per-round z-scores (Stouffer et al. 1949)."""
+    return z_sum / math.sqrt(n) if n > 0 else 0.0
+
+
 def kmeans_partition(scores: Tensor, seed: int) -> list[int]:
     """2-means on the scores, 10 seeded starts (FDCR Tab. 1 ablation; settings are the project's)."""
     from sklearn.cluster import KMeans
@@ -248,6 +278,19 @@ class FDCR(Defense):
     per_sample|official_label_mixed (paper / code); ``label_source``; ``seed`` (K-Means
     starts).
 
+    ``rule`` (issue 21; docs/algorithms.md §3.7) turns V into removals: ``finch`` (default: the paper's ``clustering``,
+    gate and cap, unchanged), ``robust-z`` (remove z_k > ``z_threshold`` with z the round's
+    modified z-score of V, ``robust_z``) or ``cumulative`` (remove when a client's Stouffer
+    statistic of its per-round z, each clipped to ±``z_threshold``, exceeds ``z_threshold``
+    after ``min_rounds`` scored rounds, so one round alone never removes a client; clients are
+    kept by id across rounds). ``z_threshold``
+    3.5 is Iglewicz & Hoaglin's outlier bound, not tuned. The two candidate rules skip the
+    silhouette gate (they are the decision rule themselves); ``max_drop_fraction`` applies to
+    every rule. With them FPRA counts a round without removals as a single cluster, ``cluster``
+    is 1 for a removed client and 0 otherwise, and removals have the reason
+    ``high_discrepancy``; the record adds ``rule``, ``robust_z`` and (cumulative)
+    ``cumulative_z`` and ``observations`` per client.
+
     Round scalars in diagnostics: ``gate_fired`` is true when the separation gate cancelled a
     drop that clustering proposed; ``num_removed`` counts clients removed by clustering
     (``clustered_out``), ``num_rejected`` those refused by input or spikiness checks.
@@ -270,7 +313,8 @@ class FDCR(Defense):
                  spiky_ratio: float | None = None, max_drop_fraction: float | None = None,
                  param_slice: list[int] | None = None,
                  fisher_estimator: str | None = None, label_source: str = "dataset",
-                 seed: int = 0) -> None:
+                 seed: int = 0, rule: str = "finch", z_threshold: float = Z_THRESHOLD,
+                 min_rounds: int = CUMULATIVE_MIN_ROUNDS) -> None:
         check_choice("preset", preset, PRESETS)
         code = preset == "code"
         discrepancy = discrepancy if discrepancy is not None else ("l2" if code else "mse")
@@ -307,6 +351,11 @@ class FDCR(Defense):
                                          f"got {param_slice!r}")
         fisher_estimator = fisher_estimator_option(fisher_estimator, label_source, code=code)
         check_range("seed", seed, low=0, integer=True)
+        check_choice("rule", rule, RULES)
+        check_range("z_threshold", z_threshold, low=0.0, low_open=True)
+        if not math.isfinite(z_threshold):
+            raise DefenseConfigError(f"z_threshold must be finite, got {z_threshold!r}")
+        check_range("min_rounds", min_rounds, low=1, integer=True)
 
         self.preset = preset
         self.discrepancy = discrepancy
@@ -326,6 +375,11 @@ class FDCR(Defense):
         self.fisher_estimator = fisher_estimator
         self.label_source = label_source
         self.seed = int(seed)
+        self.rule = rule
+        self.z_threshold = float(z_threshold)
+        self.min_rounds = int(min_rounds)
+        # rule cumulative: client id → [Σ_t clip(z_t), rounds scored]; absent clients keep theirs
+        self._cumulative: dict[int, list[float]] = {}
 
     def fisher_options(self) -> dict[str, Any]:
         """Options for ``fisherguard.fisher.diagonal_fisher`` on every client (docs/algorithms.md §2.4)."""
@@ -416,17 +470,24 @@ class FDCR(Defense):
             diag["discrepancy"][k] = float(v[pos])
             diag[SUSPICION][k] = float(v[pos])
 
-        # steps 7–9: cluster, flag the top cluster, gate
-        flagged_pos, info = self.select_flagged(v)
+        # steps 7–9: cluster, flag the top cluster, gate (or the candidate rule of issue 21)
+        flagged_pos, info = self.select_flagged(v, [int(ri.client_ids[k]) for k in idx])
         single_cluster = info["single_cluster"]
         for pos, k in enumerate(idx):
             diag["cluster"][k] = int(info["labels"][pos]) if self.use_fcdc else None
         for key in ("num_clusters", "silhouette", "gate_fired", "drop_capped"):
             diag[key] = info[key]
+        if self.rule != "finch":
+            diag["rule"] = self.rule
+            for key in ("robust_z", "cumulative_z", "observations"):
+                if key in info:
+                    diag[key] = [None] * k_all
+                    for pos, k in enumerate(idx):
+                        diag[key][k] = info[key][pos]
 
         # step 10: re-weight
         for pos in flagged_pos:
-            reasons[idx[pos]] = "clustered_out"
+            reasons[idx[pos]] = "clustered_out" if self.rule == "finch" else "high_discrepancy"
         diag["num_removed"] = len(flagged_pos)
         ahat = fcdc_reweight(alpha, flagged_pos)
 
@@ -439,12 +500,14 @@ class FDCR(Defense):
         weights[idx] = ahat
         return Combined(weights, new, diag)
 
-    def select_flagged(self, v: Tensor) -> tuple[list[int], dict[str, Any]]:
+    def select_flagged(self, v: Tensor, ids: Sequence[int] | None = None
+                       ) -> tuple[list[int], dict[str, Any]]:
         """Positions of ``v`` to remove and the clustering record (docs/algorithms.md §3.1 steps 7–9, docs/algorithms.md §3.2, docs/algorithms.md §3.4).
 
         The record holds ``labels``, ``num_clusters``, ``silhouette``, ``gate_fired``,
         ``drop_capped`` and ``single_cluster`` (no partition: FPRA then follows
-        ``fpra_when_single_cluster``).
+        ``fpra_when_single_cluster``). ``ids`` (the clients of ``v``, in its order) are needed
+        by ``rule = cumulative`` only.
         """
         v = v.to(torch.float64).reshape(-1)
         kv = v.numel()
@@ -457,6 +520,8 @@ class FDCR(Defense):
             return [], info
         if kv == 0:
             return [], info
+        if self.rule != "finch":
+            return self._select_by_z(v, ids, info)
         vmax, vmin = float(v.max()), float(v.min())
         if kv <= 2 or vmax - vmin <= EQUAL_V_RTOL * max(abs(vmax), abs(vmin)):
             # K′ ≤ 2 never splits under level 0; equal scores are one cluster, FINCH not called
@@ -483,6 +548,51 @@ class FDCR(Defense):
             info["drop_capped"] = True
             return [], info
         return top, info
+
+    def _select_by_z(self, v: Tensor, ids: Sequence[int] | None,
+                     info: dict[str, Any]) -> tuple[list[int], dict[str, Any]]:
+        """Rules ``robust-z`` and ``cumulative``: removals from the round's modified z-scores."""
+        kv = v.numel()
+        z = robust_z(v)
+        info["robust_z"] = [float(x) for x in z]
+        info["num_clusters"] = None
+        if self.rule == "robust-z":
+            top = [pos for pos in range(kv) if float(z[pos]) > self.z_threshold]
+        else:
+            if ids is None or len(ids) != kv:
+                raise ValueError("rule 'cumulative' needs the client id of every score")
+            c = self.z_threshold
+            stats, seen = [], []
+            for pos, cid in enumerate(ids):
+                acc = self._cumulative.setdefault(int(cid), [0.0, 0])
+                acc[0] += min(max(float(z[pos]), -c), c)
+                acc[1] += 1
+                stats.append(stouffer(acc[0], int(acc[1])))
+                seen.append(int(acc[1]))
+            info["cumulative_z"], info["observations"] = stats, seen
+            top = [pos for pos in range(kv) if seen[pos] >= self.min_rounds and stats[pos] > c]
+        top_set = set(top)
+        info["labels"] = [int(pos in top_set) for pos in range(kv)]
+        info["single_cluster"] = not top
+        if top and self.max_drop_fraction is not None and len(top) > self.max_drop_fraction * kv:
+            info["drop_capped"] = True
+            return [], info
+        return top, info
+
+    def state_dict(self) -> dict[str, Any]:
+        """Rule ``cumulative``: the per-client sums; the other rules keep no state."""
+        if self.rule != "cumulative":
+            return {}
+        return {"cumulative": {cid: list(acc) for cid, acc in self._cumulative.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.rule != "cumulative":
+            super().load_state_dict(state)
+            return
+        if set(state) - {"cumulative"}:
+            raise ValueError(f"unexpected keys {sorted(set(state) - {'cumulative'})}")
+        self._cumulative = {int(c): [float(a[0]), int(a[1])]
+                            for c, a in (state.get("cumulative") or {}).items()}
 
 
 class FDCROracle(FDCR):
