@@ -218,3 +218,16 @@ def test_auc_plot_per_round_per_method_only_for_scored_runs(tmp_path):
         assert text in svg, text
     assert ">fedavg<" not in svg
     assert (tmp_path / "out" / auc[0]).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_variants_of_one_defense_get_their_run_labels(tmp_path):
+    from fisherguard.report.plots import _line_names
+
+    for name, label, seed in (("a", "FDCR robust-z", 0), ("b", "FDCR cumulative", 0),
+                              ("c", "FDCR robust-z", 1), ("d", "FedAvg", 0)):
+        d = tmp_path / name
+        d.mkdir()
+        d.joinpath("summary.json").write_text(json.dumps(
+            {"label": label, "defense": "fedavg" if label == "FedAvg" else "fdcr", "seed": seed}))
+    runs = find_runs(tmp_path)
+    assert _line_names(runs) == ["FDCR robust-z", "FDCR cumulative", "fdcr", "fedavg"]

@@ -167,3 +167,18 @@ def test_suspicion_signs_follow_each_defense_own_ranking():
     assert kr[SUSPICION] == kr["krum_scores"] and int(np.argmax(kr[SUSPICION])) == 5
     fd = registry.build("fdcr").aggregate(ri).diagnostics
     assert fd[SUSPICION] == fd["discrepancy"]
+
+
+def test_table_shows_auc_when_summaries_carry_it():
+    from fisherguard.results import aggregate_seeds, format_table, pivot
+
+    base = {"label": "m", "defense": "fdcr", "attack": "badnets", "R": 0.0, "ASR": 1.0,
+            "V": 1.0, "TPR": None, "FPR": 0.0, "collapsed": False, "wall_time_s": 1.0}
+    runs = [{**base, "seed": s, "A": 1.0, "AUC": a} for s, a in ((0, 0.5), (1, 1.0), (2, None))]
+    rows = aggregate_seeds(runs)
+    assert rows[0]["AUC"] == "0.75 ± 0.35"
+    assert " AUC " in format_table(rows).splitlines()[0]
+    old = aggregate_seeds([{**base, "seed": 0, "A": 1.0}])  # a summary from before issue 21
+    assert "AUC" not in old[0] and "AUC" not in format_table(old)
+    text = pivot(runs, metrics=("A", "AUC"))
+    assert "fdcr AUC" in text.splitlines()[0] and "0.75" in text.splitlines()[2]

@@ -184,7 +184,8 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-COLUMNS = ("label", "defense", "seeds", "A", "R", "ASR", "V", "collapsed", "TPR", "FPR", "wall_time_s")
+COLUMNS = ("label", "defense", "seeds", "A", "R", "ASR", "V", "collapsed", "TPR", "FPR", "AUC",
+           "wall_time_s")
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -220,7 +221,9 @@ def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS)
     return "\n".join(lines)
 
 
-SEED_METRICS = ("A", "R", "ASR", "V", "TPR", "FPR")
+SEED_METRICS = ("A", "R", "ASR", "V", "TPR", "FPR", "AUC")
+# shown only when a summary carries them (summaries from before issue 21 have no AUC)
+OPTIONAL_SEED_METRICS = ("AUC",)
 
 # What a summary without a resolved config beside it is known by (older or hand-made summaries).
 SUMMARY_IDENTITY = ("label", "defense", "attack", "dataset", "preset", "family", "beta",
@@ -315,6 +318,8 @@ def aggregate_seeds(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"label": label, "defense": runs[0].get("defense"),
                                "seeds": ",".join(str(r.get("seed")) for r in runs)}
         for m in SEED_METRICS:
+            if m in OPTIONAL_SEED_METRICS and not any(m in r for r in runs):
+                continue
             vals = [float(r[m]) for r in runs if r.get(m) is not None]
             if not vals:
                 row[m] = None

@@ -200,23 +200,35 @@ def _styles(labels: list[str]) -> dict[str, dict[str, Any]]:
             for i, lab in enumerate(sorted(set(labels)))}
 
 
+def _line_names(runs: list[Run]) -> list[str]:
+    """Each run's line name: its defense label, or its run label where runs of one seed share
+    a defense label (variants of one defense, e.g. FDCR's rules)."""
+    names = [r.defense_label for r in runs]
+    count: dict[tuple[str, str], int] = {}
+    for r, n in zip(runs, names):
+        count[(n, str(r.seed))] = count.get((n, str(r.seed)), 0) + 1
+    return [str(r.summary.get("label") or r.name) if count[(n, str(r.seed))] > 1 else n
+            for r, n in zip(runs, names)]
+
+
 def _lines(runs: list[Run], section: str, keys: tuple[str, ...], title: str,
            ylabel: str, ylim: tuple[float, float] = (-3, 103)) -> Figure:
     """One panel per key, one line per run coloured by defense label."""
+    names = _line_names(runs)
     with matplotlib.rc_context(_RC):
         fig = Figure(figsize=(5.0 * len(keys), 3.6))
         axes = np.atleast_1d(fig.subplots(1, len(keys), sharex=True))
-        styles = _styles([r.defense_label for r in runs])
+        styles = _styles(names)
         seeds: dict[str, set[Any]] = {}
-        for r in runs:
-            seeds.setdefault(r.defense_label, set()).add(r.seed)
+        for r, name in zip(runs, names):
+            seeds.setdefault(name, set()).add(r.seed)
         for ax, key in zip(axes, keys):
-            for r in runs:
+            for r, name in zip(runs, names):
                 xs, ys = _series(r, section, key)
-                label = r.defense_label
+                label = name
                 if len(seeds[label]) > 1:
                     label = f"{label} (seed {r.seed})"
-                ax.plot(xs, ys, label=label, alpha=0.85, **styles[r.defense_label])
+                ax.plot(xs, ys, label=label, alpha=0.85, **styles[name])
             ax.set_title(key)
             ax.set_xlabel("round")
             ax.set_ylabel(f"{key} {ylabel}".rstrip())
