@@ -34,6 +34,10 @@ def test_defense_runs_through_the_engine(name, tmp_path):
         assert math.isclose(sum(w), 1.0, abs_tol=1e-6) or rec["status"] != "ok"
         assert [x == 0 for x in w] == rec["clients"]["flagged"]
         assert all(0 <= rec["metrics"][m] <= 100 for m in ("A", "R", "ASR", "V"))
+        # issue 21: the suspicion score's ranking, null for a defense without a score
+        auc = rec["detection"]["AUC"]
+        assert (auc is None) if registry.get(name).suspicion_score is None else 0 <= auc <= 1
+    assert summary["AUC_rounds"] == (0 if registry.get(name).suspicion_score is None else 2)
     oracle = registry.get(name).needs_attacker_ids
     assert any("ground truth" in str(c.message) for c in caught) == oracle
     assert ("ground truth" in summary["defense"]) == oracle

@@ -10,7 +10,8 @@ from fisherguard.defenses._robust import (AssumedAttackers, CodeMomentumState, S
                                           closest_to_centre_mean, coordinate_median, krum_scores,
                                           marsfl_corrupted_count, pairwise_sq_dists,
                                           share_to_weights, stable_order)
-from fisherguard.defenses.base import PRESETS, SUSPICION, Combined, Defense, RoundInput, Rows, check_choice
+from fisherguard.defenses.base import (PRESETS, SUSPICION, Combined, Defense, RoundInput, Rows,
+                                       check_choice)
 
 Tensor = torch.Tensor
 

@@ -22,7 +22,7 @@ class CRFL(Defense):
     name = "crfl"
     paper = "Xie, Chen, Chen, Li, ICML 2021"
     summary = "FedAvg, then clips the model's parameter norm and adds Gaussian noise"
-    suspicion_score = None  # FedAvg weights, then clipping and noise on the model: nothing per client
+    suspicion_score = None  # FedAvg weights, then clipping and noise: nothing per client
 
     def __init__(self, *, slope: float = 2.0, offset: float = 10.0, rho_max: float = 15.0,
                  sigma: float = 0.01, seed: int = 0, preset: str = "paper") -> None:

@@ -9,8 +9,8 @@ import torch
 
 from fisherguard.defenses._robust import (AssumedAttackers, check_bool, check_finite, check_seed,
                                           load_keys, make_generator, stable_order)
-from fisherguard.defenses.base import (PRESETS, SUSPICION, Combined, Defense, RoundInput, Rows, check_choice,
-                                       check_range)
+from fisherguard.defenses.base import (PRESETS, SUSPICION, Combined, Defense, RoundInput, Rows,
+                                       check_choice, check_range)
 
 Tensor = torch.Tensor
 
@@ -23,7 +23,7 @@ class DnC(AssumedAttackers, Defense):
     name = "dnc"
     paper = "Shejwalkar, Houmansadr, NDSS 2021"
     summary = "removes the c*f updates with the largest projection on the top singular vector"
-    suspicion_score = "outlier score (projection on the top singular vector)² as is (last iteration)"
+    suspicion_score = "outlier score (projection on the top singular vector)² (last iteration)"
 
     def __init__(self, *, b: int = 10_000, niters: int = 1, c: float = 1.0,
                  f: int | None = None, assumed_attackers: int = 0, on_violation: str = "cap",

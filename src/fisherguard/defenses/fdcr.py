@@ -214,7 +214,7 @@ def robust_z(scores: Tensor | Sequence[float]) -> Tensor:
 
 
 def stouffer(z_sum: float, n: int) -> float:
-    """Stouffer's combination Σ_t z_t / √n of a client's n per-round z-scores (Stouffer et al. 1949)."""
+    """Stouffer's Σ_t z_t / √n of a client's n per-round z-scores (Stouffer et al. 1949)."""
     return z_sum / math.sqrt(n) if n > 0 else 0.0
 
 
@@ -278,18 +278,18 @@ class FDCR(Defense):
     per_sample|official_label_mixed (paper / code); ``label_source``; ``seed`` (K-Means
     starts).
 
-    ``rule`` (issue 21; docs/algorithms.md §3.7) turns V into removals: ``finch`` (default: the paper's ``clustering``,
-    gate and cap, unchanged), ``robust-z`` (remove z_k > ``z_threshold`` with z the round's
-    modified z-score of V, ``robust_z``) or ``cumulative`` (remove when a client's Stouffer
-    statistic of its per-round z, each clipped to ±``z_threshold``, exceeds ``z_threshold``
-    after ``min_rounds`` scored rounds, so one round alone never removes a client; clients are
-    kept by id across rounds). ``z_threshold``
-    3.5 is Iglewicz & Hoaglin's outlier bound, not tuned. The two candidate rules skip the
-    silhouette gate (they are the decision rule themselves); ``max_drop_fraction`` applies to
-    every rule. With them FPRA counts a round without removals as a single cluster, ``cluster``
-    is 1 for a removed client and 0 otherwise, and removals have the reason
-    ``high_discrepancy``; the record adds ``rule``, ``robust_z`` and (cumulative)
-    ``cumulative_z`` and ``observations`` per client.
+    ``rule`` (issue 21; docs/algorithms.md §3.7) turns V into removals: ``finch`` (default:
+    the paper's ``clustering``, gate and cap, unchanged), ``robust-z`` (remove z_k >
+    ``z_threshold``, z the round's modified z-score of V, ``robust_z``) or ``cumulative``
+    (remove when a client's Stouffer statistic of its per-round z, each clipped to
+    ±``z_threshold``, exceeds ``z_threshold`` after ``min_rounds`` scored rounds, so one round
+    alone never removes a client; clients are kept by id across rounds). ``z_threshold`` 3.5 is
+    Iglewicz & Hoaglin's outlier bound, not tuned. The two candidate rules skip the silhouette
+    gate (they are the decision rule themselves); ``max_drop_fraction`` applies to every rule.
+    With them FPRA counts a round without removals as a single cluster, ``cluster`` is 1 for a
+    removed client and 0 otherwise, and removals have the reason ``high_discrepancy``; the
+    record adds ``rule``, ``robust_z`` and (cumulative) ``cumulative_z`` and ``observations``
+    per client.
 
     Round scalars in diagnostics: ``gate_fired`` is true when the separation gate cancelled a
     drop that clustering proposed; ``num_removed`` counts clients removed by clustering

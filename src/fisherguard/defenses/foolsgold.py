@@ -7,8 +7,8 @@ from typing import Any
 import torch
 
 from fisherguard.defenses._robust import check_finite, check_seed, load_keys, make_generator
-from fisherguard.defenses.base import (PRESETS, SUSPICION, Combined, Defense, RoundInput, Rows, check_choice,
-                                       check_range)
+from fisherguard.defenses.base import (PRESETS, SUSPICION, Combined, Defense, RoundInput, Rows,
+                                       check_choice, check_range)
 
 Tensor = torch.Tensor
 

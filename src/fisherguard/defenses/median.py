@@ -20,7 +20,9 @@ class Median(Defense):
     name = "median"
     paper = "Yin, Chen, Ramchandran, Bartlett, ICML 2018"
     summary = "coordinate-wise median of the updates (unweighted)"
-    suspicion_score = None  # coordinate-wise rule: it judges values per coordinate, never a client (``contribution`` is a by-product)
+    # coordinate-wise: it judges values per coordinate, never a client (``contribution`` is a
+    # by-product of the median, not a score it ranks clients by)
+    suspicion_score = None
 
     def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         med, share = coordinate_median(rows.deltas)

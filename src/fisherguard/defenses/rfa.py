@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from fisherguard.defenses._robust import check_finite
-from fisherguard.defenses.base import (SUSPICION, Combined, Defense, RoundInput, Rows, check_choice,
-                                       check_range)
+from fisherguard.defenses.base import (SUSPICION, Combined, Defense, RoundInput, Rows,
+                                       check_choice, check_range)
 
 Tensor = torch.Tensor
 

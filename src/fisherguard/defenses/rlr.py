@@ -18,7 +18,8 @@ class RLR(Defense):
     name = "rlr"
     paper = "Ozdayi, Kantarcioglu, Gel, AAAI 2021"
     summary = "flips the server learning rate on coordinates where fewer than theta signs agree"
-    suspicion_score = None  # per-coordinate sign vote: the learning rate is judged per coordinate, every client keeps α_k
+    # a sign vote per coordinate sets the learning rate there; every client keeps its α_k
+    suspicion_score = None
 
     def __init__(self, *, theta: float | None = None, server_lr: float = 1.0,
                  preset: str = "paper", seed: int = 0) -> None:

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from fisherguard.defenses._robust import check_bool, check_finite
-from fisherguard.defenses.base import (PRESETS, SUSPICION, Combined, Defense, RoundInput, Rows, check_choice,
-                                       check_range)
+from fisherguard.defenses.base import (PRESETS, SUSPICION, Combined, Defense, RoundInput, Rows,
+                                       check_choice, check_range)
 
 
 class Sageflow(Defense):
@@ -26,7 +26,7 @@ class Sageflow(Defense):
     needs_server_data = True
     # the weight β_k ∝ ℓ_k^(−δ) falls as the loss grows; a client the entropy filter (or a
     # non-finite loss) removed is not scored: metrics rank such removed clients first
-    suspicion_score = "loss ℓ_k on U of the uploaded model, for clients that passed the entropy filter"
+    suspicion_score = "loss ℓ_k on U of the uploaded model (clients past the entropy filter)"
 
     def __init__(self, *, entropy_threshold: float = 2.2, delta: float = 5.0,
                  use_sample_counts: bool = False, preset: str = "paper") -> None:

@@ -25,7 +25,9 @@ class TrimmedMean(CodeMomentumState, AssumedAttackers, Defense):
     name = "trimmed-mean"
     paper = "Yin, Chen, Ramchandran, Bartlett, ICML 2018"
     summary = "coordinate-wise mean after dropping the f (or beta*K) largest and smallest values"
-    suspicion_score = None  # coordinate-wise rule: it trims values per coordinate, never a client (``contribution`` is a by-product)
+    # coordinate-wise: it trims values per coordinate, never a client (``contribution`` is a
+    # by-product of the trimming, not a score it ranks clients by)
+    suspicion_score = None
 
     def __init__(self, *, beta: float | None = None, f: int | None = None,
                  assumed_attackers: int = 0, on_violation: str = "cap",
