@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -349,9 +350,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fisherguard: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\nfisherguard: interrupted; finished rounds are saved (use --resume)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        # Ctrl-C, or SIGHUP / SIGTERM during a Flower run (launch.Stopped): every process the run
+        # started has been stopped by now; after SIGHUP the terminal may be gone
+        signum = getattr(e, "signum", signal.SIGINT)
+        with contextlib.suppress(OSError):
+            print(f"\nfisherguard: {e or 'interrupted'}; finished rounds are saved (use --resume)",
+                  file=sys.stderr)
+        return 128 + int(signum)
 
 
 if __name__ == "__main__":

@@ -382,16 +382,60 @@ def _finish(out_dir: Path, rc: int, logdir: Path) -> dict[str, Any]:
     return s
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGHUP or SIGTERM reached a process running Flower: unwind, stopping what it started."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _ignore_stop_signals() -> None:
+    """From here on SIGHUP and SIGTERM cannot cut a clean-up short (main thread only)."""
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGHUP, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """Turn SIGHUP (the terminal closed) and SIGTERM into ``Stopped`` while the block runs.
+
+    Python's default for both is to die at once, skipping every ``finally``: the daemons (each in
+    its own session, so the terminal's SIGHUP never reaches them) and the temporary folder were
+    left behind. SIGINT already raises ``KeyboardInterrupt``. A second signal during the clean-up
+    is ignored, so the clean-up itself cannot be cut short.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = (signal.SIGHUP, signal.SIGTERM)
+
+    def handler(signum: int, _frame: Any) -> None:
+        _ignore_stop_signals()
+        raise Stopped(signum)
+
+    old = {s: signal.signal(s, handler) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 @contextlib.contextmanager
 def _session(opts: FlowerOptions, prefix: str) -> Iterator[tuple[Path, Processes]]:
-    """A private FLWR_HOME and log directory outside any app directory (docs/flower.md §8.6)."""
-    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+    """A private FLWR_HOME and log directory outside any app directory (docs/flower.md §8.6);
+    on exit (normal, error, Ctrl-C, SIGHUP, SIGTERM) every process started is stopped by PID and
+    the folder removed."""
+    with _stop_on_signals(), tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         root = Path(tmp)
         (root / "logs").mkdir()
         procs = Processes(flower_env(root / "home", uuid.uuid4().hex, opts.threads), root / "logs")
         try:
             yield root, procs
         finally:
+            _ignore_stop_signals()  # restored when the block is left
             left = procs.stop()
             if opts.keep_logs is not None:
                 import shutil
