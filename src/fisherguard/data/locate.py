@@ -143,10 +143,14 @@ def fix_commands(name: str, root: str | os.PathLike[str]) -> list[str]:
             "rm -rf deb dataset-fashion-mnist_*.deb",
         ]
     if key == "usps":
+        # no registry carries USPS: the project's tree ships it in a shared folder beside the
+        # project root; a clone without that folder needs the files from their publishers
         return [
-            ours,
-            "none needed in a checkout (the shared folder ../shared/data/usps/ next to the project root); "
-            f'elsewhere: mkdir -p "{r}/usps" && cp zip.train.gz zip.test.gz "{r}/usps/"',
+            f'mkdir -p "{r}/usps" && cp zip.train.gz zip.test.gz "{r}/usps/"  (the ESL "ZIP code" '
+            "files, from the data page of Hastie, Tibshirani & Friedman, The Elements of "
+            "Statistical Learning; or torchvision's LIBSVM files usps.bz2 and usps.t.bz2)",
+            "place the shared data folder ../shared/data/usps/ beside the project root (it is "
+            f"read in place), or copy it into the data root with `{ours}`",
         ]
     if key == "cifar10":
         return [
