@@ -306,8 +306,10 @@ def run_config_file(path: Path, runs: list[tuple[Config, Path, str]], *, resume:
 
     items = [{"config-yaml": cfg.to_yaml(), "out": str(out), "label": label}
              for cfg, out, label in runs]
+    # the launcher starts the nodes itself: they come, so waiting for them may take a round's time
     common = {"resume": bool(resume), "min-replies": int(opts.min_replies),
-              "round-timeout": float(opts.round_timeout), "threads": int(opts.threads)}
+              "round-timeout": float(opts.round_timeout), "threads": int(opts.threads),
+              "node-wait": float(max(60.0, opts.round_timeout))}
     table = {**items[0], **common} if len(items) == 1 else {**common, "runs-json": json.dumps(items)}
     path.write_text(tomli_w.dumps(table))
     return path
