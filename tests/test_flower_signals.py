@@ -37,7 +37,7 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
 def test_a_signal_stops_every_process_of_a_flower_sim_run(tmp_path, sig):
     tag = uuid.uuid4().hex
     tmp = tmp_path / "tmp"
