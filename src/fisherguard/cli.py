@@ -1,11 +1,12 @@
-"""Command line: ``fisherguard run | table | export | report | reproduce | defenses | attacks |
-data``."""
+"""The ``fisherguard`` command line; ``main`` builds the parser, whose description lists every
+subcommand (``fisherguard --help``)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -231,8 +232,22 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fisherguard", description=__doc__)
+def _cmd_flower_check(args: argparse.Namespace) -> int:
+    from fisherguard.engine.flower.server_app import check_run_config
+
+    for line in check_run_config(args.run_config):
+        print(line)
+    return 0
+
+
+DESCRIPTION = ("Fisher-information defenses against backdoor attacks in federated learning: run "
+               "experiments, tabulate and report their results, fetch datasets.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand (plain-text help: no reST markup)."""
+    parser = argparse.ArgumentParser(prog="fisherguard", description=DESCRIPTION,
+                                     epilog="fisherguard COMMAND --help shows a command's options.")
     parser.add_argument("--version", action="version", version=f"fisherguard {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -326,6 +341,18 @@ def main(argv: list[str] | None = None) -> int:
     dsub.add_parser("list", help="list the datasets")
     p.set_defaults(func=_cmd_data)
 
+    p = sub.add_parser("flower-check", help="check a Flower deployment's run config (data, "
+                       "results directory, nodes needed) before flwr run; exit 2 if it is bad")
+    p.add_argument("run_config", help="the string given to flwr run --run-config, e.g. "
+                   "'config=\"/abs/c.yaml\" set=\"defense=fdcr\"' (or a .toml file)")
+    p.set_defaults(func=_cmd_flower_check)
+
+    parser.description = f"{DESCRIPTION} Commands: {', '.join(sub.choices)}."
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -350,9 +377,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fisherguard: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\nfisherguard: interrupted; finished rounds are saved (use --resume)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        # Ctrl-C, or SIGHUP / SIGTERM during a Flower run (launch.Stopped): every process the run
+        # started has been stopped by now; after SIGHUP the terminal may be gone
+        signum = getattr(e, "signum", signal.SIGINT)
+        with contextlib.suppress(OSError):
+            print(f"\nfisherguard: {e or 'interrupted'}; finished rounds are saved (use --resume)",
+                  file=sys.stderr)
+        return 128 + int(signum)
 
 
 if __name__ == "__main__":

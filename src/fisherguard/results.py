@@ -36,6 +36,24 @@ def _results_part(cfg_text: str) -> Any:
     return cfg
 
 
+_ABSENT = object()
+
+
+def _show(v: Any) -> str:
+    return "(not set)" if v is _ABSENT else json.dumps(v)
+
+
+def config_differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """The dotted keys whose values differ between two config trees, with (old, new) values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in list(old) + [k for k in new if k not in old]:
+            out += config_differences(old.get(k, _ABSENT), new.get(k, _ABSENT),
+                                      f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if old == new else [(prefix or "(config)", old, new)]
+
+
 def slug(label: str) -> str:
     """A run label as a directory name: lower-case alphanumerics joined by single dashes."""
     out = "".join(c.lower() if c.isalnum() else "-" for c in label)
@@ -56,24 +74,44 @@ class RunDir:
 
         0 unless resuming; the config file is the run's identity (runtime and name aside).
         """
+        self.check_start(cfg_text, resume=resume)
         self.path.mkdir(parents=True, exist_ok=True)
         cfg_file = self.path / self.CONFIG
         if resume and cfg_file.exists():
-            if _results_part(cfg_file.read_text()) != _results_part(cfg_text):
-                raise ResumeError(f"{cfg_file} holds a different config; resume needs the same "
-                                  "config and overrides (or choose another --out); only the "
-                                  "runtime section and experiment.name may change")
             _atomic_write(cfg_file, cfg_text.encode())
             ck = self.load_checkpoint()
             done = 0 if ck is None else int(ck["rounds_done"])
             self._truncate_rounds(done)
             return done
-        if not resume and (self.path / self.ROUNDS).exists():
-            raise ResumeError(f"{self.path} already holds a run; pass --resume to continue it or "
-                              "choose another --out")
         _atomic_write(cfg_file, cfg_text.encode())
         (self.path / self.ROUNDS).write_text("")
         return 0
+
+    def started(self) -> bool:
+        """Whether a run here finished a round (a round record or a checkpoint exists).
+
+        A run that stopped before its first round (bad data, a bad defense option, killed during
+        start-up) leaves only ``config.yaml`` and an empty ``rounds.jsonl``: nothing to keep, so
+        it may start over without ``--resume``.
+        """
+        return bool(self.rounds()) or (self.path / self.CHECKPOINT).exists()
+
+    def check_start(self, cfg_text: str, *, resume: bool) -> None:
+        """Raise ``ResumeError`` when ``start`` would refuse; writes nothing."""
+        cfg_file = self.path / self.CONFIG
+        if resume and cfg_file.exists():
+            diffs = config_differences(_results_part(cfg_file.read_text()), _results_part(cfg_text))
+            if diffs:
+                shown = "; ".join(f"{k}: {_show(a)} in the run, {_show(b)} now"
+                                  for k, a, b in diffs[:5])
+                more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""
+                raise ResumeError(f"{cfg_file} holds a different config: {shown}{more}. Resume "
+                                  "needs the same config and overrides (or choose another --out); "
+                                  "only the runtime section and experiment.name may change")
+            return
+        if not resume and self.started():
+            raise ResumeError(f"{self.path} already holds a run; pass --resume to continue it or "
+                              "choose another --out")
 
     def _truncate_rounds(self, done: int) -> None:
         # A round logged after the last checkpoint (killed in between) is redone, so drop it.

@@ -137,24 +137,35 @@ def fix_commands(name: str, root: str | os.PathLike[str]) -> list[str]:
     if key == "fashion-mnist":
         return [
             ours,
-            "apt-get install -y dataset-fashion-mnist  (with root; then omit --data-dir/root)",
+            "apt-get install -y dataset-fashion-mnist  (as root; found there when no data root is given)",
             f'mkdir -p "{r}/fashion-mnist" && cd "{r}/fashion-mnist" && apt-get download dataset-fashion-mnist && '
             "dpkg-deb -x dataset-fashion-mnist_*.deb deb && mv deb/usr/share/datasets/fashion-mnist/*.gz . && "
             "rm -rf deb dataset-fashion-mnist_*.deb",
         ]
     if key == "usps":
+        # no registry carries USPS: the project's tree ships it in a shared folder beside the
+        # project root; a clone without that folder needs the files from their publishers
         return [
-            ours,
-            "none needed in a checkout (the shared folder ../shared/data/usps/ next to the project root); "
-            f'elsewhere: mkdir -p "{r}/usps" && cp zip.train.gz zip.test.gz "{r}/usps/"',
+            f'mkdir -p "{r}/usps" && cp zip.train.gz zip.test.gz "{r}/usps/"  (the ESL "ZIP code" '
+            "files, from the data page of Hastie, Tibshirani & Friedman, The Elements of "
+            "Statistical Learning; or torchvision's LIBSVM files usps.bz2 and usps.t.bz2)",
+            "place the shared data folder ../shared/data/usps/ beside the project root (it is "
+            f"read in place), or copy it into the data root with `{ours}`",
         ]
     if key == "cifar10":
         return [
             "CIFAR-10 cannot be downloaded on this machine. Unpack your copy of cifar-10-python.tar.gz "
             f'(md5 c58f30108f718f92721af3b95e74349a) with `tar xzf cifar-10-python.tar.gz -C "{r}"`, '
-            "or pass root=… (CLI: --data-dir). For tests and demos use the synthetic dataset."
+            "or point the run at the folder holding cifar-10-batches-py/ with "
+            "`--set data.data_dir=PATH`. For tests and demos use the synthetic dataset."
         ]
     return []
+
+
+# `fisherguard run` has no --data-dir (that is `fisherguard data`'s flag): it takes the root from
+# the config, so the messages say how to give it there.
+RUN_ROOT_HINT = ("A run reads the data root from `--set data.data_dir=PATH` (or data.data_dir in "
+                 "its YAML), else FISHERGUARD_DATA, else the user cache.")
 
 
 def format_commands(commands: list[str]) -> str:
@@ -162,8 +173,9 @@ def format_commands(commands: list[str]) -> str:
     if not commands:
         return ""
     if len(commands) == 1:
-        return "Fix: " + commands[0]
-    return "Fix: " + commands[0] + "\n  or: " + "\n  or: ".join(commands[1:])
+        return "Fix: " + commands[0] + "\n" + RUN_ROOT_HINT
+    return ("Fix: " + commands[0] + "\n  or: " + "\n  or: ".join(commands[1:]) + "\n"
+            + RUN_ROOT_HINT)
 
 
 def enrich_corrupt(err: DatasetCorruptError, name: str, root: str | os.PathLike[str] | None,

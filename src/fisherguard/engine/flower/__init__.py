@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 
-INSTALL_HINT = "pip install 'fisherguard[flower]' torch==2.13.0"
+# fisherguard is not on a package index: installed from a clone (`make install` includes flwr)
+INSTALL_HINT = "make install, or pip install torch==2.13.0 && pip install -e '.[flower]' in the clone"
 
 # docs/flower.md §6: no telemetry, no update check, never `uv sync` an app's dependencies (that could
 # pull another torch). Set before flwr is imported so every process that imports us inherits them.

@@ -4,7 +4,9 @@ Run-config keys (``[tool.flwr.app.config]``, overridden with ``flwr run --run-co
 the YAML config and ``fisherguard run``: ``config`` (a YAML path) or ``config-yaml`` (its text),
 ``variant`` (a label, for configs with variants), ``set`` (``section.key=value`` overrides,
 space-separated), ``out`` (results directory), ``label``, ``resume``, ``min-replies``,
-``round-timeout`` (seconds a round waits for replies) and ``threads`` (torch threads per client).
+``round-timeout`` (seconds a round waits for replies), ``node-wait`` (seconds the run waits for
+one SuperNode per client before it starts; fewer stop it with a message naming both numbers) and
+``threads`` (torch threads per client).
 ``runs-json`` (a JSON list of such settings) runs several experiments one after another in one
 Flower run, sharing its start-up (the launcher uses it for sweeps and the equivalence test).
 """
@@ -28,7 +30,8 @@ from flwr.app import Context  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from fisherguard import config as config_mod  # noqa: E402
-from fisherguard.engine.flower.strategy import ERROR_FILE, DefenseStrategy  # noqa: E402
+from fisherguard.engine.flower.strategy import ERROR_FILE, DefenseStrategy, TooFewReplies  # noqa: E402
+from fisherguard.results import ResumeError, RunDir  # noqa: E402
 from fisherguard.seeding import derive_seed  # noqa: E402
 
 app = ServerApp()
@@ -36,8 +39,19 @@ app = ServerApp()
 # the defaults shipped in the app's pyproject.toml; `flwr run` accepts only keys listed there
 RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "config": "", "config-yaml": "", "variant": "", "set": "", "out": "", "label": "",
-    "resume": False, "min-replies": 1, "round-timeout": 600.0, "threads": 1, "runs-json": "",
+    "resume": False, "min-replies": 1, "round-timeout": 600.0, "node-wait": 60.0, "threads": 1,
+    "runs-json": "",
 }
+
+
+class RunFailed(RuntimeError):
+    """The ServerApp stops a run: a bad run config, missing data, too few SuperNodes.
+
+    An ordinary exception on purpose: Flower's ``flwr-serverapp`` catches ``Exception`` (not
+    ``SystemExit``), flushes the app's output into the log stream ``flwr run --stream`` shows,
+    and marks the run ``finished:failed`` (``flwr ls``). A ``SystemExit`` skipped all of that:
+    the message was lost and the run ended silently.
+    """
 
 
 @dataclass
@@ -51,6 +65,7 @@ class Settings:
     min_replies: int
     round_timeout: float
     threads: int
+    node_wait: float = 60.0
 
     @classmethod
     def all_from_run_config(cls, rc: dict[str, Any], engine: str) -> list["Settings"]:
@@ -112,12 +127,16 @@ class Settings:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise config_mod.ConfigError(f"run config `{key}`: expected an integer >= 1, got {v!r}")
             ints[key] = v
-        timeout = rc["round-timeout"]
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise config_mod.ConfigError(f"run config `round-timeout`: expected seconds > 0, got {timeout!r}")
+        secs = {}
+        for key in ("round-timeout", "node-wait"):
+            v = rc[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise config_mod.ConfigError(f"run config `{key}`: expected seconds > 0, got {v!r}")
+            secs[key] = float(v)
         return cls(cfg=cfg, out=out.resolve(), label=str(rc["label"]) or variant.label,
                    resume=bool(rc["resume"]), min_replies=ints["min-replies"],
-                   round_timeout=float(timeout), threads=ints["threads"])
+                   round_timeout=secs["round-timeout"], threads=ints["threads"],
+                   node_wait=secs["node-wait"])
 
 
 def engine_of(grid: Grid) -> str:
@@ -130,30 +149,72 @@ def main(grid: Grid, context: Context) -> None:
     """Resolve the config(s), then run each one's remaining rounds through ``DefenseStrategy``."""
     try:
         runs = Settings.all_from_run_config(context.run_config, engine_of(grid))
-    except ValueError as e:  # ConfigError and DefenseConfigError: a clear line, no traceback
-        print(f"fisherguard: error: {e}", file=sys.stderr)
+    except ValueError as e:  # ConfigError and DefenseConfigError: a clear line
         out = str(context.run_config.get("out", "")).strip()
-        if out:
-            Path(out).mkdir(parents=True, exist_ok=True)
-            (Path(out) / ERROR_FILE).write_text(f"{e}\n")
-        raise SystemExit(2) from None
+        raise fail(e, Path(out) if out else None) from None
     for s in runs:
         run_one(grid, s)
+
+
+def fail(e: BaseException | str, out: Path | None) -> RunFailed:
+    """Say why the run stops where the user sees it (the ``flwr run --stream`` output, and
+    ``out/flower-error.txt`` for the launcher) and return the exception to raise."""
+    text = str(e)
+    print(f"fisherguard: error: {text}", file=sys.stderr, flush=True)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ERROR_FILE).write_text(f"{text}\n")
+    return RunFailed(text)
 
 
 def run_one(grid: Grid, s: Settings) -> None:
     """One experiment on the grid's nodes, written to ``s.out`` as the in-process engine would."""
     # FedAvg's node sampling uses Python's global `random` (docs/flower.md §8.3)
     random.seed(derive_seed(s.cfg.experiment.seed, "flower-sampling"))
-    strategy = DefenseStrategy(s.cfg, s.out, label=s.label, resume=s.resume,
-                               min_replies=s.min_replies, threads=s.threads)
+    try:
+        strategy = DefenseStrategy(s.cfg, s.out, label=s.label, resume=s.resume,
+                                   min_replies=s.min_replies, threads=s.threads)
+    except (ValueError, OSError, ResumeError) as e:  # missing data, a run already there, …
+        raise fail(e, s.out) from None
     print(f"fisherguard: {s.label} on {s.cfg.runtime.engine}, results in {s.out}",
           file=sys.stderr)
     try:
         if strategy.remaining:
-            strategy.connect(grid, s.round_timeout)
+            strategy.connect(grid, s.round_timeout, wait_s=s.node_wait)
             strategy.start(grid, initial_arrays=strategy.global_arrays(),
                            num_rounds=strategy.remaining, timeout=s.round_timeout)
+    except TooFewReplies as e:
+        raise RunFailed(str(e)) from None  # already printed and written by the strategy
     finally:
-        strategy.finish()
+        if strategy.run_dir.rounds():  # a summary of no rounds would hide the reason
+            strategy.finish()
     print(f"fisherguard: finished {s.label}; results in {s.out}", file=sys.stderr)
+
+
+def check_run_config(text: str) -> list[str]:
+    """``fisherguard flower-check``: validate a deployment's run config (the string given to
+    ``flwr run --run-config``, or a .toml file) here, before ``flwr run``, and return what the
+    run needs. ``flwr run`` exits 0 whatever the ServerApp does (flwr 1.42), so this is where a
+    bad config can reach the exit status; the ServerApp repeats every check."""
+    from flwr.common.config import parse_config_args
+
+    from fisherguard.data.locate import find_files
+
+    try:
+        rc = parse_config_args([text])
+    except Exception as e:  # noqa: BLE001 - click's and tomli's errors alike
+        raise config_mod.ConfigError(f"run config: {getattr(e, 'message', e)}") from None
+    unknown = sorted(set(rc) - set(RUN_CONFIG_DEFAULTS))
+    if unknown:
+        raise config_mod.ConfigError(f"run config: unknown key {unknown[0]!r}; keys: "
+                                     f"{', '.join(RUN_CONFIG_DEFAULTS)}")
+    lines = []
+    for s in Settings.all_from_run_config(rc, "flower-deployment"):
+        RunDir(s.out).check_start(s.cfg.to_yaml(), resume=s.resume)
+        if s.cfg.data.dataset != "synthetic":
+            find_files(s.cfg.data.dataset, s.cfg.data.data_dir)
+        k = s.cfg.federation.clients
+        lines.append(f"ok: {s.label}: federation.clients={k} needs {k} SuperNodes "
+                     f"(--node-config 'partition-id=0..{k - 1} num-partitions={k}'), "
+                     f"{s.cfg.federation.rounds} rounds, results in {s.out}")
+    return lines

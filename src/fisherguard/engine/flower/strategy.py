@@ -108,20 +108,30 @@ class DefenseStrategy(FedAvg):
         return self._first + server_round - 1  # Flower counts the rounds of this start() from 1
 
     def fail(self, text: str) -> TooFewReplies:
-        """Write the reason where the launcher finds it and return the error to raise."""
+        """Say why the run stops (stderr, which ``flwr run --stream`` shows, and the file the
+        launcher reads) and return the error to raise."""
+        print(f"fisherguard: error: {text}", file=sys.stderr, flush=True)
         (self.run_dir.path / ERROR_FILE).write_text(text + "\n")
         return TooFewReplies(text)
 
     # ------------------------------------------------------------------ node discovery
 
-    def connect(self, grid: Grid, timeout: float, wait_s: float | None = None) -> None:
-        """Learn which node serves which client (a ``hello`` query; node ids are random)."""
+    def connect(self, grid: Grid, timeout: float, wait_s: float = 60.0) -> None:
+        """Wait up to ``wait_s`` for one node per client, then learn which node serves which
+        client (a ``hello`` query; node ids are random). Fewer nodes than clients stop the run at
+        once with a message naming both numbers, rather than a round timeout later."""
         self.grid, self.timeout = grid, timeout
         k = len(self.ids)
-        deadline = time.monotonic() + (timeout if wait_s is None else wait_s)
+        deadline = time.monotonic() + wait_s
         while len(list(grid.get_node_ids())) < k and time.monotonic() < deadline:
             time.sleep(0.5)
         node_ids = list(grid.get_node_ids())
+        if len(node_ids) < k:
+            raise self.fail(f"federation.clients={k} needs {k} SuperNodes (one per client, "
+                            f"--node-config 'partition-id=0..{k - 1} num-partitions={k}'); "
+                            f"{len(node_ids)} connected to the SuperLink after waiting "
+                            f"{wait_s:.0f}s (run config `node-wait`). Start the missing nodes "
+                            f"or lower federation.clients")
         msgs = [Message(RecordDict({CONFIG: self._config(self.server.done, op="hello")}),
                         dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
         seen: dict[int, int] = {}
