@@ -111,6 +111,15 @@ PRESETS_BY_NAME: dict[str, dict[str, Any]] = {
 }
 
 
+def preset_values(preset: str, *, family: Any = "fdcr", dataset: Any = "fashion-mnist") -> dict[str, Any]:
+    """The config values a preset sets where the user sets none (docs/protocol.md §8).
+
+    Some depend on the family and the dataset (the released FDCR configs' T, the SDFC release's
+    CIFAR-10 augmentation on U); a value the user sets always wins.
+    """
+    return dict(PRESETS_BY_NAME.get(preset, {}))
+
+
 @dataclass(frozen=True)
 class Experiment:
     name: str = setting("experiment")
@@ -365,9 +374,11 @@ def resolve(raw: Mapping[str, Any] | Config) -> Config:
     if part.get("beta") == "iid":  # docs/protocol.md §3 alias
         part["beta"] = 0.0
     cfg = defaults()
-    preset = (raw.get("experiment") or {}).get("preset", "paper")
+    exp, data = raw.get("experiment") or {}, raw.get("data") or {}
+    preset = exp.get("preset", "paper")
     if isinstance(preset, str) and preset in PRESETS_BY_NAME:
-        for dotted, v in PRESETS_BY_NAME[preset].items():
+        for dotted, v in preset_values(preset, family=exp.get("family", cfg["experiment"]["family"]),
+                                       dataset=data.get("dataset", cfg["data"]["dataset"])).items():
             sec, k = dotted.split(".")
             cfg[sec][k] = v
     for sec, values in raw.items():
@@ -543,3 +554,93 @@ def matrix_variants(matrix: Any) -> list[dict[str, Any]]:
 
 def dump(cfg: Config) -> str:
     return cfg.to_yaml()
+
+
+@dataclass(frozen=True)
+class PresetDifference:
+    """One value that the `paper` and `code` presets resolve differently for a config.
+
+    ``key`` is a dotted config key, or ``defense.<name>.<parameter>`` for a hyperparameter the
+    defense resolves from the preset. ``pinned`` holds the config's own value when the config
+    sets the key (both presets then use it; ``paper``/``code`` are what each would choose).
+    """
+
+    key: str
+    paper: Any
+    code: Any
+    pinned: Any = None
+    is_pinned: bool = False
+
+
+def preset_differences(raw: Mapping[str, Any]) -> list[PresetDifference]:
+    """Every value of a (partial, unresolved) config that ``paper`` and ``code`` resolve
+    differently (docs/protocol.md §8), and every preset choice the config pins itself."""
+    resolved = {}
+    for preset in ("paper", "code"):
+        resolved[preset] = resolve(apply_overrides(raw, {"experiment.preset": preset}))
+    paper, code = (resolved[p].to_dict() for p in ("paper", "code"))
+    out: list[PresetDifference] = []
+    for sec, keys in paper.items():
+        for k, v in keys.items():
+            if (sec, k) != ("experiment", "preset") and code[sec][k] != v:
+                out.append(PresetDifference(f"{sec}.{k}", v, code[sec][k]))
+    # preset choices the config overrides: the same value under both, but only because it is set
+    base = resolved["paper"]
+    free = {p: preset_values(p, family=base.experiment.family, dataset=base.data.dataset)
+            for p in ("paper", "code")}
+    for dotted in free["paper"]:
+        sec, k = dotted.split(".")
+        given = raw.get(sec) if isinstance(raw.get(sec), dict) else {}
+        if k in given and free["paper"][dotted] != free["code"][dotted]:
+            out.append(PresetDifference(dotted, free["paper"][dotted], free["code"][dotted],
+                                        pinned=paper[sec][k], is_pinned=True))
+    out.extend(_defense_differences(resolved["paper"], resolved["code"]))
+    return out
+
+
+def _defense_differences(paper: Config, code: Config) -> list[PresetDifference]:
+    """The defense's hyperparameters that its constructor resolves from the preset."""
+    from fisherguard.defenses import registry
+
+    name = paper.defense.name
+    got = {"paper": paper.build_defense().get_params(), "code": code.build_defense().get_params()}
+    # what each preset alone would choose (the config's own options left out)
+    bare = {}
+    for cfg, preset in ((paper, "paper"), (code, "code")):
+        facts = cfg.replace({"defense.options": {}}).defense_options()
+        bare[preset] = registry.build(name, facts).get_params()
+    given = dict(paper.defense.options)
+    out = []
+    for k, v in got["paper"].items():
+        if k in ("preset", "seed"):
+            continue
+        if got["code"].get(k) != v:
+            out.append(PresetDifference(f"defense.{name}.{k}", v, got["code"].get(k)))
+        elif k in given and bare["paper"].get(k) != bare["code"].get(k):
+            out.append(PresetDifference(f"defense.{name}.{k}", bare["paper"].get(k),
+                                        bare["code"].get(k), pinned=v, is_pinned=True))
+    return out
+
+
+def format_preset_differences(diffs: list[PresetDifference], title: str = "") -> str:
+    """The presets view: one line per value that differs, then the preset choices the config pins."""
+
+    def show(v: Any) -> str:
+        return "null" if v is None else (yaml.safe_dump(v, default_flow_style=True).strip()
+                                         .removesuffix("...").strip()
+                                         if isinstance(v, dict) else str(v))
+
+    free = [d for d in diffs if not d.is_pinned]
+    pinned = [d for d in diffs if d.is_pinned]
+    rows = [("key", "paper", "code")] + [(d.key, show(d.paper), show(d.code)) for d in free]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    lines = [title] if title else []
+    lines.append(f"{len(free)} value(s) resolve differently under paper and code:")
+    lines += [f"  {a.ljust(w0)}  {b.ljust(w1)}  {c}" for a, b, c in rows]
+    if pinned:
+        lines.append("set by the config itself, so the same under both presets "
+                     "(paper / code would choose):")
+        lines += [f"  {d.key} = {show(d.pinned)}  (paper {show(d.paper)}, code {show(d.code)})"
+                  for d in pinned]
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""The `paper` / `code` presets: the resolved-difference view (docs/protocol.md §8, issue 20)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fisherguard import config
+from fisherguard.cli import main
+
+pytestmark = pytest.mark.unit
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+def fmnist(defense: str, **sections) -> dict:
+    raw = {"experiment": {"family": "fdcr"}, "data": {"dataset": "fashion-mnist"},
+           "defense": defense}
+    for sec, values in sections.items():
+        raw.setdefault(sec, {}).update(values)
+    return raw
+
+
+def free(diffs) -> dict:
+    return {d.key: (d.paper, d.code) for d in diffs if not d.is_pinned}
+
+
+def test_fdcr_view_lists_the_config_and_defense_differences():
+    diffs = free(config.preset_differences(fmnist("fdcr")))
+    assert diffs["server.val_size"] == (256, None)
+    assert diffs["server.transform"] == ("test", "train")
+    assert diffs["defense.fdcr.discrepancy"] == ("mse", "l2")
+    assert diffs["defense.fdcr.fisher_estimator"] == ("per_sample", "official_label_mixed")
+    assert "experiment.preset" not in diffs
+
+
+def test_sdfc_view_lists_lambda_and_fdagg():
+    diffs = free(config.preset_differences(fmnist("sdfc", experiment={"family": "sdfc"})))
+    assert diffs["defense.sdfc.lambda_reg"] == (5.0, 1.0)
+    assert diffs["defense.sdfc.fdagg_weights"] == ("sigmoid", "softmax")
+    assert diffs["defense.sdfc.fisher_estimator"] == ("per_sample", "official_label_mixed")
+
+
+def test_a_value_the_config_sets_is_shown_as_pinned():
+    raw = fmnist("sdfc", server={"val_size": 128})
+    raw["defense"] = {"name": "sdfc", "options": {"lambda_reg": 5.0}}
+    diffs = config.preset_differences(raw)
+    pinned = {d.key: d for d in diffs if d.is_pinned}
+    assert pinned["server.val_size"].pinned == 128
+    assert (pinned["server.val_size"].paper, pinned["server.val_size"].code) == (256, None)
+    assert pinned["defense.sdfc.lambda_reg"].pinned == 5.0
+    assert "server.val_size" not in free(diffs) and "defense.sdfc.lambda_reg" not in free(diffs)
+
+
+def test_cli_presets_prints_the_view(tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(fmnist("fdcr")))
+    assert main(["presets", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "resolve differently under paper and code" in out
+    for needle in ("server.transform", "defense.fdcr.discrepancy", "official_label_mixed"):
+        assert needle in out
+    assert main(["presets", str(CONFIGS / "fmnist-paper.yaml"), "--set", "defense=sdfc"]) == 0
+    assert "defense.sdfc.fdagg_weights" in capsys.readouterr().out
