@@ -25,6 +25,8 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
+from fisherguard import results as _results
+
 
 class ConfigError(ValueError):
     """A config value is unknown, of the wrong type or impossible; the message names the key."""
@@ -111,6 +113,48 @@ PRESETS_BY_NAME: dict[str, dict[str, Any]] = {
 }
 
 
+# Keys added after runs were already made, with the value every run made before the key existed
+# used. A ``config.yaml`` without such a key is read with this value (``results._results_part``),
+# so resuming such a run under a config that resolves the key differently is refused with a
+# message naming the key, instead of silently continuing with other behaviour.
+LEGACY_VALUES: dict[str, Any] = {
+    "experiment.streams": "shared",  # issue 20: every defense seeded with the bare run seed
+}
+
+
+def _identity_rule(cfg: dict[str, Any]) -> dict[str, Any]:
+    """How a run's config.yaml is compared (``results._results_part``): a key it lacks gets its
+    ``LEGACY_VALUES`` value, and ``experiment.streams`` is left out when the run's defense draws
+    no random numbers of its own (it cannot change such a run)."""
+    for dotted, value in LEGACY_VALUES.items():
+        sec, key = dotted.split(".")
+        if isinstance(cfg.get(sec), dict):
+            cfg[sec].setdefault(key, value)
+    if isinstance(cfg.get("experiment"), dict) and not _streams_matter(cfg):
+        cfg["experiment"].pop("streams", None)
+    return cfg
+
+
+def _streams_matter(cfg: dict[str, Any]) -> bool:
+    """Whether the config's defense draws random numbers (true when that cannot be decided)."""
+    import json
+
+    try:
+        return _streams_matter_cached(json.dumps(cfg, sort_keys=True))
+    except TypeError:
+        return True
+
+
+@functools.lru_cache(maxsize=4096)
+def _streams_matter_cached(cfg_json: str) -> bool:
+    import json
+
+    try:
+        return bool(resolve(json.loads(cfg_json)).build_defense().draws_randomness())
+    except Exception:  # noqa: BLE001 - an old or odd config: keep the key
+        return True
+
+
 def preset_values(preset: str, *, family: Any = "fdcr", dataset: Any = "fashion-mnist") -> dict[str, Any]:
     """The config values a preset sets where the user sets none (docs/protocol.md §8).
 
@@ -128,6 +172,9 @@ class Experiment:
                           help="paper: the papers' text; code: the released code's behaviour")
     family: str = setting("fdcr", choices=("fdcr", "sdfc"),
                           help="trigger channels: fdcr = all three, sdfc = channel 0")
+    streams: str = setting("named", choices=("named", "shared"),
+                           help="a defense's own randomness: named = one stream per consumer from "
+                                "(seed, name); shared = the bare run seed (runs before issue 20)")
 
 
 @dataclass(frozen=True)
@@ -255,6 +302,7 @@ class Config:
         params = inspect.signature(registry.get(self.defense.name).__init__).parameters
         opts = dict(self.defense.options)
         facts = {"preset": self.experiment.preset, "seed": self.experiment.seed,
+                 "streams": self.experiment.streams,
                  "assumed_attackers": num_attackers(self.federation.clients, self.attack_fraction)}
         for key, val in facts.items():
             if key in params and key not in opts:
@@ -494,8 +542,6 @@ def load(path: str | Path, overrides: list[str] | None = None) -> list[Variant]:
 
 
 def variants_of(raw: dict[str, Any], overrides: list[tuple[str, Any]] | None = None) -> list[Variant]:
-    from fisherguard.results import slug
-
     if not isinstance(raw, dict):
         raise ConfigError("a config must be a mapping of sections")
     base = apply_overrides({k: v for k, v in raw.items() if k not in ("variants", "matrix")},
@@ -523,7 +569,7 @@ def variants_of(raw: dict[str, Any], overrides: list[tuple[str, Any]] | None = N
         except ConfigError as e:
             raise ConfigError(f"variants[{i}] ({spec['label']}): {e}") from None
         out.append(Variant(str(spec["label"]), cfg, nested=True))
-    slugs = [slug(v.label) for v in out]
+    slugs = [_results.slug(v.label) for v in out]
     if len(set(slugs)) != len(slugs):
         raise ConfigError("variants: labels must be unique, also as directory names "
                           f"({', '.join(slugs)})")
@@ -550,6 +596,9 @@ def matrix_variants(matrix: Any) -> list[dict[str, Any]]:
     return [{"label": f"{r['label']} | {c['label']}",
              "set": {**(r.get("set") or {}), **(c.get("set") or {})}}
             for c in parts["columns"] for r in parts["rows"]]
+
+
+_results.add_identity_rule(_identity_rule, LEGACY_VALUES)
 
 
 def dump(cfg: Config) -> str:

@@ -12,7 +12,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -26,14 +26,67 @@ class MixedRunsError(ValueError):
 
 
 def _results_part(cfg_text: str) -> Any:
-    """The config without what never changes results: the ``runtime`` section and the run's name."""
+    """The config without what never changes results: the ``runtime`` section and the run's name,
+    then the identity rules (``add_identity_rule``) applied."""
     import yaml
 
-    cfg = yaml.safe_load(cfg_text) or {}
+    return _normalised(yaml.safe_load(cfg_text) or {})
+
+
+# Rules that put a run's config into the form runs are compared in (``fisherguard.config``
+# registers the one that reads a key an older config.yaml lacks with the value those runs used).
+_IDENTITY_RULES: list[Callable[[dict[str, Any]], dict[str, Any]]] = []
+LEGACY_KEYS: set[str] = set()  # dotted keys the rules fill in for configs written before them
+
+
+def add_identity_rule(rule: Callable[[dict[str, Any]], dict[str, Any]],
+                      legacy_keys: Iterable[str] = ()) -> None:
+    if rule not in _IDENTITY_RULES:
+        _IDENTITY_RULES.append(rule)
+    LEGACY_KEYS.update(legacy_keys)
+
+
+def _normalised(cfg: Any) -> Any:
+    import copy
+
+    if not isinstance(cfg, dict):
+        return cfg
+    cfg = copy.deepcopy(cfg)
     cfg.pop("runtime", None)
     if isinstance(cfg.get("experiment"), dict):
         cfg["experiment"].pop("name", None)
+    for rule in _IDENTITY_RULES:
+        cfg = rule(cfg)
     return cfg
+
+
+def _changed_keys(old: Any, new: Any) -> list[str]:
+    """Dotted keys whose values differ between two results parts (sections of mappings)."""
+    out = []
+    for sec in sorted(set(old) | set(new), key=str):
+        a, b = old.get(sec), new.get(sec)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{sec}.{k}" for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k)]
+        elif a != b:
+            out.append(str(sec))
+    return out
+
+
+def _describe(changed: list[str], before: Any, now: Any) -> str:
+    """The changed keys, each with its old and new value."""
+    def value(cfg: Any, dotted: str) -> Any:
+        sec, _, key = dotted.partition(".")
+        part = cfg.get(sec)
+        return part.get(key) if key and isinstance(part, dict) else part
+
+    return "; ".join(f"{k}: {value(before, k)!r} → {value(now, k)!r} "
+                     f"(--set {k}={value(before, k)} continues it as it began)"
+                     if k in _legacy_keys() else f"{k}: {value(before, k)!r} → {value(now, k)!r}"
+                     for k in changed)
+
+
+def _legacy_keys() -> set[str]:
+    return LEGACY_KEYS
 
 
 def slug(label: str) -> str:
@@ -59,10 +112,12 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         cfg_file = self.path / self.CONFIG
         if resume and cfg_file.exists():
-            if _results_part(cfg_file.read_text()) != _results_part(cfg_text):
-                raise ResumeError(f"{cfg_file} holds a different config; resume needs the same "
-                                  "config and overrides (or choose another --out); only the "
-                                  "runtime section and experiment.name may change")
+            before, now = _results_part(cfg_file.read_text()), _results_part(cfg_text)
+            if before != now:
+                changed = _changed_keys(before, now)
+                raise ResumeError(f"{cfg_file} holds a different config ({_describe(changed, before, now)}); "
+                                  "resume needs the same config and overrides (or choose another "
+                                  "--out); only the runtime section and experiment.name may change")
             _atomic_write(cfg_file, cfg_text.encode())
             ck = self.load_checkpoint()
             done = 0 if ck is None else int(ck["rounds_done"])
@@ -253,10 +308,7 @@ def run_identity(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _results_part_of(cfg: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in cfg.items() if k != "runtime"}
-    if isinstance(out.get("experiment"), dict):
-        out["experiment"] = {k: v for k, v in out["experiment"].items() if k != "name"}
-    return out
+    return _normalised(cfg)
 
 
 def same_but_seed(a: dict[str, Any], b: dict[str, Any]) -> bool:

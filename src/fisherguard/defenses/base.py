@@ -288,6 +288,11 @@ class Defense:
         """Keyword options for the clients' Fisher computation (``fisherguard.fisher``)."""
         return {}
 
+    def draws_randomness(self) -> bool:
+        """Whether the defense, as configured, draws random numbers of its own (then the run's
+        ``experiment.streams`` changes its results; docs/protocol.md §7.5)."""
+        return False
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
