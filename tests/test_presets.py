@@ -29,6 +29,7 @@ def test_fdcr_view_lists_the_config_and_defense_differences():
     diffs = free(config.preset_differences(fmnist("fdcr")))
     assert diffs["server.val_size"] == (256, None)
     assert diffs["server.transform"] == ("test", "train")
+    assert diffs["partition.stream"] == ("named", "legacy-global")
     assert diffs["defense.fdcr.discrepancy"] == ("mse", "l2")
     assert diffs["defense.fdcr.fisher_estimator"] == ("per_sample", "official_label_mixed")
     assert "experiment.preset" not in diffs

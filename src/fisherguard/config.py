@@ -119,6 +119,7 @@ PRESETS_BY_NAME: dict[str, dict[str, Any]] = {
 # message naming the key, instead of silently continuing with other behaviour.
 LEGACY_VALUES: dict[str, Any] = {
     "experiment.streams": "shared",  # issue 20: every defense seeded with the bare run seed
+    "partition.stream": "named",  # issue 20: `code` partitioned from the named stream too
 }
 
 
@@ -161,7 +162,10 @@ def preset_values(preset: str, *, family: Any = "fdcr", dataset: Any = "fashion-
     Some depend on the family and the dataset (the released FDCR configs' T, the SDFC release's
     CIFAR-10 augmentation on U); a value the user sets always wins.
     """
-    return dict(PRESETS_BY_NAME.get(preset, {}))
+    out = dict(PRESETS_BY_NAME.get(preset, {}))
+    code = preset == "code"
+    out["partition.stream"] = "legacy-global" if code else "named"
+    return out
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,9 @@ class Data:
 class Partition:
     beta: float = setting(0.5, check=_non_negative, help="Dirichlet concentration; 0 = iid")
     min_size: int = setting(10, check=_positive)
+    stream: str = setting("named", choices=("named", "legacy-global"),
+                          help="paper: the partition's own named stream; code: the released "
+                               "code's call order on NumPy's legacy global generator")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from fisherguard.clients.training import (ClientDataset, ClientJob, FisherReques
                                           client_fisher)
 from fisherguard.config import Config
 from fisherguard.data.datasets import load_raw
-from fisherguard.data.partition import dirichlet, train_validation_split
+from fisherguard.data.partition import dirichlet, legacy_global_generator, train_validation_split
 from fisherguard.data.transforms import Pipeline, resize_to_32
 from fisherguard.defenses.base import ClientPlan, Defense
 from fisherguard.engine.server_data import ValidationSet
@@ -97,8 +97,10 @@ def prepare(cfg: Config) -> Federation:
         extra = ClientDataset(labels=reserved.attacker_labels, pipeline=pipeline,
                               images=reserved.attacker_images)
     fed = cfg.federation
-    part = dirichlet(train_y[pool], fed.clients, cfg.partition.beta,
-                     numpy_stream(seed, "partition"), min_size=cfg.partition.min_size)
+    part_rng = (legacy_global_generator(seed, len(train_y))
+                if cfg.partition.stream == "legacy-global" else numpy_stream(seed, "partition"))
+    part = dirichlet(train_y[pool], fed.clients, cfg.partition.beta, part_rng,
+                     min_size=cfg.partition.min_size)
     attackers = choose_attackers(fed.clients, cfg.attack_fraction, mode=cfg.attack.attackers,
                                  rng=numpy_stream(seed, "attackers"))
     clients = [ClientDataset(labels=torch.from_numpy(train_y[pool[local]]), pipeline=pipeline,
