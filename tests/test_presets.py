@@ -63,3 +63,23 @@ def test_cli_presets_prints_the_view(tmp_path, capsys):
         assert needle in out
     assert main(["presets", str(CONFIGS / "fmnist-paper.yaml"), "--set", "defense=sdfc"]) == 0
     assert "defense.sdfc.fdagg_weights" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family,dataset,rounds", [
+    ("fdcr", "fashion-mnist", 100), ("fdcr", "cifar10", 100), ("fdcr", "usps", 100),
+    ("fdcr", "mnist", 50), ("sdfc", "fashion-mnist", 50), ("sdfc", "cifar10", 50)])
+def test_code_rounds_follow_the_released_configs(family, dataset, rounds):
+    raw = {"experiment": {"family": family, "preset": "code"}, "data": {"dataset": dataset}}
+    assert config.resolve(raw).federation.rounds == rounds
+    raw["experiment"]["preset"] = "paper"
+    assert config.resolve(raw).federation.rounds == 50
+    raw["experiment"]["preset"] = "code"
+    raw["federation"] = {"rounds": 7}
+    assert config.resolve(raw).federation.rounds == 7  # a value the config sets wins
+
+
+def test_view_shows_the_rounds_and_a_config_that_pins_them():
+    assert free(config.preset_differences(fmnist("fdcr")))["federation.rounds"] == (50, 100)
+    shipped = yaml.safe_load((CONFIGS / "fmnist-paper.yaml").read_text())
+    pinned = {d.key: d for d in config.preset_differences(shipped) if d.is_pinned}
+    assert (pinned["federation.rounds"].pinned, pinned["federation.rounds"].code) == (50, 100)
