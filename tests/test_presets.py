@@ -30,6 +30,7 @@ def test_fdcr_view_lists_the_config_and_defense_differences():
     assert diffs["server.val_size"] == (256, None)
     assert diffs["server.transform"] == ("test", "train")
     assert diffs["partition.stream"] == ("named", "legacy-global")
+    assert diffs["federation.fisher_data"] == ("plain", "train_loader")
     assert diffs["defense.fdcr.discrepancy"] == ("mse", "l2")
     assert diffs["defense.fdcr.fisher_estimator"] == ("per_sample", "official_label_mixed")
     assert "experiment.preset" not in diffs

@@ -120,40 +120,47 @@ PRESETS_BY_NAME: dict[str, dict[str, Any]] = {
 LEGACY_VALUES: dict[str, Any] = {
     "experiment.streams": "shared",  # issue 20: every defense seeded with the bare run seed
     "partition.stream": "named",  # issue 20: `code` partitioned from the named stream too
+    "federation.fisher_data": "plain",  # issue 20: `code` clients' Fisher without augmentation
 }
 
 
 def _identity_rule(cfg: dict[str, Any]) -> dict[str, Any]:
     """How a run's config.yaml is compared (``results._results_part``): a key it lacks gets its
-    ``LEGACY_VALUES`` value, and ``experiment.streams`` is left out when the run's defense draws
-    no random numbers of its own (it cannot change such a run)."""
+    ``LEGACY_VALUES`` value; ``experiment.streams`` is left out when the run's defense draws no
+    random numbers of its own, ``federation.fisher_data`` when it asks for no client Fisher (they
+    cannot change such a run)."""
     for dotted, value in LEGACY_VALUES.items():
         sec, key = dotted.split(".")
         if isinstance(cfg.get(sec), dict):
             cfg[sec].setdefault(key, value)
-    if isinstance(cfg.get("experiment"), dict) and not _streams_matter(cfg):
+    randomness, fisher = _defense_uses(cfg)
+    if isinstance(cfg.get("experiment"), dict) and not randomness:
         cfg["experiment"].pop("streams", None)
+    if isinstance(cfg.get("federation"), dict) and not fisher:
+        cfg["federation"].pop("fisher_data", None)
     return cfg
 
 
-def _streams_matter(cfg: dict[str, Any]) -> bool:
-    """Whether the config's defense draws random numbers (true when that cannot be decided)."""
+def _defense_uses(cfg: dict[str, Any]) -> tuple[bool, bool]:
+    """Whether the config's defense draws random numbers, and whether it asks the clients for
+    their Fisher (both true when that cannot be decided)."""
     import json
 
     try:
-        return _streams_matter_cached(json.dumps(cfg, sort_keys=True))
+        return _defense_uses_cached(json.dumps(cfg, sort_keys=True))
     except TypeError:
-        return True
+        return True, True
 
 
 @functools.lru_cache(maxsize=4096)
-def _streams_matter_cached(cfg_json: str) -> bool:
+def _defense_uses_cached(cfg_json: str) -> tuple[bool, bool]:
     import json
 
     try:
-        return bool(resolve(json.loads(cfg_json)).build_defense().draws_randomness())
-    except Exception:  # noqa: BLE001 - an old or odd config: keep the key
-        return True
+        d = resolve(json.loads(cfg_json)).build_defense()
+    except Exception:  # noqa: BLE001 - an old or odd config: keep the keys
+        return True, True
+    return bool(d.draws_randomness()), bool(d.needs_fisher)
 
 
 CODE_T100 = ("fashion-mnist", "cifar10", "usps")  # `code`, family fdcr: T = 100 (protocol §4)
@@ -170,6 +177,7 @@ def preset_values(preset: str, *, family: Any = "fdcr", dataset: Any = "fashion-
     out["partition.stream"] = "legacy-global" if code else "named"
     # the released FDCR configs train 100 rounds (the 50 commented out), MNIST aside (§4, §8)
     out["federation.rounds"] = 100 if code and family == "fdcr" and dataset in CODE_T100 else 50
+    out["federation.fisher_data"] = "train_loader" if code else "plain"
     return out
 
 
@@ -217,6 +225,9 @@ class Federation:
     lr: float = setting(0.01, check=_positive)
     momentum: float = setting(0.9, check=_probability)
     weight_decay: float = setting(1e-5, check=_non_negative)
+    fisher_data: str = setting("plain", choices=("plain", "train_loader"),
+                               help="a client's Fisher: plain = every sample, no augmentation "
+                                    "(paper); train_loader = the augmented training loader (code)")
 
 
 @dataclass(frozen=True)

@@ -175,6 +175,16 @@ def client_job(fed: Federation, cid: int, round_idx: int, weights: torch.Tensor,
                      regulariser, fisher, modifier)
 
 
+def client_fisher_options(cfg: Config, defense: Defense) -> dict[str, Any]:
+    """The options of every client Fisher a run asks for: the defense's estimator options, and
+    under ``federation.fisher_data: train_loader`` (the `code` preset) the training loader's
+    augmented samples as its data (``clients.training.client_fisher``)."""
+    options = dict(defense.fisher_options())
+    if cfg.federation.fisher_data != "plain":
+        options["data"] = cfg.federation.fisher_data
+    return options
+
+
 def fisher_request(fed: Federation, cid: int, tag: int | str,
                    fisher_options: dict[str, Any]) -> FisherRequest:
     """Ask client ``cid`` for its Fisher, drawing from its named stream ``("fisher", cid, tag)``."""
