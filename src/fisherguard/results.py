@@ -239,8 +239,8 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-COLUMNS = ("label", "defense", "seeds", "A", "R", "ASR", "V", "collapsed", "TPR", "FPR", "AUC",
-           "wall_time_s")
+COLUMNS = ("label", "defense", "seeds", "A", "R", "ASR", "V", "collapsed", "degraded", "TPR", "FPR",
+           "AUC", "wall_time_s")
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -380,10 +380,51 @@ def aggregate_seeds(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
             else:
                 row[m] = f"{np.mean(vals):.2f} ± {np.std(vals, ddof=1):.2f}"
         k = sum(bool(r.get("collapsed")) for r in runs)
-        row["collapsed"] = f"†{k}/{len(runs)}" if k else "no"
+        row["collapsed"] = f"†{k}/{len(runs)}{_histogram_note(runs)}" if k else "no"
+        row["degraded"] = "degraded" if _degraded(runs, groups) else ""
         row["wall_time_s"] = float(np.mean([float(r.get("wall_time_s") or 0.0) for r in runs]))
         rows.append(row)
     return rows
+
+
+def _histogram_note(runs: list[dict[str, Any]]) -> str:
+    """' (H …, max q …)': the mean prediction entropy and largest class share beside a collapsed
+    cell (docs/protocol.md §7.4), from the summaries that have them."""
+    parts = []
+    for name, key in (("H", "entropy"), ("max q", "q_max")):
+        vals = [float(r[key]) for r in runs if r.get(key) is not None]
+        if vals:
+            parts.append(f"{name} {sum(vals) / len(vals):.2f}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+DEGRADED_POINTS = 10.0  # docs/protocol.md §7.4
+
+
+def _setting(summary: dict[str, Any]) -> dict[str, Any]:
+    """A run's identity apart from its defense (and the keys only a defense makes matter)."""
+    return {k: v for k, v in run_identity(summary).items()
+            if not k.startswith(("defense.", "summary.defense", "summary.label"))
+            and k not in ("experiment.streams", "federation.fisher_data")}
+
+
+def _degraded(runs: list[dict[str, Any]], groups: list[list[dict[str, Any]]]) -> bool:
+    """The advisory mark of docs/protocol.md §7.4: Ā more than 10 points below FedAvg's Ā in the
+    same setting over the same seeds (False when no such FedAvg runs are among the summaries)."""
+    if runs[0].get("defense") == "fedavg":
+        return False
+    mine = _setting(runs[0])
+    seeds = [r.get("seed") for r in runs]
+    for g in groups:
+        if g[0].get("defense") != "fedavg" or _setting(g[0]) != mine:
+            continue
+        by_seed = {r.get("seed"): r.get("A") for r in g if r.get("A") is not None}
+        if not all(s in by_seed for s in seeds) or any(r.get("A") is None for r in runs):
+            continue
+        ours = sum(float(r["A"]) for r in runs) / len(runs)
+        base = sum(float(by_seed[s]) for s in seeds) / len(seeds)
+        return ours < base - DEGRADED_POINTS
+    return False
 
 
 def failure_note(summaries: list[dict[str, Any]]) -> str | None:
