@@ -84,3 +84,8 @@ def test_view_shows_the_rounds_and_a_config_that_pins_them():
     shipped = yaml.safe_load((CONFIGS / "fmnist-paper.yaml").read_text())
     pinned = {d.key: d for d in config.preset_differences(shipped) if d.is_pinned}
     assert (pinned["federation.rounds"].pinned, pinned["federation.rounds"].code) == (50, 100)
+
+
+def test_view_shows_the_strong_augmentation_for_sdfc_on_cifar10():
+    raw = {"experiment": {"family": "sdfc"}, "data": {"dataset": "cifar10"}, "defense": "sdfc"}
+    assert free(config.preset_differences(raw))["server.transform"] == ("test", "strong")

@@ -178,6 +178,8 @@ def preset_values(preset: str, *, family: Any = "fdcr", dataset: Any = "fashion-
     # the released FDCR configs train 100 rounds (the 50 commented out), MNIST aside (§4, §8)
     out["federation.rounds"] = 100 if code and family == "fdcr" and dataset in CODE_T100 else 50
     out["federation.fisher_data"] = "train_loader" if code else "plain"
+    if code and family == "sdfc" and dataset == "cifar10":
+        out["server.transform"] = "strong"  # the SDFC release's CIFAR-10 augmentation (§1.3)
     return out
 
 
@@ -261,8 +263,9 @@ class Defense:
 class Server:
     val_size: int | None = setting(None, check=_positive,
                                    help="|U|; paper 256, code: the whole validation pool (null)")
-    transform: str | None = setting(None, choices=("test", "train"),
-                                    help="transform on U; paper: test, code: train")
+    transform: str | None = setting(None, choices=("test", "train", "strong"),
+                                    help="transform on U; paper: test, code: train (sdfc family "
+                                         "on CIFAR-10: strong)")
 
 
 @dataclass(frozen=True)
