@@ -89,3 +89,32 @@ def test_view_shows_the_rounds_and_a_config_that_pins_them():
 def test_view_shows_the_strong_augmentation_for_sdfc_on_cifar10():
     raw = {"experiment": {"family": "sdfc"}, "data": {"dataset": "cifar10"}, "defense": "sdfc"}
     assert free(config.preset_differences(raw))["server.transform"] == ("test", "strong")
+
+
+def test_view_shows_the_root_set_and_marks_values_a_defense_never_reads():
+    diffs = {d.key: d for d in config.preset_differences(fmnist("fltrust")) if not d.is_pinned}
+    assert (diffs["server.root_set"].paper, diffs["server.root_set"].code) == ("U", "mnist-5000")
+    assert not diffs["server.root_set"].unused and not diffs["server.val_size"].unused
+    fdcr = {d.key: d for d in config.preset_differences(fmnist("fdcr")) if not d.is_pinned}
+    assert fdcr["server.root_set"].unused and fdcr["server.val_size"].unused
+    assert not fdcr["federation.fisher_data"].unused
+
+
+# Every paper/code difference protocol.md §8 and issue 20 name, by the key that holds it.
+SPEC_DIFFERENCES = {
+    "fdcr": ["federation.rounds", "server.val_size", "server.transform", "partition.stream",
+             "federation.fisher_data", "defense.fdcr.fisher_estimator", "defense.fdcr.discrepancy"],
+    "sdfc": ["server.val_size", "server.transform", "partition.stream", "federation.fisher_data",
+             "defense.sdfc.lambda_reg", "defense.sdfc.fdagg_weights",
+             "defense.sdfc.fisher_estimator"],
+}
+
+
+@pytest.mark.parametrize("defense", ["fdcr", "sdfc"])
+def test_view_lists_every_difference_the_spec_names(defense):
+    diffs = free(config.preset_differences(fmnist(defense)))
+    missing = [k for k in SPEC_DIFFERENCES[defense] if k not in diffs]
+    assert missing == []
+    cifar = free(config.preset_differences({"experiment": {"family": "sdfc"},
+                                            "data": {"dataset": "cifar10"}, "defense": "sdfc"}))
+    assert cifar["server.transform"] == ("test", "strong")

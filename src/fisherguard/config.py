@@ -121,6 +121,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "experiment.streams": "shared",  # issue 20: every defense seeded with the bare run seed
     "partition.stream": "named",  # issue 20: `code` partitioned from the named stream too
     "federation.fisher_data": "plain",  # issue 20: `code` clients' Fisher without augmentation
+    "server.root_set": "U",  # issue 20: `code` FLTrust and Sageflow read U too
 }
 
 
@@ -133,34 +134,36 @@ def _identity_rule(cfg: dict[str, Any]) -> dict[str, Any]:
         sec, key = dotted.split(".")
         if isinstance(cfg.get(sec), dict):
             cfg[sec].setdefault(key, value)
-    randomness, fisher = _defense_uses(cfg)
+    randomness, fisher, root_set = _defense_uses(cfg)
     if isinstance(cfg.get("experiment"), dict) and not randomness:
         cfg["experiment"].pop("streams", None)
     if isinstance(cfg.get("federation"), dict) and not fisher:
         cfg["federation"].pop("fisher_data", None)
+    if isinstance(cfg.get("server"), dict) and not root_set:
+        cfg["server"].pop("root_set", None)
     return cfg
 
 
-def _defense_uses(cfg: dict[str, Any]) -> tuple[bool, bool]:
-    """Whether the config's defense draws random numbers, and whether it asks the clients for
-    their Fisher (both true when that cannot be decided)."""
+def _defense_uses(cfg: dict[str, Any]) -> tuple[bool, bool, bool]:
+    """Whether the config's defense draws random numbers, asks the clients for their Fisher,
+    and reads the root set (each true when that cannot be decided)."""
     import json
 
     try:
         return _defense_uses_cached(json.dumps(cfg, sort_keys=True))
     except TypeError:
-        return True, True
+        return True, True, True
 
 
 @functools.lru_cache(maxsize=4096)
-def _defense_uses_cached(cfg_json: str) -> tuple[bool, bool]:
+def _defense_uses_cached(cfg_json: str) -> tuple[bool, bool, bool]:
     import json
 
     try:
         d = resolve(json.loads(cfg_json)).build_defense()
     except Exception:  # noqa: BLE001 - an old or odd config: keep the keys
-        return True, True
-    return bool(d.draws_randomness()), bool(d.needs_fisher)
+        return True, True, True
+    return bool(d.draws_randomness()), bool(d.needs_fisher), bool(d.reads_root_set)
 
 
 CODE_T100 = ("fashion-mnist", "cifar10", "usps")  # `code`, family fdcr: T = 100 (protocol §4)
@@ -178,6 +181,7 @@ def preset_values(preset: str, *, family: Any = "fdcr", dataset: Any = "fashion-
     # the released FDCR configs train 100 rounds (the 50 commented out), MNIST aside (§4, §8)
     out["federation.rounds"] = 100 if code and family == "fdcr" and dataset in CODE_T100 else 50
     out["federation.fisher_data"] = "train_loader" if code else "plain"
+    out["server.root_set"] = "mnist-5000" if code else "U"
     if code and family == "sdfc" and dataset == "cifar10":
         out["server.transform"] = "strong"  # the SDFC release's CIFAR-10 augmentation (§1.3)
     return out
@@ -263,6 +267,9 @@ class Defense:
 class Server:
     val_size: int | None = setting(None, check=_positive,
                                    help="|U|; paper 256, code: the whole validation pool (null)")
+    root_set: str = setting("U", choices=("U", "mnist-5000"),
+                            help="FLTrust's and Sageflow's server data: U (paper) or 5 000 random "
+                                 "MNIST training images whatever the task (code; baselines C5)")
     transform: str | None = setting(None, choices=("test", "train", "strong"),
                                     help="transform on U; paper: test, code: train (sdfc family "
                                          "on CIFAR-10: strong)")
@@ -645,6 +652,7 @@ class PresetDifference:
     code: Any
     pinned: Any = None
     is_pinned: bool = False
+    unused: bool = False  # the config's defense never reads this value
 
 
 def preset_differences(raw: Mapping[str, Any]) -> list[PresetDifference]:
@@ -654,11 +662,13 @@ def preset_differences(raw: Mapping[str, Any]) -> list[PresetDifference]:
     for preset in ("paper", "code"):
         resolved[preset] = resolve(apply_overrides(raw, {"experiment.preset": preset}))
     paper, code = (resolved[p].to_dict() for p in ("paper", "code"))
+    unused = _unused_keys(resolved["paper"])
     out: list[PresetDifference] = []
     for sec, keys in paper.items():
         for k, v in keys.items():
             if (sec, k) != ("experiment", "preset") and code[sec][k] != v:
-                out.append(PresetDifference(f"{sec}.{k}", v, code[sec][k]))
+                out.append(PresetDifference(f"{sec}.{k}", v, code[sec][k],
+                                            unused=f"{sec}.{k}" in unused))
     # preset choices the config overrides: the same value under both, but only because it is set
     base = resolved["paper"]
     free = {p: preset_values(p, family=base.experiment.family, dataset=base.data.dataset)
@@ -670,6 +680,19 @@ def preset_differences(raw: Mapping[str, Any]) -> list[PresetDifference]:
             out.append(PresetDifference(dotted, free["paper"][dotted], free["code"][dotted],
                                         pinned=paper[sec][k], is_pinned=True))
     out.extend(_defense_differences(resolved["paper"], resolved["code"]))
+    return out
+
+
+def _unused_keys(cfg: Config) -> set[str]:
+    """Preset-dependent keys the config's defense never reads (shown as such in the view)."""
+    d = cfg.build_defense()
+    out = set()
+    if not d.needs_server_data:
+        out |= {"server.val_size", "server.transform", "server.root_set"}
+    if not d.reads_root_set:
+        out.add("server.root_set")
+    if not d.needs_fisher:
+        out.add("federation.fisher_data")
     return out
 
 
@@ -707,12 +730,15 @@ def format_preset_differences(diffs: list[PresetDifference], title: str = "") ->
 
     free = [d for d in diffs if not d.is_pinned]
     pinned = [d for d in diffs if d.is_pinned]
-    rows = [("key", "paper", "code")] + [(d.key, show(d.paper), show(d.code)) for d in free]
+    rows = [("key", "paper", "code", "")] + [
+        (d.key, show(d.paper), show(d.code), "(not read by this defense)" if d.unused else "")
+        for d in free]
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
+    w2 = max(len(r[2]) for r in rows)
     lines = [title] if title else []
     lines.append(f"{len(free)} value(s) resolve differently under paper and code:")
-    lines += [f"  {a.ljust(w0)}  {b.ljust(w1)}  {c}" for a, b, c in rows]
+    lines += [f"  {a.ljust(w0)}  {b.ljust(w1)}  {c.ljust(w2)}  {n}".rstrip() for a, b, c, n in rows]
     if pinned:
         lines.append("set by the config itself, so the same under both presets "
                      "(paper / code would choose):")

@@ -153,9 +153,33 @@ def server_data(fed: Federation, defense: Defense, plan: TrainPlan) -> Validatio
     """The server's clean set U, for the defenses that read it (docs/protocol.md §2)."""
     if not defense.needs_server_data:
         return None
+    cfg = fed.cfg
+    if defense.reads_root_set and cfg.server.root_set == "mnist-5000":
+        images, labels = mnist_root_set(cfg)
+        # MNIST is grey: the CIFAR-10 strong augmentation becomes the grey training transform
+        transform = "train" if cfg.server.transform == "strong" else cfg.server.transform
+        return ValidationSet(fed.model_factory, images, labels,
+                             Pipeline(grey=True, out_channels=cfg.data.channels),
+                             transform=transform, plan=plan,
+                             fisher_options=defense.fisher_options(), seed=cfg.experiment.seed)
     return ValidationSet(fed.model_factory, fed.server_images, fed.server_labels, fed.pipeline,
-                         transform=fed.cfg.server.transform, plan=plan,
-                         fisher_options=defense.fisher_options(), seed=fed.cfg.experiment.seed)
+                         transform=cfg.server.transform, plan=plan,
+                         fisher_options=defense.fisher_options(), seed=cfg.experiment.seed)
+
+
+ROOT_SET_SIZE = 5000  # MarsFL's `pub_minst` (docs/baselines.md C5)
+
+
+def mnist_root_set(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLTrust's and Sageflow's server data under `code`: 5 000 random MNIST training images,
+    whatever the task (docs/baselines.md C5), drawn from the named stream ``mnist-root-set``. The
+    set is MarsFL's in kind and size, not image for image: which 5 000 the release picks is not
+    reproduced."""
+    raw = load_raw("mnist", root=cfg.data.data_dir)
+    y = np.asarray(raw.train_y, dtype=np.int64)
+    pick = np.sort(numpy_stream(cfg.experiment.seed, "mnist-root-set")
+                   .choice(len(y), size=min(ROOT_SET_SIZE, len(y)), replace=False))
+    return resize_to_32(np.asarray(raw.train_x)[pick]), torch.from_numpy(y[pick])
 
 
 def client_job(fed: Federation, cid: int, round_idx: int, weights: torch.Tensor,
