@@ -118,3 +118,32 @@ def test_view_lists_every_difference_the_spec_names(defense):
     cifar = free(config.preset_differences({"experiment": {"family": "sdfc"},
                                             "data": {"dataset": "cifar10"}, "defense": "sdfc"}))
     assert cifar["server.transform"] == ("test", "strong")
+
+
+def test_a_code_run_made_before_the_new_keys_is_not_resumed_silently(tmp_path):
+    """A `code` FDCR run whose config.yaml predates issue 20 partitioned from the named stream,
+    with the plain Fisher: resuming it under today's `code` is refused, naming each key."""
+    from fisherguard.results import ResumeError, RunDir
+
+    new = config.resolve({"experiment": {"preset": "code"}, "data": {"dataset": "usps"},
+                          "federation": {"rounds": 100}, "defense": "fdcr"})
+    old = new.to_dict()
+    for sec, key in (("experiment", "streams"), ("partition", "stream"),
+                     ("federation", "fisher_data"), ("server", "root_set")):
+        del old[sec][key]
+    RunDir(tmp_path).start(yaml.safe_dump(old, sort_keys=False), resume=False)
+    with pytest.raises(ResumeError) as e:
+        RunDir(tmp_path).start(new.to_yaml(), resume=True)
+    msg = str(e.value)
+    assert "partition.stream: 'named' → 'legacy-global'" in msg
+    assert "federation.fisher_data: 'plain' → 'train_loader'" in msg
+    assert "server.root_set" not in msg and "experiment.streams" not in msg  # FDCR reads neither
+    legacy = new.replace({"partition.stream": "named", "federation.fisher_data": "plain"})
+    RunDir(tmp_path).start(legacy.to_yaml(), resume=True)
+
+
+def test_view_shows_a_pinned_defense_preset(tmp_path):
+    raw = fmnist("sdfc")
+    raw["defense"] = {"name": "sdfc", "options": {"preset": "code"}}
+    pinned = {d.key: d for d in config.preset_differences(raw) if d.is_pinned}
+    assert pinned["defense.sdfc.preset"].pinned == "code"

@@ -709,6 +709,9 @@ def _defense_differences(paper: Config, code: Config) -> list[PresetDifference]:
         bare[preset] = registry.build(name, facts).get_params()
     given = dict(paper.defense.options)
     out = []
+    if "preset" in given:  # the defense's own preset, set apart from experiment.preset
+        out.append(PresetDifference(f"defense.{name}.preset", "paper", "code",
+                                    pinned=given["preset"], is_pinned=True))
     for k, v in got["paper"].items():
         if k in ("preset", "seed"):
             continue
