@@ -94,3 +94,23 @@ def test_resume_across_the_stream_change_is_refused_with_the_way_out(tmp_path):
 def test_resume_of_a_run_without_defense_randomness_is_unaffected(tmp_path):
     RunDir(tmp_path).start(_old_config("fedavg"), resume=False)
     RunDir(tmp_path).start(config.resolve({"defense": "fedavg"}).to_yaml(), resume=True)
+
+
+def test_runs_keep_their_names_and_matches_across_issue_20():
+    """Run keys (reproduce) and report matching ignore the stream details and keys at their
+    pre-issue-20 value: the committed results/ runs keep their directory names."""
+    from fisherguard.report.reproduce import config_for, run_key
+    from fisherguard.results import identity_part
+
+    assert run_key(config_for("fdcr-t4", "dnc", "usps", 0.5, 30, 0)) == \
+        "usps-dnc-b0.5-u30-paper-s0-1552a0ee4325"
+    assert run_key(config_for("fdcr-t4", "fedavg", "usps", 0.5, 30, 0)) == \
+        "usps-fedavg-b0.5-u30-paper-s0-d817d293714c"
+    new = config_for("fdcr-t4", "dnc", "usps", 0.5, 30, 0)
+    old = new.to_dict()
+    for sec, key in (("experiment", "streams"), ("partition", "stream"),
+                     ("federation", "fisher_data"), ("server", "root_set")):
+        del old[sec][key]
+    assert identity_part(yaml.safe_dump(old)) == identity_part(new.to_yaml())
+    code = config_for("fdcr-t4", "dnc", "usps", 0.5, 30, 0, preset="code")
+    assert identity_part(code.to_yaml())["partition"]["stream"] == "legacy-global"

@@ -116,7 +116,9 @@ PRESETS_BY_NAME: dict[str, dict[str, Any]] = {
 # Keys added after runs were already made, with the value every run made before the key existed
 # used. A ``config.yaml`` without such a key is read with this value (``results._results_part``),
 # so resuming such a run under a config that resolves the key differently is refused with a
-# message naming the key, instead of silently continuing with other behaviour.
+# message naming the key, instead of silently continuing with other behaviour; runs are named
+# and matched without keys at these values (``results.identity_part``), so older runs keep their
+# names.
 LEGACY_VALUES: dict[str, Any] = {
     "experiment.streams": "shared",  # issue 20: every defense seeded with the bare run seed
     "partition.stream": "named",  # issue 20: `code` partitioned from the named stream too

@@ -12,7 +12,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -36,14 +36,38 @@ def _results_part(cfg_text: str) -> Any:
 # Rules that put a run's config into the form runs are compared in (``fisherguard.config``
 # registers the one that reads a key an older config.yaml lacks with the value those runs used).
 _IDENTITY_RULES: list[Callable[[dict[str, Any]], dict[str, Any]]] = []
-LEGACY_KEYS: set[str] = set()  # dotted keys the rules fill in for configs written before them
+LEGACY: dict[str, Any] = {}  # dotted key → the value of every run made before the key existed
+
+# Random-stream details: like the seed, they change a run's draws but not its setting, so runs
+# are matched and named without them (a resume still compares them, ``RunDir.start``).
+RNG_DETAILS = ("experiment.streams",)
 
 
 def add_identity_rule(rule: Callable[[dict[str, Any]], dict[str, Any]],
-                      legacy_keys: Iterable[str] = ()) -> None:
+                      legacy: Mapping[str, Any] | None = None) -> None:
     if rule not in _IDENTITY_RULES:
         _IDENTITY_RULES.append(rule)
-    LEGACY_KEYS.update(legacy_keys)
+    LEGACY.update(legacy or {})
+
+
+def identity_part(cfg: str | dict[str, Any]) -> Any:
+    """What a run is matched, grouped and named by (report cells, ``reproduce`` run keys, seed
+    groups): the results part without ``RNG_DETAILS``, and without keys that still hold the value
+    runs had before the key existed, so such runs keep their names and matches."""
+    import yaml
+
+    part = _normalised(yaml.safe_load(cfg) or {} if isinstance(cfg, str) else cfg)
+    if not isinstance(part, dict):
+        return part
+    for dotted in RNG_DETAILS:
+        sec, key = dotted.split(".")
+        if isinstance(part.get(sec), dict):
+            part[sec].pop(key, None)
+    for dotted, value in LEGACY.items():
+        sec, key = dotted.split(".")
+        if isinstance(part.get(sec), dict) and key in part[sec] and part[sec][key] == value:
+            del part[sec][key]
+    return part
 
 
 def _normalised(cfg: Any) -> Any:
@@ -86,7 +110,7 @@ def _describe(changed: list[str], before: Any, now: Any) -> str:
 
 
 def _legacy_keys() -> set[str]:
-    return LEGACY_KEYS
+    return set(LEGACY)
 
 
 def slug(label: str) -> str:
@@ -302,13 +326,9 @@ def run_identity(summary: dict[str, Any]) -> dict[str, Any]:
     cfg = summary.get("_config")
     if cfg is None:
         return {f"summary.{k}": summary.get(k) for k in SUMMARY_IDENTITY}
-    flat = _flat(_results_part(cfg) if isinstance(cfg, str) else _results_part_of(cfg))
+    flat = _flat(identity_part(cfg))
     flat.pop("experiment.seed", None)
     return flat
-
-
-def _results_part_of(cfg: dict[str, Any]) -> dict[str, Any]:
-    return _normalised(cfg)
 
 
 def same_but_seed(a: dict[str, Any], b: dict[str, Any]) -> bool:

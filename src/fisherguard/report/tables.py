@@ -19,7 +19,7 @@ from fisherguard.report import published
 from fisherguard.report.reproduce import PRIORITY, SCALES, columns, command, config_for, grid
 from fisherguard.report.verdict import (CellVerdict, ColumnRank, Ours, TableVerdict,
                                         cell_verdict, column_rank, table_verdict)
-from fisherguard.results import RunDir, _results_part, collect_summaries
+from fisherguard.results import RunDir, collect_summaries, identity_part
 
 log = logging.getLogger("fisherguard")
 DEFAULT_OUT = Path("results") / "report"
@@ -71,14 +71,14 @@ def protocol_scale(run: dict[str, Any], cfg: dict[str, Any]) -> tuple[int, int] 
         return None
     if mid is None:
         return None
-    have = _results_part(yaml.safe_dump(cfg))
+    have = identity_part(yaml.safe_dump(cfg))
     for scale in SCALES:
         try:
             want = config_for(f"{family}-t4", mid, dataset, beta, ups, seed, preset=preset,
                               scale=scale)
         except Exception:  # noqa: BLE001 - a method or dataset this family cannot plan
             return None
-        if _results_part(want.to_yaml()) == have:
+        if identity_part(want.to_yaml()) == have:
             return (want.federation.rounds, want.federation.local_epochs)
     return None
 
