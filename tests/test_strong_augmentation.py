@@ -80,3 +80,17 @@ def test_u_uses_the_strong_pipeline_under_code():
     with pytest.raises(ValueError, match="CIFAR-10"):
         ValidationSet(lambda: torch.nn.Linear(1, 1), x[:, :1], y, Pipeline(grey=True),
                       transform="strong", plan=plan, fisher_options={}, seed=0)
+
+
+def test_jitter_order_is_drawn_per_image():
+    """Brightness then contrast differs from contrast then brightness; with one image repeated,
+    both orders show up across the batch."""
+    x = torch.full((64, 3, 4, 4), 0.5)
+    x[:, 0] = 0.9
+    y = T.colour_jitter(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        T._uniform(64, 0, 1, g)
+    orders = torch.rand(64, 4, generator=g).argsort(1)
+    assert len(torch.unique(orders, dim=0)) > 1

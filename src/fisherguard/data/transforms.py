@@ -175,24 +175,30 @@ def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 def colour_jitter(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Brightness, contrast, saturation and hue factors per image, applied in a random order."""
+    """Brightness, contrast, saturation and hue factors per image, applied in a random order
+    drawn per image (images that share an order are transformed together)."""
     n = x.shape[0]
     bri, con, sat, hue = STRONG_JITTER
     fb = _uniform(n, 1 - bri, 1 + bri, generator).to(x.dtype)
     fc = _uniform(n, 1 - con, 1 + con, generator).to(x.dtype)
     fs = _uniform(n, 1 - sat, 1 + sat, generator).to(x.dtype)
     fh = _uniform(n, -hue, hue, generator).to(x.dtype)
-    order = torch.randperm(4, generator=generator).tolist()  # one order per batch
-    for op in order:
-        if op == 0:
-            x = (x * fb.view(-1, 1, 1, 1)).clamp(0, 1)
-        elif op == 1:
-            x = _blend(x, _grey(x).mean((1, 2, 3), keepdim=True), fc)
-        elif op == 2:
-            x = _blend(x, _grey(x), fs)
-        else:
-            x = _shift_hue(x, fh)
-    return x
+    orders = torch.rand(n, 4, generator=generator).argsort(1)
+    out = x.clone()
+    for order in torch.unique(orders, dim=0):
+        idx = (orders == order).all(1).nonzero().squeeze(1)
+        y = x[idx]
+        for op in order.tolist():
+            if op == 0:
+                y = (y * fb[idx].view(-1, 1, 1, 1)).clamp(0, 1)
+            elif op == 1:
+                y = _blend(y, _grey(y).mean((1, 2, 3), keepdim=True), fc[idx])
+            elif op == 2:
+                y = _blend(y, _grey(y), fs[idx])
+            else:
+                y = _shift_hue(y, fh[idx])
+        out[idx] = y
+    return out
 
 
 def strong_augment(x_uint8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
