@@ -168,7 +168,7 @@ def _defense_uses_cached(cfg_json: str) -> tuple[bool, bool, bool]:
     return bool(d.draws_randomness()), bool(d.needs_fisher), bool(d.reads_root_set)
 
 
-CODE_T100 = ("fashion-mnist", "cifar10", "usps")  # `code`, family fdcr: T = 100 (protocol §4)
+CODE_T100 = ("fashion-mnist", "cifar10", "usps")  # `code`, family fdcr: T = 100 (docs/protocol.md §4)
 
 
 def preset_values(preset: str, *, family: Any = "fdcr", dataset: Any = "fashion-mnist") -> dict[str, Any]:
@@ -180,12 +180,13 @@ def preset_values(preset: str, *, family: Any = "fdcr", dataset: Any = "fashion-
     out = dict(PRESETS_BY_NAME.get(preset, {}))
     code = preset == "code"
     out["partition.stream"] = "legacy-global" if code else "named"
-    # the released FDCR configs train 100 rounds (the 50 commented out), MNIST aside (§4, §8)
+    # the released FDCR configs train 100 rounds (the 50 commented out), MNIST aside
+    # (docs/protocol.md §4, docs/protocol.md §8)
     out["federation.rounds"] = 100 if code and family == "fdcr" and dataset in CODE_T100 else 50
     out["federation.fisher_data"] = "train_loader" if code else "plain"
     out["server.root_set"] = "mnist-5000" if code else "U"
     if code and family == "sdfc" and dataset == "cifar10":
-        out["server.transform"] = "strong"  # the SDFC release's CIFAR-10 augmentation (§1.3)
+        out["server.transform"] = "strong"  # the SDFC release's CIFAR-10 U, docs/protocol.md §1.3
     return out
 
 

@@ -154,9 +154,9 @@ class Upload:
 
 def client_fisher(model: nn.Module, data: ClientDataset, weights: torch.Tensor,
                   request: FisherRequest) -> torch.Tensor:
-    """The client's diagonal Fisher over all its samples without augmentation (docs/algorithms.md
-    §2.4), or, when the options ask for ``data: train_loader`` (the `code` preset), over its
-    samples under the training transform, drawn from the request's stream."""
+    """The client's diagonal Fisher over all its samples without augmentation
+    (docs/algorithms.md §2.4), or, when the options ask for ``data: train_loader`` (the `code`
+    preset), over its samples under the training transform, drawn from the request's stream."""
     from fisherguard.fisher import diagonal_fisher
 
     options = dict(request.options)

@@ -52,8 +52,9 @@ class Partition:
 
 
 def legacy_global_generator(seed: int, n_train: int) -> np.random.RandomState:
-    """NumPy's legacy generator as the released code leaves it for the partition (docs/protocol.md
-    §3 `code`): seeded with the run seed, then one shuffle of the index list [N_tr, …, N−1].
+    """NumPy's legacy generator as the released code leaves it for the partition
+    (docs/protocol.md §3, `code`): seeded with the run seed, then one shuffle of the index list
+    [N_tr, …, N−1].
 
     A ``RandomState(seed)`` draws exactly what the global ``np.random`` does after
     ``np.random.seed(seed)``, without touching the process's global state.

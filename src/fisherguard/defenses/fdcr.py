@@ -277,8 +277,8 @@ class FDCR(Defense):
     refused with a message); ``max_drop_fraction`` (None = no cap); ``param_slice``
     [start, stop) of the vectors the discrepancy looks at (None = all); ``fisher_estimator``
     per_sample|official_label_mixed (paper / code); ``label_source``; ``seed`` (K-Means
-    starts); ``streams`` named|shared (K-Means draws from its own named stream; docs/protocol.md
-    §7.5).
+    starts); ``streams`` named|shared (K-Means draws from its own named stream;
+    docs/protocol.md §7.5).
 
     ``rule`` (issue 21; docs/algorithms.md §3.7) turns V into removals: ``finch`` (default:
     the paper's ``clustering``, gate and cap, unchanged), ``robust-z`` (remove z_k >

@@ -25,7 +25,7 @@ class ValidationSet:
         self._factory = model_factory
         self._labels = labels
         self._images = images
-        if transform == "strong":  # the SDFC release's CIFAR-10 augmentation (`code`, §1.3)
+        if transform == "strong":  # the SDFC release's CIFAR-10 U (docs/protocol.md §1.3)
             if pipeline.grey:
                 raise ValueError("server.transform: strong is the CIFAR-10 augmentation; a grey "
                                  "dataset takes train or test")

@@ -48,7 +48,7 @@ class Ours:
     entropy: float | None = None  # mean normalised prediction entropy H (docs/protocol.md §7.3)
     q_max: float | None = None  # mean largest class share max_c q_c
     seeds: tuple[int, ...] = ()  # the seeds averaged
-    degraded: bool | None = None  # Ā > 10 points below FedAvg's over the same seeds (§7.4)
+    degraded: bool | None = None  # Ā > 10 below FedAvg's, same seeds (docs/protocol.md §7.4)
     fedavg_A: float | None = None  # that FedAvg Ā
 
     @property
