@@ -10,7 +10,7 @@ from fisherguard.report.reproduce import config_for, run_key
 
 def fake_run(root: Path, table: str, method: str, dataset: str, beta: float, upsilon: int,
              seed: int, *, A: float, R: float, preset: str = "paper", collapsed: bool = False,
-             complete: bool = True) -> Path:
+             complete: bool = True, **extra: float) -> Path:
     """A finished run directory named as `fisherguard reproduce` names it."""
     cfg = config_for(table, method, dataset, beta, upsilon, seed, preset=preset)
     d = root / run_key(cfg)
@@ -21,6 +21,6 @@ def fake_run(root: Path, table: str, method: str, dataset: str, beta: float, ups
                "A": A, "R": R, "ASR": 100.0 - R, "V": (A + R) / 2, "collapsed": collapsed,
                "dataset": dataset, "seed": seed, "preset": preset,
                "family": cfg.experiment.family, "beta": beta,
-               "attack_fraction": upsilon / 100, "complete": complete}
+               "attack_fraction": upsilon / 100, "complete": complete, **extra}
     (d / "summary.json").write_text(json.dumps(summary))
     return d

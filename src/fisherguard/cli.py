@@ -183,6 +183,37 @@ def _grid_flags(p: argparse.ArgumentParser, out: str) -> None:
                    help="override a config value of every run (changes the run keys)")
 
 
+def _cmd_presets(args: argparse.Namespace) -> int:
+    """Every value that the `paper` and `code` presets resolve differently for a config."""
+    import yaml
+
+    from fisherguard import config
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise config.ConfigError(f"config file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise config.ConfigError("a config must be a mapping of sections")
+    sets = [config.parse_override(o) for o in args.set]
+    base = config.apply_overrides({k: v for k, v in raw.items() if k not in ("variants", "matrix")},
+                                  sets)
+    specs = raw.get("variants")
+    if raw.get("matrix") is not None:
+        specs = config.matrix_variants(raw["matrix"])
+    todo = [("", base)] if not specs else [
+        (str(s.get("label")), config.apply_overrides(config.apply_overrides(base, s.get("set") or {}),
+                                                     sets)) for s in specs]
+    blocks = []
+    for label, one in todo:
+        cfg = config.resolve(one)
+        title = (f"{label + ': ' if label else ''}{cfg.data.dataset}, family {cfg.experiment.family}, "
+                 f"defense {cfg.defense.name}")
+        blocks.append(config.format_preset_differences(config.preset_differences(one), title))
+    print("\n\n".join(blocks))
+    return 0
+
+
 def _cmd_defenses(args: argparse.Namespace) -> int:
     from fisherguard.defenses import registry
 
@@ -324,6 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0", help="default 0")
     _grid_flags(p, "runs/matrix")
     p.set_defaults(func=_cmd_matrix)
+
+    p = sub.add_parser("presets", help="every value that the paper and code presets resolve "
+                       "differently for a config (docs/protocol.md §8)")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value first, e.g. --set defense=sdfc (repeatable)")
+    p.set_defaults(func=_cmd_presets)
 
     p = sub.add_parser("defenses", help="list every available defense")
     p.set_defaults(func=_cmd_defenses)

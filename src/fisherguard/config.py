@@ -25,6 +25,8 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
+from fisherguard import results as _results
+
 
 class ConfigError(ValueError):
     """A config value is unknown, of the wrong type or impossible; the message names the key."""
@@ -111,6 +113,83 @@ PRESETS_BY_NAME: dict[str, dict[str, Any]] = {
 }
 
 
+# Keys added after runs were already made, with the value every run made before the key existed
+# used. A ``config.yaml`` without such a key is read with this value (``results._results_part``),
+# so resuming such a run under a config that resolves the key differently is refused with a
+# message naming the key, instead of silently continuing with other behaviour; runs are named
+# and matched without keys at these values (``results.identity_part``), so older runs keep their
+# names.
+LEGACY_VALUES: dict[str, Any] = {
+    "experiment.streams": "shared",  # issue 20: every defense seeded with the bare run seed
+    "partition.stream": "named",  # issue 20: `code` partitioned from the named stream too
+    "federation.fisher_data": "plain",  # issue 20: `code` clients' Fisher without augmentation
+    "server.root_set": "U",  # issue 20: `code` FLTrust and Sageflow read U too
+}
+
+
+def _identity_rule(cfg: dict[str, Any]) -> dict[str, Any]:
+    """How a run's config.yaml is compared (``results._results_part``): a key it lacks gets its
+    ``LEGACY_VALUES`` value; ``experiment.streams`` is left out when the run's defense draws no
+    random numbers of its own, ``federation.fisher_data`` when it asks for no client Fisher (they
+    cannot change such a run)."""
+    for dotted, value in LEGACY_VALUES.items():
+        sec, key = dotted.split(".")
+        if isinstance(cfg.get(sec), dict):
+            cfg[sec].setdefault(key, value)
+    randomness, fisher, root_set = _defense_uses(cfg)
+    if isinstance(cfg.get("experiment"), dict) and not randomness:
+        cfg["experiment"].pop("streams", None)
+    if isinstance(cfg.get("federation"), dict) and not fisher:
+        cfg["federation"].pop("fisher_data", None)
+    if isinstance(cfg.get("server"), dict) and not root_set:
+        cfg["server"].pop("root_set", None)
+    return cfg
+
+
+def _defense_uses(cfg: dict[str, Any]) -> tuple[bool, bool, bool]:
+    """Whether the config's defense draws random numbers, asks the clients for their Fisher,
+    and reads the root set (each true when that cannot be decided)."""
+    import json
+
+    try:
+        return _defense_uses_cached(json.dumps(cfg, sort_keys=True))
+    except TypeError:
+        return True, True, True
+
+
+@functools.lru_cache(maxsize=4096)
+def _defense_uses_cached(cfg_json: str) -> tuple[bool, bool, bool]:
+    import json
+
+    try:
+        d = resolve(json.loads(cfg_json)).build_defense()
+    except Exception:  # noqa: BLE001 - an old or odd config: keep the keys
+        return True, True, True
+    return bool(d.draws_randomness()), bool(d.needs_fisher), bool(d.reads_root_set)
+
+
+CODE_T100 = ("fashion-mnist", "cifar10", "usps")  # `code`, family fdcr: T = 100 (docs/protocol.md §4)
+
+
+def preset_values(preset: str, *, family: Any = "fdcr", dataset: Any = "fashion-mnist") -> dict[str, Any]:
+    """The config values a preset sets where the user sets none (docs/protocol.md §8).
+
+    Some depend on the family and the dataset (the released FDCR configs' T, the SDFC release's
+    CIFAR-10 augmentation on U); a value the user sets always wins.
+    """
+    out = dict(PRESETS_BY_NAME.get(preset, {}))
+    code = preset == "code"
+    out["partition.stream"] = "legacy-global" if code else "named"
+    # the released FDCR configs train 100 rounds (the 50 commented out), MNIST aside
+    # (docs/protocol.md §4, docs/protocol.md §8)
+    out["federation.rounds"] = 100 if code and family == "fdcr" and dataset in CODE_T100 else 50
+    out["federation.fisher_data"] = "train_loader" if code else "plain"
+    out["server.root_set"] = "mnist-5000" if code else "U"
+    if code and family == "sdfc" and dataset == "cifar10":
+        out["server.transform"] = "strong"  # the SDFC release's CIFAR-10 U, docs/protocol.md §1.3
+    return out
+
+
 @dataclass(frozen=True)
 class Experiment:
     name: str = setting("experiment")
@@ -119,6 +198,9 @@ class Experiment:
                           help="paper: the papers' text; code: the released code's behaviour")
     family: str = setting("fdcr", choices=("fdcr", "sdfc"),
                           help="trigger channels: fdcr = all three, sdfc = channel 0")
+    streams: str = setting("named", choices=("named", "shared"),
+                           help="a defense's own randomness: named = one stream per consumer from "
+                                "(seed, name); shared = the bare run seed (runs before issue 20)")
 
 
 @dataclass(frozen=True)
@@ -138,6 +220,9 @@ class Data:
 class Partition:
     beta: float = setting(0.5, check=_non_negative, help="Dirichlet concentration; 0 = iid")
     min_size: int = setting(10, check=_positive)
+    stream: str = setting("named", choices=("named", "legacy-global"),
+                          help="paper: the partition's own named stream; code: the released "
+                               "code's call order on NumPy's legacy global generator")
 
 
 @dataclass(frozen=True)
@@ -149,6 +234,9 @@ class Federation:
     lr: float = setting(0.01, check=_positive)
     momentum: float = setting(0.9, check=_probability)
     weight_decay: float = setting(1e-5, check=_non_negative)
+    fisher_data: str = setting("plain", choices=("plain", "train_loader"),
+                               help="a client's Fisher: plain = every sample, no augmentation "
+                                    "(paper); train_loader = the augmented training loader (code)")
 
 
 @dataclass(frozen=True)
@@ -182,8 +270,12 @@ class Defense:
 class Server:
     val_size: int | None = setting(None, check=_positive,
                                    help="|U|; paper 256, code: the whole validation pool (null)")
-    transform: str | None = setting(None, choices=("test", "train"),
-                                    help="transform on U; paper: test, code: train")
+    root_set: str = setting("U", choices=("U", "mnist-5000"),
+                            help="FLTrust's and Sageflow's server data: U (paper) or 5 000 random "
+                                 "MNIST training images whatever the task (code; baselines C5)")
+    transform: str | None = setting(None, choices=("test", "train", "strong"),
+                                    help="transform on U; paper: test, code: train (sdfc family "
+                                         "on CIFAR-10: strong)")
 
 
 @dataclass(frozen=True)
@@ -246,6 +338,7 @@ class Config:
         params = inspect.signature(registry.get(self.defense.name).__init__).parameters
         opts = dict(self.defense.options)
         facts = {"preset": self.experiment.preset, "seed": self.experiment.seed,
+                 "streams": self.experiment.streams,
                  "assumed_attackers": num_attackers(self.federation.clients, self.attack_fraction)}
         for key, val in facts.items():
             if key in params and key not in opts:
@@ -365,9 +458,11 @@ def resolve(raw: Mapping[str, Any] | Config) -> Config:
     if part.get("beta") == "iid":  # docs/protocol.md §3 alias
         part["beta"] = 0.0
     cfg = defaults()
-    preset = (raw.get("experiment") or {}).get("preset", "paper")
+    exp, data = raw.get("experiment") or {}, raw.get("data") or {}
+    preset = exp.get("preset", "paper")
     if isinstance(preset, str) and preset in PRESETS_BY_NAME:
-        for dotted, v in PRESETS_BY_NAME[preset].items():
+        for dotted, v in preset_values(preset, family=exp.get("family", cfg["experiment"]["family"]),
+                                       dataset=data.get("dataset", cfg["data"]["dataset"])).items():
             sec, k = dotted.split(".")
             cfg[sec][k] = v
     for sec, values in raw.items():
@@ -483,8 +578,6 @@ def load(path: str | Path, overrides: list[str] | None = None) -> list[Variant]:
 
 
 def variants_of(raw: dict[str, Any], overrides: list[tuple[str, Any]] | None = None) -> list[Variant]:
-    from fisherguard.results import slug
-
     if not isinstance(raw, dict):
         raise ConfigError("a config must be a mapping of sections")
     base = apply_overrides({k: v for k, v in raw.items() if k not in ("variants", "matrix")},
@@ -512,7 +605,7 @@ def variants_of(raw: dict[str, Any], overrides: list[tuple[str, Any]] | None = N
         except ConfigError as e:
             raise ConfigError(f"variants[{i}] ({spec['label']}): {e}") from None
         out.append(Variant(str(spec["label"]), cfg, nested=True))
-    slugs = [slug(v.label) for v in out]
+    slugs = [_results.slug(v.label) for v in out]
     if len(set(slugs)) != len(slugs):
         raise ConfigError("variants: labels must be unique, also as directory names "
                           f"({', '.join(slugs)})")
@@ -541,5 +634,120 @@ def matrix_variants(matrix: Any) -> list[dict[str, Any]]:
             for c in parts["columns"] for r in parts["rows"]]
 
 
+_results.add_identity_rule(_identity_rule, LEGACY_VALUES)
+
+
 def dump(cfg: Config) -> str:
     return cfg.to_yaml()
+
+
+@dataclass(frozen=True)
+class PresetDifference:
+    """One value that the `paper` and `code` presets resolve differently for a config.
+
+    ``key`` is a dotted config key, or ``defense.<name>.<parameter>`` for a hyperparameter the
+    defense resolves from the preset. ``pinned`` holds the config's own value when the config
+    sets the key (both presets then use it; ``paper``/``code`` are what each would choose).
+    """
+
+    key: str
+    paper: Any
+    code: Any
+    pinned: Any = None
+    is_pinned: bool = False
+    unused: bool = False  # the config's defense never reads this value
+
+
+def preset_differences(raw: Mapping[str, Any]) -> list[PresetDifference]:
+    """Every value of a (partial, unresolved) config that ``paper`` and ``code`` resolve
+    differently (docs/protocol.md §8), and every preset choice the config pins itself."""
+    resolved = {}
+    for preset in ("paper", "code"):
+        resolved[preset] = resolve(apply_overrides(raw, {"experiment.preset": preset}))
+    paper, code = (resolved[p].to_dict() for p in ("paper", "code"))
+    unused = _unused_keys(resolved["paper"])
+    out: list[PresetDifference] = []
+    for sec, keys in paper.items():
+        for k, v in keys.items():
+            if (sec, k) != ("experiment", "preset") and code[sec][k] != v:
+                out.append(PresetDifference(f"{sec}.{k}", v, code[sec][k],
+                                            unused=f"{sec}.{k}" in unused))
+    # preset choices the config overrides: the same value under both, but only because it is set
+    base = resolved["paper"]
+    free = {p: preset_values(p, family=base.experiment.family, dataset=base.data.dataset)
+            for p in ("paper", "code")}
+    for dotted in free["paper"]:
+        sec, k = dotted.split(".")
+        given = raw.get(sec) if isinstance(raw.get(sec), dict) else {}
+        if k in given and free["paper"][dotted] != free["code"][dotted]:
+            out.append(PresetDifference(dotted, free["paper"][dotted], free["code"][dotted],
+                                        pinned=paper[sec][k], is_pinned=True))
+    out.extend(_defense_differences(resolved["paper"], resolved["code"]))
+    return out
+
+
+def _unused_keys(cfg: Config) -> set[str]:
+    """Preset-dependent keys the config's defense never reads (shown as such in the view)."""
+    d = cfg.build_defense()
+    out = set()
+    if not d.needs_server_data:
+        out |= {"server.val_size", "server.transform", "server.root_set"}
+    if not d.reads_root_set:
+        out.add("server.root_set")
+    if not d.needs_fisher:
+        out.add("federation.fisher_data")
+    return out
+
+
+def _defense_differences(paper: Config, code: Config) -> list[PresetDifference]:
+    """The defense's hyperparameters that its constructor resolves from the preset."""
+    from fisherguard.defenses import registry
+
+    name = paper.defense.name
+    got = {"paper": paper.build_defense().get_params(), "code": code.build_defense().get_params()}
+    # what each preset alone would choose (the config's own options left out)
+    bare = {}
+    for cfg, preset in ((paper, "paper"), (code, "code")):
+        facts = cfg.replace({"defense.options": {}}).defense_options()
+        bare[preset] = registry.build(name, facts).get_params()
+    given = dict(paper.defense.options)
+    out = []
+    if "preset" in given:  # the defense's own preset, set apart from experiment.preset
+        out.append(PresetDifference(f"defense.{name}.preset", "paper", "code",
+                                    pinned=given["preset"], is_pinned=True))
+    for k, v in got["paper"].items():
+        if k in ("preset", "seed"):
+            continue
+        if got["code"].get(k) != v:
+            out.append(PresetDifference(f"defense.{name}.{k}", v, got["code"].get(k)))
+        elif k in given and bare["paper"].get(k) != bare["code"].get(k):
+            out.append(PresetDifference(f"defense.{name}.{k}", bare["paper"].get(k),
+                                        bare["code"].get(k), pinned=v, is_pinned=True))
+    return out
+
+
+def format_preset_differences(diffs: list[PresetDifference], title: str = "") -> str:
+    """The presets view: one line per value that differs, then the preset choices the config pins."""
+
+    def show(v: Any) -> str:
+        return "null" if v is None else (yaml.safe_dump(v, default_flow_style=True).strip()
+                                         .removesuffix("...").strip()
+                                         if isinstance(v, dict) else str(v))
+
+    free = [d for d in diffs if not d.is_pinned]
+    pinned = [d for d in diffs if d.is_pinned]
+    rows = [("key", "paper", "code", "")] + [
+        (d.key, show(d.paper), show(d.code), "(not read by this defense)" if d.unused else "")
+        for d in free]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    w2 = max(len(r[2]) for r in rows)
+    lines = [title] if title else []
+    lines.append(f"{len(free)} value(s) resolve differently under paper and code:")
+    lines += [f"  {a.ljust(w0)}  {b.ljust(w1)}  {c.ljust(w2)}  {n}".rstrip() for a, b, c, n in rows]
+    if pinned:
+        lines.append("set by the config itself, so the same under both presets "
+                     "(paper / code would choose):")
+        lines += [f"  {d.key} = {show(d.pinned)}  (paper {show(d.paper)}, code {show(d.code)})"
+                  for d in pinned]
+    return "\n".join(lines)

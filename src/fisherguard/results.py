@@ -12,7 +12,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -26,20 +26,68 @@ class MixedRunsError(ValueError):
 
 
 def _results_part(cfg_text: str) -> Any:
-    """The config without what never changes results: the ``runtime`` section and the run's name."""
+    """The config without what never changes results: the ``runtime`` section and the run's name,
+    then the identity rules (``add_identity_rule``) applied."""
     import yaml
 
-    cfg = yaml.safe_load(cfg_text) or {}
+    return _normalised(yaml.safe_load(cfg_text) or {})
+
+
+# Rules that put a run's config into the form runs are compared in (``fisherguard.config``
+# registers the one that reads a key an older config.yaml lacks with the value those runs used).
+_IDENTITY_RULES: list[Callable[[dict[str, Any]], dict[str, Any]]] = []
+LEGACY: dict[str, Any] = {}  # dotted key → the value of every run made before the key existed
+
+# Random-stream details: like the seed, they change a run's draws but not its setting, so runs
+# are matched and named without them (a resume still compares them, ``RunDir.start``).
+RNG_DETAILS = ("experiment.streams",)
+
+
+def add_identity_rule(rule: Callable[[dict[str, Any]], dict[str, Any]],
+                      legacy: Mapping[str, Any] | None = None) -> None:
+    if rule not in _IDENTITY_RULES:
+        _IDENTITY_RULES.append(rule)
+    LEGACY.update(legacy or {})
+
+
+def identity_part(cfg: str | dict[str, Any]) -> Any:
+    """What a run is matched, grouped and named by (report cells, ``reproduce`` run keys, seed
+    groups): the results part without ``RNG_DETAILS``, and without keys that still hold the value
+    runs had before the key existed, so such runs keep their names and matches."""
+    import yaml
+
+    part = _normalised(yaml.safe_load(cfg) or {} if isinstance(cfg, str) else cfg)
+    if not isinstance(part, dict):
+        return part
+    for dotted in RNG_DETAILS:
+        sec, key = dotted.split(".")
+        if isinstance(part.get(sec), dict):
+            part[sec].pop(key, None)
+    for dotted, value in LEGACY.items():
+        sec, key = dotted.split(".")
+        if isinstance(part.get(sec), dict) and key in part[sec] and part[sec][key] == value:
+            del part[sec][key]
+    return part
+
+
+def _normalised(cfg: Any) -> Any:
+    import copy
+
+    if not isinstance(cfg, dict):
+        return cfg
+    cfg = copy.deepcopy(cfg)
     cfg.pop("runtime", None)
     if isinstance(cfg.get("experiment"), dict):
         cfg["experiment"].pop("name", None)
+    for rule in _IDENTITY_RULES:
+        cfg = rule(cfg)
     return cfg
 
 
 _ABSENT = object()
 
 
-def _show(v: Any) -> str:
+def _shown_value(v: Any) -> str:
     return "(not set)" if v is _ABSENT else json.dumps(v)
 
 
@@ -102,7 +150,9 @@ class RunDir:
         if resume and cfg_file.exists():
             diffs = config_differences(_results_part(cfg_file.read_text()), _results_part(cfg_text))
             if diffs:
-                shown = "; ".join(f"{k}: {_show(a)} in the run, {_show(b)} now"
+                shown = "; ".join(f"{k}: {_shown_value(a)} in the run, {_shown_value(b)} now"
+                                  + (f" (--set {k}={LEGACY[k]} continues it as it began)"
+                                     if k in LEGACY else "")
                                   for k, a, b in diffs[:5])
                 more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""
                 raise ResumeError(f"{cfg_file} holds a different config: {shown}{more}. Resume "
@@ -222,8 +272,8 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-COLUMNS = ("label", "defense", "seeds", "A", "R", "ASR", "V", "collapsed", "TPR", "FPR", "AUC",
-           "wall_time_s")
+COLUMNS = ("label", "defense", "seeds", "A", "R", "ASR", "V", "collapsed", "degraded", "TPR", "FPR",
+           "AUC", "wall_time_s")
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -285,16 +335,9 @@ def run_identity(summary: dict[str, Any]) -> dict[str, Any]:
     cfg = summary.get("_config")
     if cfg is None:
         return {f"summary.{k}": summary.get(k) for k in SUMMARY_IDENTITY}
-    flat = _flat(_results_part(cfg) if isinstance(cfg, str) else _results_part_of(cfg))
+    flat = _flat(identity_part(cfg))
     flat.pop("experiment.seed", None)
     return flat
-
-
-def _results_part_of(cfg: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in cfg.items() if k != "runtime"}
-    if isinstance(out.get("experiment"), dict):
-        out["experiment"] = {k: v for k, v in out["experiment"].items() if k != "name"}
-    return out
 
 
 def same_but_seed(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -366,10 +409,51 @@ def aggregate_seeds(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
             else:
                 row[m] = f"{np.mean(vals):.2f} ± {np.std(vals, ddof=1):.2f}"
         k = sum(bool(r.get("collapsed")) for r in runs)
-        row["collapsed"] = f"†{k}/{len(runs)}" if k else "no"
+        row["collapsed"] = f"†{k}/{len(runs)}{_histogram_note(runs)}" if k else "no"
+        row["degraded"] = "degraded" if _degraded(runs, groups) else ""
         row["wall_time_s"] = float(np.mean([float(r.get("wall_time_s") or 0.0) for r in runs]))
         rows.append(row)
     return rows
+
+
+def _histogram_note(runs: list[dict[str, Any]]) -> str:
+    """' (H …, max q …)': the mean prediction entropy and largest class share beside a collapsed
+    cell (docs/protocol.md §7.4), from the summaries that have them."""
+    parts = []
+    for name, key in (("H", "entropy"), ("max q", "q_max")):
+        vals = [float(r[key]) for r in runs if r.get(key) is not None]
+        if vals:
+            parts.append(f"{name} {sum(vals) / len(vals):.2f}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+DEGRADED_POINTS = 10.0  # docs/protocol.md §7.4
+
+
+def _setting(summary: dict[str, Any]) -> dict[str, Any]:
+    """A run's identity apart from its defense (and the keys only a defense makes matter)."""
+    return {k: v for k, v in run_identity(summary).items()
+            if not k.startswith(("defense.", "summary.defense", "summary.label"))
+            and k not in ("experiment.streams", "federation.fisher_data")}
+
+
+def _degraded(runs: list[dict[str, Any]], groups: list[list[dict[str, Any]]]) -> bool:
+    """The advisory mark of docs/protocol.md §7.4: Ā more than 10 points below FedAvg's Ā in the
+    same setting over the same seeds (False when no such FedAvg runs are among the summaries)."""
+    if runs[0].get("defense") == "fedavg":
+        return False
+    mine = _setting(runs[0])
+    seeds = [r.get("seed") for r in runs]
+    for g in groups:
+        if g[0].get("defense") != "fedavg" or _setting(g[0]) != mine:
+            continue
+        by_seed = {r.get("seed"): r.get("A") for r in g if r.get("A") is not None}
+        if not all(s in by_seed for s in seeds) or any(r.get("A") is None for r in runs):
+            continue
+        ours = sum(float(r["A"]) for r in runs) / len(runs)
+        base = sum(float(by_seed[s]) for s in seeds) / len(seeds)
+        return ours < base - DEGRADED_POINTS
+    return False
 
 
 def failure_note(summaries: list[dict[str, Any]]) -> str | None:

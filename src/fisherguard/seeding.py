@@ -31,3 +31,36 @@ def torch_stream(seed: int, *names: object) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(derive_seed(seed, *names))
     return g
+
+
+# How a defense's own randomness is seeded (config ``experiment.streams``, docs/protocol.md §7.5):
+# ``named`` derives one stream per consumer from (run seed, "defense", consumer name), so two
+# defenses (or two consumers in one) never draw the same sequence; ``shared`` is the behaviour
+# before issue 20, where every defense seeded its generator with the bare run seed. Kept only so
+# that runs started before the change can be resumed and committed results re-run as they were.
+STREAMS = ("named", "shared")
+
+# The consumers that draw randomness inside a defense, one stream name each.
+DEFENSE_STREAMS = {
+    "dnc": "dnc-coordinates",
+    "crfl": "crfl-noise",
+    "foolsgold": "foolsgold-order",
+    "rlr": "rlr-order",
+    "fdcr-kmeans": "fdcr-kmeans-init",
+    "fdcr-oracle": "fdcr-oracle-noise",
+}
+
+
+def defense_seed(seed: int, consumer: str, streams: str = "named") -> int:
+    """The seed of a defense consumer's stream: derived from (seed, consumer) unless ``shared``."""
+    if streams not in STREAMS:
+        raise ValueError(f"streams must be one of {', '.join(STREAMS)}, got {streams!r}")
+    if streams == "shared":
+        return int(seed)
+    return derive_seed(seed, "defense", DEFENSE_STREAMS[consumer])
+
+
+def defense_generator(seed: int, consumer: str, streams: str = "named") -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(defense_seed(seed, consumer, streams))
+    return g

@@ -80,8 +80,12 @@ class ClientDataset:
         x = self.pipeline.train(self.images[idx], generator)
         return self._stamp(x, idx), self.labels[idx]
 
-    def fisher_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All n_k samples without random augmentation (docs/algorithms.md §2.4)."""
+    def fisher_data(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """All n_k samples without random augmentation (docs/algorithms.md §2.4); with a
+        ``generator``, each sample as the training loader gives it (training transform drawn
+        from it; an attacker's frozen tensors), the `code` preset's client Fisher."""
+        if generator is not None:
+            return self.batch(torch.arange(len(self)), generator)
         if self.frozen is not None:
             return self.frozen, self.labels
         assert self.images is not None
@@ -96,6 +100,9 @@ class ClientDataset:
             x = x.clone()
             x[sel] = self.trigger.apply(x[sel])
         return x
+
+
+FISHER_DATA = ("plain", "train_loader")  # the client Fisher's data: paper / code (issue 20)
 
 
 @dataclass
@@ -147,11 +154,17 @@ class Upload:
 
 def client_fisher(model: nn.Module, data: ClientDataset, weights: torch.Tensor,
                   request: FisherRequest) -> torch.Tensor:
-    """The client's diagonal Fisher over all its samples without augmentation (docs/algorithms.md §2.4)."""
+    """The client's diagonal Fisher over all its samples without augmentation
+    (docs/algorithms.md §2.4), or, when the options ask for ``data: train_loader`` (the `code`
+    preset), over its samples under the training transform, drawn from the request's stream."""
     from fisherguard.fisher import diagonal_fisher
 
-    x, y = data.fisher_data()
-    return diagonal_fisher(model, weights, x, y, generator=request.generator, **request.options)
+    options = dict(request.options)
+    source = options.pop("data", "plain")
+    if source not in FISHER_DATA:
+        raise ValueError(f"Fisher data must be one of {', '.join(FISHER_DATA)}, got {source!r}")
+    x, y = data.fisher_data(request.generator if source == "train_loader" else None)
+    return diagonal_fisher(model, weights, x, y, generator=request.generator, **options)
 
 
 def finish_job(job: ClientJob, weights: torch.Tensor, steps: int, stats: dict[str, float],

@@ -51,11 +51,28 @@ class Partition:
         return [len(ix) for ix in self.client_indices]
 
 
-def dirichlet(labels: np.ndarray, num_clients: int, beta: float, rng: np.random.Generator, *,
+def legacy_global_generator(seed: int, n_train: int) -> np.random.RandomState:
+    """NumPy's legacy generator as the released code leaves it for the partition
+    (docs/protocol.md §3, `code`): seeded with the run seed, then one shuffle of the index list
+    [N_tr, …, N−1].
+
+    A ``RandomState(seed)`` draws exactly what the global ``np.random`` does after
+    ``np.random.seed(seed)``, without touching the process's global state.
+    """
+    rs = np.random.RandomState(int(seed))
+    rs.shuffle(np.arange(int(0.9 * n_train), n_train))
+    return rs
+
+
+def dirichlet(labels: np.ndarray, num_clients: int, beta: float,
+              rng: np.random.Generator | np.random.RandomState, *,
               min_size: int = 10, num_classes: int = 10, max_attempts: int = 1000) -> Partition:
     """Dirichlet(β) label skew with the releases' retry rule and per-client cap (docs/protocol.md §3).
 
-    ``beta == 0`` means IID: each shuffled class split into K nearly equal parts.
+    ``beta == 0`` means IID: each shuffled class split into K nearly equal parts. ``rng`` is the
+    partition's named stream, or (``code``) the legacy generator of ``legacy_global_generator``:
+    both are used in the releases' call order (per attempt and class a shuffle, then the Dirichlet
+    draw; then one shuffle per client list).
     """
     labels = np.asarray(labels)
     n = len(labels)

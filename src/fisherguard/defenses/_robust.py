@@ -157,10 +157,12 @@ def check_seed(value: Any) -> None:
     check_range("seed", value, low=0, integer=True)
 
 
-def make_generator(seed: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(int(seed))
-    return g
+def make_generator(seed: int, consumer: str, streams: str = "named") -> torch.Generator:
+    """The generator of one consumer's stream (docs/protocol.md §7.5; ``seeding.DEFENSE_STREAMS``)."""
+    from fisherguard.seeding import STREAMS, defense_generator
+
+    check_choice("streams", streams, STREAMS)
+    return defense_generator(int(seed), consumer, streams)
 
 
 class AssumedAttackers:

@@ -220,6 +220,9 @@ class Defense:
     summary: ClassVar[str] = ""
     needs_fisher: ClassVar[bool] = False
     needs_server_data: ClassVar[bool] = False
+    # FLTrust and Sageflow: under `code` their server data is MarsFL's 5 000 MNIST training images
+    # whatever the task (docs/baselines.md C5; config ``server.root_set``)
+    reads_root_set: ClassVar[bool] = False
     client_regulariser: ClassVar[str | None] = None
     # Only the labelled FDCR oracle ablation sets this; the engine then hands it the attacker ids.
     needs_attacker_ids: ClassVar[bool] = False
@@ -287,6 +290,11 @@ class Defense:
     def fisher_options(self) -> dict[str, Any]:
         """Keyword options for the clients' Fisher computation (``fisherguard.fisher``)."""
         return {}
+
+    def draws_randomness(self) -> bool:
+        """Whether the defense, as configured, draws random numbers of its own (then the run's
+        ``experiment.streams`` changes its results; docs/protocol.md §7.5)."""
+        return False
 
     def state_dict(self) -> dict[str, Any]:
         return {}

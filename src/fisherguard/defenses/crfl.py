@@ -25,7 +25,8 @@ class CRFL(Defense):
     suspicion_score = None  # FedAvg weights, then clipping and noise: nothing per client
 
     def __init__(self, *, slope: float = 2.0, offset: float = 10.0, rho_max: float = 15.0,
-                 sigma: float = 0.01, seed: int = 0, preset: str = "paper") -> None:
+                 sigma: float = 0.01, seed: int = 0, preset: str = "paper",
+                 streams: str = "named") -> None:
         check_range("slope", slope, low=0.0)
         check_range("offset", offset, low=0.0, low_open=True)
         check_range("rho_max", rho_max, low=0.0, low_open=True)
@@ -36,7 +37,8 @@ class CRFL(Defense):
         check_choice("preset", preset, PRESETS)
         self.slope, self.offset, self.rho_max = float(slope), float(offset), float(rho_max)
         self.sigma, self.seed, self.preset = float(sigma), int(seed), preset
-        self._gen = make_generator(seed)
+        self.streams = streams
+        self._gen = make_generator(seed, "crfl", streams)
 
     def clip_threshold(self, round_idx: int) -> float:
         return min(self.slope * round_idx + self.offset, self.rho_max)
@@ -64,6 +66,9 @@ class CRFL(Defense):
         return Combined(rows.scatter(alpha, ri.num_clients), noisy, diag,
                         eval_weights=(model.to(ri.global_weights.dtype) if self.preset == "paper"
                                       else None))
+
+    def draws_randomness(self) -> bool:
+        return self.sigma > 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self._gen.get_state()}

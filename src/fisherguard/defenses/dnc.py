@@ -27,7 +27,8 @@ class DnC(AssumedAttackers, Defense):
 
     def __init__(self, *, b: int = 10_000, niters: int = 1, c: float = 1.0,
                  f: int | None = None, assumed_attackers: int = 0, on_violation: str = "cap",
-                 weighted: bool = False, seed: int = 0, preset: str = "paper") -> None:
+                 weighted: bool = False, seed: int = 0, preset: str = "paper",
+                 streams: str = "named") -> None:
         check_range("b", b, low=1, integer=True)
         check_range("niters", niters, low=1, integer=True)
         check_range("c", c, low=0.0)
@@ -37,8 +38,8 @@ class DnC(AssumedAttackers, Defense):
         check_choice("preset", preset, PRESETS)
         self._init_attackers(f, assumed_attackers, on_violation)
         self.b, self.niters, self.c = int(b), int(niters), float(c)
-        self.weighted, self.preset, self.seed = weighted, preset, int(seed)
-        self._gen = make_generator(seed)
+        self.weighted, self.preset, self.seed, self.streams = weighted, preset, int(seed), streams
+        self._gen = make_generator(seed, "dnc", streams)
 
     def _f_limit(self, k: int) -> tuple[int, str]:
         """Largest f with ⌊c·f⌋ ≤ K − 1, i.e. at least one client survives."""
@@ -84,6 +85,9 @@ class DnC(AssumedAttackers, Defense):
         step = (w[:, None] * x).sum(0)
         return Combined(rows.scatter(w, k), ri.global_weights.to(torch.float64) + step, diag,
                         zero_reason="outlier_score")
+
+    def draws_randomness(self) -> bool:
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self._gen.get_state()}

@@ -18,6 +18,7 @@ from fisherguard.defenses.base import (PRESETS, SUSPICION, Aggregate, Combined, 
                                        DefenseConfigError, RoundInput, Rows, check_choice,
                                        check_flag, check_range, fisher_estimator_option,
                                        reject_all, valid_mask)
+from fisherguard.seeding import STREAMS, defense_generator, defense_seed
 
 Tensor = torch.Tensor
 
@@ -276,7 +277,8 @@ class FDCR(Defense):
     refused with a message); ``max_drop_fraction`` (None = no cap); ``param_slice``
     [start, stop) of the vectors the discrepancy looks at (None = all); ``fisher_estimator``
     per_sample|official_label_mixed (paper / code); ``label_source``; ``seed`` (K-Means
-    starts).
+    starts); ``streams`` named|shared (K-Means draws from its own named stream;
+    docs/protocol.md §7.5).
 
     ``rule`` (issue 21; docs/algorithms.md §3.7) turns V into removals: ``finch`` (default:
     the paper's ``clustering``, gate and cap, unchanged), ``robust-z`` (remove z_k >
@@ -314,7 +316,7 @@ class FDCR(Defense):
                  param_slice: list[int] | None = None,
                  fisher_estimator: str | None = None, label_source: str = "dataset",
                  seed: int = 0, rule: str = "finch", z_threshold: float = Z_THRESHOLD,
-                 min_rounds: int = CUMULATIVE_MIN_ROUNDS) -> None:
+                 min_rounds: int = CUMULATIVE_MIN_ROUNDS, streams: str = "named") -> None:
         check_choice("preset", preset, PRESETS)
         code = preset == "code"
         discrepancy = discrepancy if discrepancy is not None else ("l2" if code else "mse")
@@ -356,6 +358,7 @@ class FDCR(Defense):
         if not math.isfinite(z_threshold):
             raise DefenseConfigError(f"z_threshold must be finite, got {z_threshold!r}")
         check_range("min_rounds", min_rounds, low=1, integer=True)
+        check_choice("streams", streams, STREAMS)
 
         self.preset = preset
         self.discrepancy = discrepancy
@@ -380,6 +383,10 @@ class FDCR(Defense):
         self.min_rounds = int(min_rounds)
         # rule cumulative: client id → [Σ_t clip(z_t), rounds scored]; absent clients keep theirs
         self._cumulative: dict[int, list[float]] = {}
+        self.streams = streams
+
+    def draws_randomness(self) -> bool:
+        return self.clustering == "kmeans"
 
     def fisher_options(self) -> dict[str, Any]:
         """Options for ``fisherguard.fisher.diagonal_fisher`` on every client (docs/algorithms.md §2.4)."""
@@ -529,7 +536,8 @@ class FDCR(Defense):
         if self.clustering == "finch":
             labels = finch_level0(v)
         elif self.clustering == "kmeans":
-            labels = kmeans_partition(v, self.seed)
+            labels = kmeans_partition(
+                v, defense_seed(self.seed, "fdcr-kmeans", self.streams) % 2**32)
         else:
             labels = dbscan_partition(v)
         info["labels"] = labels
@@ -608,11 +616,12 @@ class FDCROracle(FDCR):
     summary = ORACLE_LABEL
     needs_attacker_ids = True
 
-    def __init__(self, *, fisher_estimator: str | None = None, seed: int = 0) -> None:
+    def __init__(self, *, fisher_estimator: str | None = None, seed: int = 0,
+                 streams: str = "named") -> None:
         super().__init__(preset="code", min_silhouette=None, hardening="off", support_ratio=None,
-                         fisher_estimator=fisher_estimator, seed=seed)
+                         fisher_estimator=fisher_estimator, seed=seed, streams=streams)
         self._attacker_ids: frozenset[int] | None = None
-        self._noise = torch.Generator().manual_seed(int(seed))
+        self._noise = defense_generator(int(seed), "fdcr-oracle", streams)
 
     def receive_attacker_ids(self, ids: Iterable[int]) -> None:
         """Hand over the ground-truth attacker ids (the released server's oracle, docs/algorithms.md §4.2 step 1)."""
@@ -634,6 +643,9 @@ class FDCROracle(FDCR):
 
     def _blank_diagnostics(self, k_all: int) -> dict[str, Any]:
         return {**super()._blank_diagnostics(k_all), "label": ORACLE_LABEL}
+
+    def draws_randomness(self) -> bool:
+        return True
 
     def check_ready(self, ri: RoundInput) -> None:
         """FDCR with the marked clients' Fisher swapped for noise (docs/algorithms.md §4.3) needs the ids first."""

@@ -22,6 +22,7 @@ class FLTrust(Defense):
     needs_server_data = True
     # −cos orders clients as −TS does where TS > 0 and also ranks those ReLU clamps to TS = 0
     suspicion_score = "−cos(Δ_k, g_0), the negated cosine behind the trust TS = ReLU(cos)"
+    reads_root_set = True
 
     def __init__(self, *, server_epochs: int = 20) -> None:
         check_range("server_epochs", server_epochs, low=1, integer=True)

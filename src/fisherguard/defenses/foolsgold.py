@@ -55,7 +55,8 @@ class FoolsGold(Defense):
     suspicion_score = "−a_k, the negated FoolsGold weight (a ∈ [0, 1]; sybils get low a)"
 
     def __init__(self, *, kappa: float = 1.0, epsilon: float = 1e-5,
-                 clip_norm: float | None = 1.0, preset: str = "paper", seed: int = 0) -> None:
+                 clip_norm: float | None = 1.0, preset: str = "paper", seed: int = 0,
+                 streams: str = "named") -> None:
         check_range("kappa", kappa, low=0.0, low_open=True)
         check_range("epsilon", epsilon, low=0.0)
         check_range("clip_norm", clip_norm, low=0.0, low_open=True, allow_none=True)
@@ -70,7 +71,8 @@ class FoolsGold(Defense):
         # paper: history keyed by client id. code: MarsFL's positional rows (defect C4).
         self._history: dict[int, Tensor] = {}
         self._positional: Tensor | None = None
-        self._gen = make_generator(seed)
+        self.streams = streams
+        self._gen = make_generator(seed, "foolsgold", streams)
 
     def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         if self.preset == "code":
@@ -127,6 +129,9 @@ class FoolsGold(Defense):
             step = step / total
         return Combined(rows.scatter(a / total, k), ri.global_weights.to(torch.float64) + step,
                         diag, zero_reason="sybil_similarity")
+
+    def draws_randomness(self) -> bool:
+        return self.preset == "code"
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": {cid: h.clone() for cid, h in self._history.items()},

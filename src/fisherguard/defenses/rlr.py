@@ -22,7 +22,8 @@ class RLR(Defense):
     suspicion_score = None
 
     def __init__(self, *, theta: float | None = None, server_lr: float = 1.0,
-                 preset: str = "paper", seed: int = 0) -> None:
+                 preset: str = "paper", seed: int = 0,
+                 streams: str = "named") -> None:
         check_range("theta", theta, low=0.0, allow_none=True)
         check_range("server_lr", server_lr, low=0.0, low_open=True)
         check_finite("server_lr", server_lr)
@@ -33,7 +34,8 @@ class RLR(Defense):
         self.theta = float(theta) if theta is not None else (4.0 if preset == "paper" else 0.5)
         self.server_lr = float(server_lr)
         self.seed = int(seed)
-        self._gen = make_generator(seed)
+        self.streams = streams
+        self._gen = make_generator(seed, "rlr", streams)
 
     def combine(self, ri: RoundInput, rows: Rows, reasons: list[str | None]) -> Combined:
         alpha = rows.counts / rows.counts.sum()
@@ -49,6 +51,9 @@ class RLR(Defense):
                                 "flipped_fraction": float((lr < 0).double().mean())
                                 if lr.numel() else 0.0, "preset": self.preset}
         return Combined(weights, ri.global_weights.to(torch.float64) + step, diag)
+
+    def draws_randomness(self) -> bool:
+        return self.preset == "code"
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self._gen.get_state()} if self.preset == "code" else {}

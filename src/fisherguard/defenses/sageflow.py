@@ -27,6 +27,7 @@ class Sageflow(Defense):
     # the weight β_k ∝ ℓ_k^(−δ) falls as the loss grows; a client the entropy filter (or a
     # non-finite loss) removed is not scored: metrics rank such removed clients first
     suspicion_score = "loss ℓ_k on U of the uploaded model (clients past the entropy filter)"
+    reads_root_set = True
 
     def __init__(self, *, entropy_threshold: float = 2.2, delta: float = 5.0,
                  use_sample_counts: bool = False, preset: str = "paper") -> None:

@@ -21,7 +21,7 @@ from fisherguard.clients.training import (ClientDataset, ClientJob, FisherReques
                                           client_fisher)
 from fisherguard.config import Config
 from fisherguard.data.datasets import load_raw
-from fisherguard.data.partition import dirichlet, train_validation_split
+from fisherguard.data.partition import dirichlet, legacy_global_generator, train_validation_split
 from fisherguard.data.transforms import Pipeline, resize_to_32
 from fisherguard.defenses.base import ClientPlan, Defense
 from fisherguard.engine.server_data import ValidationSet
@@ -97,8 +97,10 @@ def prepare(cfg: Config) -> Federation:
         extra = ClientDataset(labels=reserved.attacker_labels, pipeline=pipeline,
                               images=reserved.attacker_images)
     fed = cfg.federation
-    part = dirichlet(train_y[pool], fed.clients, cfg.partition.beta,
-                     numpy_stream(seed, "partition"), min_size=cfg.partition.min_size)
+    part_rng = (legacy_global_generator(seed, len(train_y))
+                if cfg.partition.stream == "legacy-global" else numpy_stream(seed, "partition"))
+    part = dirichlet(train_y[pool], fed.clients, cfg.partition.beta, part_rng,
+                     min_size=cfg.partition.min_size)
     attackers = choose_attackers(fed.clients, cfg.attack_fraction, mode=cfg.attack.attackers,
                                  rng=numpy_stream(seed, "attackers"))
     clients = [ClientDataset(labels=torch.from_numpy(train_y[pool[local]]), pipeline=pipeline,
@@ -151,9 +153,33 @@ def server_data(fed: Federation, defense: Defense, plan: TrainPlan) -> Validatio
     """The server's clean set U, for the defenses that read it (docs/protocol.md §2)."""
     if not defense.needs_server_data:
         return None
+    cfg = fed.cfg
+    if defense.reads_root_set and cfg.server.root_set == "mnist-5000":
+        images, labels = mnist_root_set(cfg)
+        # MNIST is grey: the CIFAR-10 strong augmentation becomes the grey training transform
+        transform = "train" if cfg.server.transform == "strong" else cfg.server.transform
+        return ValidationSet(fed.model_factory, images, labels,
+                             Pipeline(grey=True, out_channels=cfg.data.channels),
+                             transform=transform, plan=plan,
+                             fisher_options=defense.fisher_options(), seed=cfg.experiment.seed)
     return ValidationSet(fed.model_factory, fed.server_images, fed.server_labels, fed.pipeline,
-                         transform=fed.cfg.server.transform, plan=plan,
-                         fisher_options=defense.fisher_options(), seed=fed.cfg.experiment.seed)
+                         transform=cfg.server.transform, plan=plan,
+                         fisher_options=defense.fisher_options(), seed=cfg.experiment.seed)
+
+
+ROOT_SET_SIZE = 5000  # MarsFL's `pub_minst` (docs/baselines.md C5)
+
+
+def mnist_root_set(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLTrust's and Sageflow's server data under `code`: 5 000 random MNIST training images,
+    whatever the task (docs/baselines.md C5), drawn from the named stream ``mnist-root-set``. The
+    set is MarsFL's in kind and size, not image for image: which 5 000 the release picks is not
+    reproduced."""
+    raw = load_raw("mnist", root=cfg.data.data_dir)
+    y = np.asarray(raw.train_y, dtype=np.int64)
+    pick = np.sort(numpy_stream(cfg.experiment.seed, "mnist-root-set")
+                   .choice(len(y), size=min(ROOT_SET_SIZE, len(y)), replace=False))
+    return resize_to_32(np.asarray(raw.train_x)[pick]), torch.from_numpy(y[pick])
 
 
 def client_job(fed: Federation, cid: int, round_idx: int, weights: torch.Tensor,
@@ -171,6 +197,16 @@ def client_job(fed: Federation, cid: int, round_idx: int, weights: torch.Tensor,
     return ClientJob(cid, start, data,
                      torch_stream(fed.cfg.experiment.seed, "client", cid, round_idx),
                      regulariser, fisher, modifier)
+
+
+def client_fisher_options(cfg: Config, defense: Defense) -> dict[str, Any]:
+    """The options of every client Fisher a run asks for: the defense's estimator options, and
+    under ``federation.fisher_data: train_loader`` (the `code` preset) the training loader's
+    augmented samples as its data (``clients.training.client_fisher``)."""
+    options = dict(defense.fisher_options())
+    if cfg.federation.fisher_data != "plain":
+        options["data"] = cfg.federation.fisher_data
+    return options
 
 
 def fisher_request(fed: Federation, cid: int, tag: int | str,

@@ -28,7 +28,8 @@ from fisherguard.config import Config
 from fisherguard.defenses.base import (FAILURE_REASONS, SUSPICION, ClientPlan, PlanInput,
                                        RoundInput)
 from fisherguard.defenses.fdcr import ORACLE_LABEL
-from fisherguard.engine.federation import (Federation, client_job, evaluate, fisher_request,
+from fisherguard.engine.federation import (Federation, client_fisher_options, client_job, evaluate,
+                                           fisher_request,
                                            initial_weights, local_fisher, plan_tag, server_data,
                                            train_plan)
 from fisherguard.results import RunDir
@@ -83,7 +84,7 @@ class Server:
         self.defense = cfg.build_defense()
         self.plan = train_plan(cfg)
         self.server_set = server_data(fed, self.defense, self.plan)
-        self.fisher_options = self.defense.fisher_options()
+        self.fisher_options = client_fisher_options(cfg, self.defense)
         self.eval_model = fed.model_factory()
         self._fisher_model: torch.nn.Module | None = None  # a crafted upload's Fisher, lazily
         self.oracle = bool(self.defense.needs_attacker_ids)

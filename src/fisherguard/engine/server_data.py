@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fisherguard.clients.training import ClientDataset, ClientJob, SequentialTrainer, TrainPlan
-from fisherguard.data.transforms import Pipeline
+from fisherguard.data.transforms import Pipeline, StrongPipeline
 from fisherguard.models import load_flat
 from fisherguard.seeding import torch_stream
 
@@ -25,8 +25,13 @@ class ValidationSet:
         self._factory = model_factory
         self._labels = labels
         self._images = images
+        if transform == "strong":  # the SDFC release's CIFAR-10 U (docs/protocol.md §1.3)
+            if pipeline.grey:
+                raise ValueError("server.transform: strong is the CIFAR-10 augmentation; a grey "
+                                 "dataset takes train or test")
+            pipeline = StrongPipeline(pipeline.grey, pipeline.out_channels)
         self._pipeline = pipeline
-        self._augment = transform == "train"
+        self._augment = transform in ("train", "strong")
         self._fixed = None if self._augment else pipeline.test(images)
         self._plan = plan
         self._fisher_options = dict(fisher_options)

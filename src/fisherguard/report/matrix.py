@@ -20,7 +20,7 @@ from fisherguard.attacks.base import Attack
 from fisherguard.config import Config, apply_overrides, resolve
 from fisherguard.defenses import registry as defenses
 from fisherguard.report.reproduce import PlannedRun, PlanError
-from fisherguard.results import _results_part, slug
+from fisherguard.results import identity_part, slug
 
 # docs/results.md §6: what a trigger optimiser may spend per round (their defaults spend minutes)
 BUDGETS: dict[str, dict[str, Any]] = {"a3fl": {"trigger_epochs": 5, "adv_epochs": 1},
@@ -79,7 +79,7 @@ def plan(*, attacks_: list[str] | None = None, defenses_: list[str] | None = Non
         for a in attacks_ or all_a:
             for s in seeds:
                 cfg = config_for(a, d, seed=s, overrides=overrides)
-                digest = hashlib.sha256(json.dumps(_results_part(cfg.to_yaml()),
+                digest = hashlib.sha256(json.dumps(identity_part(cfg.to_yaml()),
                                                    sort_keys=True).encode()).hexdigest()[:10]
                 key = f"{slug(a)}-{d}-s{s}-{digest}"
                 runs.append(PlannedRun(key, "matrix", d, cfg, Path(out) / key))

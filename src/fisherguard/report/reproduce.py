@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from fisherguard.config import Config, apply_overrides, resolve
 from fisherguard.report import published
-from fisherguard.results import RunDir, _results_part
+from fisherguard.results import RunDir, identity_part
 
 # docs/results.md §4: priorities; P0 first
 PRIORITY = {"fdcr-t4": "P0", "fdcr-t3": "P0", "sdfc-t5": "P0", "sdfc-t3": "P0",
@@ -109,7 +109,7 @@ def config_for(table: str, method: str, dataset: str, beta: float, upsilon: int,
 
 def run_key(cfg: Config) -> str:
     """Directory name of a run: readable fields plus a hash of the config's results part."""
-    part = _results_part(cfg.to_yaml())
+    part = identity_part(cfg.to_yaml())
     digest = hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:12]
     e = cfg.experiment
     return (f"{cfg.data.dataset}-{cfg.defense.name}-b{cfg.partition.beta:g}"

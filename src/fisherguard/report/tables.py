@@ -19,7 +19,7 @@ from fisherguard.report import published
 from fisherguard.report.reproduce import PRIORITY, SCALES, columns, command, config_for, grid
 from fisherguard.report.verdict import (CellVerdict, ColumnRank, Ours, TableVerdict,
                                         cell_verdict, column_rank, table_verdict)
-from fisherguard.results import RunDir, _results_part, collect_summaries
+from fisherguard.results import RunDir, collect_summaries, identity_part
 
 log = logging.getLogger("fisherguard")
 DEFAULT_OUT = Path("results") / "report"
@@ -71,14 +71,14 @@ def protocol_scale(run: dict[str, Any], cfg: dict[str, Any]) -> tuple[int, int] 
         return None
     if mid is None:
         return None
-    have = _results_part(yaml.safe_dump(cfg))
+    have = identity_part(yaml.safe_dump(cfg))
     for scale in SCALES:
         try:
             want = config_for(f"{family}-t4", mid, dataset, beta, ups, seed, preset=preset,
                               scale=scale)
         except Exception:  # noqa: BLE001 - a method or dataset this family cannot plan
             return None
-        if _results_part(want.to_yaml()) == have:
+        if identity_part(want.to_yaml()) == have:
             return (want.federation.rounds, want.federation.local_epochs)
     return None
 
@@ -110,9 +110,38 @@ def ours_of(runs: list[dict[str, Any]]) -> Ours | None:
              for m in ("A", "R", "ASR", "V")}
     if stats["A"][0] is None or stats["R"][0] is None:
         return None
+    hist = {m: _stat([float(r[m]) for r in runs if r.get(m) is not None])[0]
+            for m in ("entropy", "q_max")}
     return Ours(A=stats["A"][0], R=stats["R"][0], s_A=stats["A"][1], s_R=stats["R"][1],
                 n=len(runs), collapsed=sum(bool(r.get("collapsed")) for r in runs),
-                ASR=stats["ASR"][0], V=stats["V"][0], dataset=runs[0].get("dataset"))
+                ASR=stats["ASR"][0], V=stats["V"][0], dataset=runs[0].get("dataset"),
+                entropy=hist["entropy"], q_max=hist["q_max"],
+                seeds=tuple(sorted(int(r["seed"]) for r in runs if r.get("seed") is not None)))
+
+
+DEGRADED_POINTS = 10.0  # docs/protocol.md §7.4: Ā more than 10 points below FedAvg's
+
+
+def mark_degraded(ours: Ours | None, fedavg_runs: list[dict[str, Any]]) -> None:
+    """Set the advisory 'degraded' mark (docs/protocol.md §7.4): Ā more than 10 points below
+    FedAvg's Ā in the same setting over the same seeds. Left None when FedAvg lacks a seed."""
+    if ours is None or not ours.seeds:
+        return
+    by_seed: dict[int, float] = {}
+    for r in fedavg_runs:
+        if r.get("seed") is not None and r.get("A") is not None:
+            by_seed.setdefault(int(r["seed"]), float(r["A"]))
+    if not all(s in by_seed for s in ours.seeds):
+        return
+    ours.fedavg_A = sum(by_seed[s] for s in ours.seeds) / len(ours.seeds)
+    ours.degraded = ours.A < ours.fedavg_A - DEGRADED_POINTS
+
+
+def _largest_scale(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if not runs:
+        return runs
+    top = max((r["_scale"] for r in runs), key=lambda s: (s[0] or 0) * (s[1] or 0))
+    return [r for r in runs if r["_scale"] == top]
 
 
 def _index(runs: list[dict[str, Any]]) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
@@ -159,6 +188,10 @@ def build(table: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
                 if m == "fdcr-oracle":  # against the FDCR cells, docs/results.md §5.3
                     p = pub.get((*col, "fdcr"), {})
                 ours = ours_of(idx.get((family, *col, m, preset), []))
+                if m != "fedavg":
+                    mine = _largest_scale(idx.get((family, *col, m, preset), []))
+                    mark_degraded(ours, [r for r in idx.get((family, *col, "fedavg", preset), [])
+                                         if mine and r["_scale"] == mine[0]["_scale"]])
                 raw[(preset, col, m)] = (p, ours)
     out: dict[str, Any] = {"table": table, "presets": {}}
     for preset in presets:
@@ -234,13 +267,22 @@ def _row(c: dict[str, Any]) -> dict[str, str]:
             "ΔA": d["A"], "R pub": txt["R"], "R ours": _ours(o and o.R, o and o.s_R),
             "ΔR": d["R"], "ASR": _f(o.ASR) if o else "–", "V pub": txt["V"],
             "V ours": _f(o.V) if o else "–", "n": str(o.n) if o else "0",
-            "collapse": (f"†{o.collapsed}/{o.n}" if o and o.collapsed else "")
-            + (" pub" if "collapse-by-A" in c["flags"] else ""),
+            "collapse": collapse_mark(o) + (" pub" if "collapse-by-A" in c["flags"] else ""),
+            "degraded": "degraded" if o is not None and o.degraded else "",
             "verdict": verdict, "note": v.note}
 
 
+def collapse_mark(o: Ours | None) -> str:
+    """'†k/n' with H and max q beside it (docs/protocol.md §7.4), or '' for an unmarked cell."""
+    if o is None or not o.collapsed:
+        return ""
+    hist = [f"{name} {value:.2f}" for name, value in (("H", o.entropy), ("max q", o.q_max))
+            if value is not None]
+    return f"†{o.collapsed}/{o.n}" + (f" ({', '.join(hist)})" if hist else "")
+
+
 HEAD = ("method", "A pub", "A ours", "ΔA", "R pub", "R ours", "ΔR", "ASR", "V pub", "V ours",
-        "n", "collapse", "verdict", "note")
+        "n", "collapse", "degraded", "verdict", "note")
 
 
 def _criteria_lines(tv: TableVerdict) -> list[str]:
@@ -276,7 +318,7 @@ def render_markdown(built: dict[str, Any], preset: str) -> str:
         by_col.setdefault(c["column"], []).append(c)
     for (col, cells), rank in zip(by_col.items(), d["ranks"]):
         lines += ["", f"## {_col_name(col)}", "", "| " + " | ".join(HEAD) + " |",
-                  "|" + "|".join(["---"] + ["---:"] * (len(HEAD) - 4) + ["---"] * 3) + "|"]
+                  "|" + "|".join(["---"] + ["---:"] * (len(HEAD) - 5) + ["---"] * 4) + "|"]
         for c in cells:
             row = _row(c)
             lines.append("| " + " | ".join(row[h].replace("|", "\\|") for h in HEAD) + " |")

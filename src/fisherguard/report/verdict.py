@@ -45,6 +45,11 @@ class Ours:
     ASR: float | None = None
     V: float | None = None
     dataset: str | None = None  # the dataset the runs used (a stand-in shows here)
+    entropy: float | None = None  # mean normalised prediction entropy H (docs/protocol.md §7.3)
+    q_max: float | None = None  # mean largest class share max_c q_c
+    seeds: tuple[int, ...] = ()  # the seeds averaged
+    degraded: bool | None = None  # Ā > 10 below FedAvg's, same seeds (docs/protocol.md §7.4)
+    fedavg_A: float | None = None  # that FedAvg Ā
 
     @property
     def is_collapsed(self) -> bool:
