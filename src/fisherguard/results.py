@@ -354,7 +354,6 @@ def distinguishing_keys(summaries: list[dict[str, Any]]) -> list[str]:
     return [k for k in keys if any(i.get(k, _ABSENT) != ids[0].get(k, _ABSENT) for i in ids)]
 
 
-_ABSENT = object()
 
 
 def _seed_groups(summaries: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
