@@ -36,6 +36,28 @@ def _results_part(cfg_text: str) -> Any:
     return cfg
 
 
+# The runtime settings that change float rounding (the ensembles a client trains in, or the
+# trainer): part of a run's identity, so a resume must keep them. ``threads`` and ``workers`` never
+# change the numbers (tests/test_determinism.py) and stay free, as do ``retain_memory`` and
+# ``engine``. Not in ``_results_part``, whose hash names run directories.
+NUMERIC_RUNTIME = {"trainer": "auto", "group_size": 10}  # key → value of a config that omits it
+
+
+def _numeric_runtime(cfg_text: str) -> dict[str, Any]:
+    import yaml
+
+    rt = (yaml.safe_load(cfg_text) or {}).get("runtime") or {}
+    return {k: rt.get(k, default) for k, default in NUMERIC_RUNTIME.items()}
+
+
+def _differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested mappings."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in dict.fromkeys([*old, *new])
+                for d in _differing_keys(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
 def slug(label: str) -> str:
     """A run label as a directory name: lower-case alphanumerics joined by single dashes."""
     out = "".join(c.lower() if c.isalnum() else "-" for c in label)
@@ -54,15 +76,27 @@ class RunDir:
     def start(self, cfg_text: str, *, resume: bool) -> int:
         """Prepare the directory for a run of this resolved config (YAML); return the finished rounds.
 
-        0 unless resuming; the config file is the run's identity (runtime and name aside).
+        0 unless resuming; the config file is the run's identity (the name and the runtime
+        settings that never change the numbers aside: see ``NUMERIC_RUNTIME``).
         """
         self.path.mkdir(parents=True, exist_ok=True)
         cfg_file = self.path / self.CONFIG
         if resume and cfg_file.exists():
-            if _results_part(cfg_file.read_text()) != _results_part(cfg_text):
-                raise ResumeError(f"{cfg_file} holds a different config; resume needs the same "
-                                  "config and overrides (or choose another --out); only the "
-                                  "runtime section and experiment.name may change")
+            old_text = cfg_file.read_text()
+            if _results_part(old_text) != _results_part(cfg_text):
+                keys = _differing_keys(_results_part(old_text), _results_part(cfg_text))
+                raise ResumeError(f"{cfg_file} holds a different config (it differs in "
+                                  f"{', '.join(keys)}); resume needs the same config and "
+                                  "overrides (or choose another --out); only experiment.name and "
+                                  "runtime.threads, workers, retain_memory and engine may change")
+            old_rt, new_rt = _numeric_runtime(old_text), _numeric_runtime(cfg_text)
+            if old_rt != new_rt:
+                keys = [f"runtime.{k}" for k in NUMERIC_RUNTIME if old_rt[k] != new_rt[k]]
+                was = ", ".join(f"{k}={old_rt[k.split('.')[1]]!r}" for k in keys)
+                raise ResumeError(f"{cfg_file} was run with {was}: {', '.join(keys)} changes the "
+                                  "float rounding of training, so a resume must keep it (--set "
+                                  f"{keys[0]}={old_rt[keys[0].split('.')[1]]}); runtime.threads "
+                                  "and runtime.workers may change")
             _atomic_write(cfg_file, cfg_text.encode())
             ck = self.load_checkpoint()
             done = 0 if ck is None else int(ck["rounds_done"])
