@@ -201,7 +201,7 @@ class Runtime:
                                "flower-deployment: set by a `flwr run` against SuperNodes")
     # the grouped fast path is the default; sequential is the readable reference
     trainer: str = setting("auto", choices=_trainer_names)
-    workers: int | None = setting(1, check=_positive,
+    workers: int | None = setting(None, check=_positive,
                                   help="one-thread processes training whole groups side by side; "
                                        "null: one per usable core, at most one per group; "
                                        "never changes the numbers")
