@@ -267,7 +267,9 @@ def compare(ref: RoundOut, got: RoundOut, w0: Tensor, sizes: list[int]) -> dict[
 def build_engine(fed: federation.Federation, workers: int, threads: int
                  ) -> tuple[str, LocalTrainer]:
     """The engine's trainer for one workers × threads shape, and its printed name."""
-    trainer = build_trainer(fed.model_factory, fed.clients, kind="auto", workers=workers)
+    # workers take whole groups, so each gets its share as one group (⌈K / workers⌉ clients)
+    trainer = build_trainer(fed.model_factory, fed.clients, kind="auto", workers=workers,
+                            group_size=-(-len(fed.clients) // workers))
     inner = getattr(trainer, "inner_name", getattr(trainer, "name", "?"))
     return (f"engine {workers} worker{'s' if workers > 1 else ''} × {threads} "
             f"thread{'s' if threads > 1 else ''} ({inner})"), trainer

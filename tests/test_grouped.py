@@ -9,7 +9,7 @@ from torch import nn
 
 from fisherguard import config
 from fisherguard.clients.fdreg import FDReg
-from fisherguard.clients.grouped import GroupedTrainer
+from fisherguard.clients.grouped import GroupedTrainer, make_groups
 from fisherguard.clients.l1pull import L1Pull
 from fisherguard.clients.trainers import ParallelTrainer, build_trainer, split_work
 from fisherguard.clients.training import (ClientJob, FisherRequest, SequentialTrainer, TrainPlan,
@@ -201,10 +201,19 @@ def test_split_work_balances_steps(fdcr_fed):
     fed, w = fdcr_fed
     jobs = make_jobs(fed, w, regularise=False, fisher=False)
     parts = split_work(jobs, PLAN, 2)
-    assert sorted(i for p in parts for i in p) == list(range(len(jobs)))
-    loads = [sum(num_steps(len(jobs[i].data), PLAN) for i in p) for p in parts]
+    assert sorted(i for p in parts for g in p for i in g) == list(range(len(jobs)))
+    loads = [sum(num_steps(len(jobs[i].data), PLAN) for g in p for i in g) for p in parts]
     biggest = max(num_steps(len(j.data), PLAN) for j in jobs)
     assert abs(loads[0] - loads[1]) <= biggest
+
+
+def test_workers_take_whole_groups_that_never_depend_on_the_worker_count(fdcr_fed):
+    fed, w = fdcr_fed
+    jobs = make_jobs(fed, w, regularise=False, fisher=False)
+    groups = make_groups(jobs, PLAN, 2)
+    for workers in (1, 2, 3, len(jobs)):
+        parts = split_work(jobs, PLAN, workers, group_size=2)
+        assert sorted(g for p in parts for g in p) == sorted(groups), workers
 
 
 class _Other(nn.Module):

@@ -285,14 +285,21 @@ class Eval:
 
 @dataclass(frozen=True)
 class Runtime:
+    # the in-process engine computes on one thread per process whatever this says (numbers never
+    # depend on it); kept so that older configs load
     threads: int | None = setting(None, check=_positive)
     engine: str = setting("inprocess", choices=("inprocess", "flower-sim", "flower-deployment"),
                           help="inprocess: this process; flower-sim: Flower's simulation engine; "
                                "flower-deployment: set by a `flwr run` against SuperNodes")
     # the grouped fast path is the default; sequential is the readable reference
     trainer: str = setting("auto", choices=_trainer_names)
-    workers: int = setting(1, check=_positive)
-    group_size: int = setting(10, check=_positive)
+    workers: int | None = setting(None, check=_positive,
+                                  help="one-thread processes training whole groups side by side; "
+                                       "null: one per usable core, at most one per group; "
+                                       "never changes the numbers")
+    group_size: int = setting(10, check=_positive,
+                              help="clients per grouped-convolution ensemble; changes float "
+                                   "rounding, so a resume must keep it")
     retain_memory: bool = setting(True, help="keep freed tensor memory in the process (glibc) so "
                                              "training steps do not page-fault; numbers unchanged")
 

@@ -102,6 +102,21 @@ def config_differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, 
     return [] if old == new else [(prefix or "(config)", old, new)]
 
 
+# The runtime settings that change float rounding (the ensembles a client trains in, or the
+# trainer): part of a run's identity, so a resume must keep them. ``threads`` and ``workers`` never
+# change the numbers (tests/test_determinism.py) and stay free, as do ``retain_memory`` and
+# ``engine``. Not in ``_results_part``, whose hash names run directories.
+NUMERIC_RUNTIME = {"trainer": "auto", "group_size": 10}  # key → value of a config that omits it
+
+
+def _numeric_runtime(cfg_text: str) -> dict[str, Any]:
+    import yaml
+
+    rt = (yaml.safe_load(cfg_text) or {}).get("runtime") or {}
+    return {k: rt.get(k, default) for k, default in NUMERIC_RUNTIME.items()}
+
+
+
 def slug(label: str) -> str:
     """A run label as a directory name: lower-case alphanumerics joined by single dashes."""
     out = "".join(c.lower() if c.isalnum() else "-" for c in label)
@@ -120,7 +135,8 @@ class RunDir:
     def start(self, cfg_text: str, *, resume: bool) -> int:
         """Prepare the directory for a run of this resolved config (YAML); return the finished rounds.
 
-        0 unless resuming; the config file is the run's identity (runtime and name aside).
+        0 unless resuming; the config file is the run's identity (the name and the runtime
+        settings that never change the numbers aside: see ``NUMERIC_RUNTIME``).
         """
         self.check_start(cfg_text, resume=resume)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -157,7 +173,16 @@ class RunDir:
                 more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""
                 raise ResumeError(f"{cfg_file} holds a different config: {shown}{more}. Resume "
                                   "needs the same config and overrides (or choose another --out); "
-                                  "only the runtime section and experiment.name may change")
+                                  "only experiment.name and runtime.threads, workers, "
+                                  "retain_memory and engine may change")
+            old_rt, new_rt = _numeric_runtime(cfg_file.read_text()), _numeric_runtime(cfg_text)
+            keys = [f"runtime.{k}" for k in NUMERIC_RUNTIME if old_rt[k] != new_rt[k]]
+            if keys:
+                was = ", ".join(f"{k}={old_rt[k.split('.')[1]]!r}" for k in keys)
+                raise ResumeError(f"{cfg_file} was run with {was}: {', '.join(keys)} changes the "
+                                  "float rounding of training, so a resume must keep it (--set "
+                                  f"{keys[0]}={old_rt[keys[0].split('.')[1]]}); runtime.threads "
+                                  "and runtime.workers may change")
             return
         if not resume and self.started():
             raise ResumeError(f"{self.path} already holds a run; pass --resume to continue it or "

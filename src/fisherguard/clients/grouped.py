@@ -65,6 +65,21 @@ def client_losses(params: list[Tensor], x: Tensor, y: Tensor, *, summed_conv1: b
     return ce.view(y.shape[0], -1).mean(1)
 
 
+def make_groups(jobs: list[ClientJob], plan: TrainPlan, group_size: int) -> list[list[int]]:
+    """A round's ensembles as job indices: largest first (ties in job order), cut into consecutive
+    chunks of ``group_size``.
+
+    A function of the jobs and ``group_size`` alone, never of the worker count: a client's float
+    rounding depends on the ensemble it trains in (the grouped convolution's kernel differs with
+    the group's size and members), so the groups are fixed first and workers take whole groups.
+    Largest first also keeps each group's active clients a prefix, so shrinking is a slice.
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    order = sorted(range(len(jobs)), key=lambda i: -num_steps(len(jobs[i].data), plan))
+    return [order[s:s + group_size] for s in range(0, len(order), group_size)]
+
+
 class GroupedTrainer:
     """Default trainer for SimpleCNN: clients of a round trained as one shrinking group."""
 
@@ -86,12 +101,9 @@ class GroupedTrainer:
         if changed:  # an attack's own training steps cannot share the ensemble's
             raise ValueError(f"clients {changed}: jobs with an attack's training stage take the "
                              "per-client path (SequentialTrainer)")
-        # largest first, so each group's active clients are always a prefix and shrinking is a slice
-        order = sorted(range(len(jobs)), key=lambda i: -num_steps(len(jobs[i].data), plan))
         out: dict[int, ClientResult] = {}
-        for s in range(0, len(order), self.group_size):
-            group = [jobs[i] for i in order[s:s + self.group_size]]
-            for i, r in zip(order[s:s + self.group_size], self._train_group(group, plan)):
+        for members in make_groups(jobs, plan, self.group_size):
+            for i, r in zip(members, self._train_group([jobs[i] for i in members], plan)):
                 out[i] = r
         return [out[i] for i in range(len(jobs))]
 

@@ -1,9 +1,12 @@
 """Choosing a round's trainer, and running it in forked one-thread worker processes.
 
-Workers split the clients (largest total work first, each to the least-loaded worker), train
-their share with the same trainer class and return weights and Fisher; every client draws from
-its own named stream, so the result does not depend on the split. Fork shares the clients' data
-copy-on-write (docs/performance.md §3, docs/performance.md §6).
+The round's clients are first cut into fixed groups (``grouped.make_groups``: a function of the
+clients and ``group_size``, never of the worker count); workers take whole groups (largest total
+work first, each to the least-loaded worker), train each with the same trainer class on one thread
+and return weights and Fisher. Every client draws from its own named stream and trains in the same
+ensemble on one thread whatever the split, so the numbers do not depend on the worker count, bit
+for bit (``tests/test_determinism.py``). Fork shares the clients' data copy-on-write
+(docs/performance.md §3, docs/performance.md §6).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from fisherguard.clients.grouped import GroupedTrainer, supports
+from fisherguard.clients.grouped import GroupedTrainer, make_groups, supports
 from fisherguard.clients.regulariser import Regulariser
 from fisherguard.clients.training import (ClientDataset, ClientJob, ClientResult, FisherRequest,
                                           LocalTrainer, SequentialTrainer, TrainPlan, num_steps)
@@ -26,6 +29,18 @@ from fisherguard.clients.training import (ClientDataset, ClientJob, ClientResult
 log = logging.getLogger("fisherguard")
 
 TRAINERS = ("auto", "grouped", "sequential")
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def auto_workers(clients: int, group_size: int) -> int:
+    """``runtime.workers: null``: one worker per usable core, at most one per group of clients."""
+    return max(1, min(usable_cores(), -(-clients // max(1, group_size))))
 
 
 def build_trainer(model_factory: Callable[[], nn.Module], datasets: list[ClientDataset], *,
@@ -47,7 +62,7 @@ def build_trainer(model_factory: Callable[[], nn.Module], datasets: list[ClientD
 
     if workers == 1:
         return make()
-    return ParallelTrainer(make, datasets, workers)
+    return ParallelTrainer(make, datasets, workers, group_size)
 
 
 @dataclass
@@ -80,25 +95,30 @@ def _init_worker() -> None:
     _SHARED["trainer"] = _SHARED["make"]()
 
 
-def _work(task: tuple[list[_Spec], TrainPlan]) -> list[ClientResult]:
-    specs, plan = task
+def _work(task: tuple[list[list[_Spec]], TrainPlan]) -> list[list[ClientResult]]:
+    groups, plan = task
     data: list[ClientDataset] = _SHARED["datasets"]
-    jobs = [ClientJob(s.client_id, s.start_weights, data[s.dataset], _generator(s.generator_state),
-                      s.regulariser,
-                      FisherRequest(s.fisher_options, _generator(s.fisher_state))
-                      if s.fisher_options is not None and s.fisher_state is not None else None)
-            for s in specs]
-    return _SHARED["trainer"].train_round(jobs, plan)
+    out = []
+    for specs in groups:  # one group at a time: the same ensembles as in a single process
+        jobs = [ClientJob(s.client_id, s.start_weights, data[s.dataset],
+                          _generator(s.generator_state), s.regulariser,
+                          FisherRequest(s.fisher_options, _generator(s.fisher_state))
+                          if s.fisher_options is not None and s.fisher_state is not None else None)
+                for s in specs]
+        out.append(_SHARED["trainer"].train_round(jobs, plan))
+    return out
 
 
-def split_work(jobs: list[ClientJob], plan: TrainPlan, workers: int) -> list[list[int]]:
-    """Longest-processing-time-first assignment of job indices to workers by local steps."""
+def split_work(jobs: list[ClientJob], plan: TrainPlan, workers: int,
+               group_size: int = 1) -> list[list[list[int]]]:
+    """Each worker's share of the round: whole groups of job indices (``make_groups``), assigned
+    longest-processing-time first by local steps. The groups never depend on ``workers``."""
     loads = [0] * workers
-    parts: list[list[int]] = [[] for _ in range(workers)]
-    for i in sorted(range(len(jobs)), key=lambda i: -num_steps(len(jobs[i].data), plan)):
+    parts: list[list[list[int]]] = [[] for _ in range(workers)]
+    for group in make_groups(jobs, plan, group_size):  # largest first already
         w = loads.index(min(loads))
-        parts[w].append(i)
-        loads[w] += num_steps(len(jobs[i].data), plan) + 1
+        parts[w].append(group)
+        loads[w] += sum(num_steps(len(jobs[i].data), plan) + 1 for i in group)
     return parts
 
 
@@ -108,10 +128,10 @@ class ParallelTrainer:
     name = "parallel"
 
     def __init__(self, make: Callable[[], LocalTrainer], datasets: list[ClientDataset],
-                 workers: int) -> None:
+                 workers: int, group_size: int = 10) -> None:
         if "fork" not in mp.get_all_start_methods():
             raise RuntimeError("workers > 1 needs the 'fork' start method (Linux/macOS)")
-        self.workers = workers
+        self.workers, self.group_size = workers, group_size
         self.inner_name = getattr(make(), "name", "trainer")
         _SHARED.clear()
         _SHARED.update(make=make, datasets=datasets)
@@ -133,16 +153,18 @@ class ParallelTrainer:
                        j.regulariser,
                        j.fisher.options if j.fisher else None,
                        j.fisher.generator.get_state() if j.fisher else None) for j in jobs]
-        parts = [p for p in split_work(jobs, plan, self.workers) if p]
+        parts = [p for p in split_work(jobs, plan, self.workers, self.group_size) if p]
         try:
-            outs = self._pool.map(_work, [([specs[i] for i in p], plan) for p in parts], chunksize=1)
+            outs = self._pool.map(_work, [([[specs[i] for i in g] for g in p], plan)
+                                          for p in parts], chunksize=1)
         except BaseException:
             self.close()
             raise
         results: dict[int, ClientResult] = {}
         for p, out in zip(parts, outs):
-            for i, r in zip(p, out):
-                results[i] = r
+            for group, rs in zip(p, out):
+                for i, r in zip(group, rs):
+                    results[i] = r
         return [results[i] for i in range(len(jobs))]
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Callable, TextIO
 import torch
 
 from fisherguard.allocator import retain_freed_memory
-from fisherguard.clients.trainers import build_trainer
+from fisherguard.clients.trainers import auto_workers, build_trainer
 from fisherguard.clients.training import LocalTrainer
 from fisherguard.config import Config, Variant
 from fisherguard.engine.federation import prepare
@@ -34,31 +34,44 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool = False, label: str | 
 
         return run_engine(cfg, out_dir, resume=resume, label=label, progress=progress)
     rt = cfg.runtime
-    if rt.threads:
-        torch.set_num_threads(rt.threads)
     if rt.retain_memory:
         retain_freed_memory()
     run_dir = RunDir(out_dir)
     done = run_dir.start(cfg.to_yaml(), resume=resume)
     if done >= cfg.federation.rounds:  # a finished run: nothing to load or train
         return summarise(run_dir, cfg, label)
-    fed = prepare(cfg)
-    server = Server(fed, run_dir, done, label=label, engine="inprocess", progress=progress)
-    own_trainer = trainer is None
-    trainer = trainer or build_trainer(fed.model_factory, fed.datasets(), kind=rt.trainer,
-                                       workers=rt.workers, group_size=rt.group_size)
-    log.info("trainer: %s%s", getattr(trainer, "name", type(trainer).__name__),
-             f" × {rt.workers} workers" if rt.workers > 1 else "")
-    clients = InProcessClients(fed, trainer)
+    if rt.threads not in (None, 1):
+        log.info("runtime.threads: %d is not used by the in-process engine: every process computes "
+                 "on one thread so that the numbers do not depend on it; runtime.workers runs "
+                 "processes side by side", rt.threads)
+    workers = rt.workers if rt.workers is not None else auto_workers(cfg.federation.clients,
+                                                                      rt.group_size)
+    previous = torch.get_num_threads()
+    # One intra-op thread in this process and in every worker: a kernel's reduction order (local
+    # training, Fisher, evaluation, aggregation) then never depends on a thread count, and the same
+    # seed gives the same numbers bit for bit on any machine of the same build
+    # (tests/test_determinism.py, README "runtime").
+    torch.set_num_threads(1)
     try:
-        for t in range(done, server.total):
-            if stop_after is not None and t >= stop_after:
-                break
-            run_round(server, clients, t)
+        fed = prepare(cfg)
+        server = Server(fed, run_dir, done, label=label, engine="inprocess", progress=progress)
+        own_trainer = trainer is None
+        trainer = trainer or build_trainer(fed.model_factory, fed.datasets(), kind=rt.trainer,
+                                           workers=workers, group_size=rt.group_size)
+        log.info("trainer: %s%s", getattr(trainer, "name", type(trainer).__name__),
+                 f" × {workers} workers" if workers > 1 else "")
+        clients = InProcessClients(fed, trainer)
+        try:
+            for t in range(done, server.total):
+                if stop_after is not None and t >= stop_after:
+                    break
+                run_round(server, clients, t)
+        finally:
+            if own_trainer and hasattr(trainer, "close"):
+                trainer.close()
+        return server.summarise()
     finally:
-        if own_trainer and hasattr(trainer, "close"):
-            trainer.close()
-    return server.summarise()
+        torch.set_num_threads(previous)
 
 
 def run_all(variants: list[Variant], out_root: str | Path, *, resume: bool = False,
