@@ -445,3 +445,20 @@ def test_stateful_forgeries_resume_after_kill_equal_an_uninterrupted_run(name, d
     a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["weights"]
     b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["weights"]
     assert torch.equal(a, b)
+
+
+@pytest.mark.integration
+def test_server_count_cap_sets_the_bound_on_claimed_counts(tmp_path):
+    """``server.count_cap`` (algorithms.md §8.3) reaches the defense: the attackers' inflated
+    counts are clipped to cap × the round's lower median, and null turns the bound off."""
+    shares = {}
+    for cap in (None, 1.0):
+        _, rounds, _ = run_attack(tmp_path / str(cap), "badnets+count-inflation",
+                                  **{"defense.name": "fedavg", "server.count_cap": cap})
+        counts = rounds[0]["clients"]["num_samples"]  # what the clients claimed
+        honest, liars = sorted(counts[:3]), counts[3:]
+        bound = liars if cap is None else [cap * sorted(counts)[2]] * 2
+        expected = 100 * sum(bound) / (sum(bound) + sum(honest))
+        shares[cap] = rounds[0]["detection"]["attacker_share"]
+        assert shares[cap] == pytest.approx(expected, rel=1e-6)
+    assert shares[1.0] < 50 < shares[None]

@@ -31,8 +31,9 @@ def test_p0_grids(table, datasets, betas, upsilons, methods):
     assert len(reproduce.columns(table)) == len(datasets) * len(betas) * len(upsilons)
 
 
-def test_fdcr_t4_usps_30_column_plan():
-    runs = reproduce.plan("FDCR Table 4", datasets=["usps"], upsilons=[30], betas=[0.5])
+def test_fdcr_t4_usps_30_column_plan(tmp_path):
+    runs = reproduce.plan("FDCR Table 4", datasets=["usps"], upsilons=[30], betas=[0.5],
+                          out=tmp_path)
     assert len(runs) == 14 * 3
     assert [r.method for r in runs[::3]] == T4_METHODS
     cfg = runs[0].config

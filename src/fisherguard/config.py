@@ -52,6 +52,10 @@ def _label(v: Any) -> str | None:
     return None if 0 <= v < 10 else "must be a class index in 0..9"
 
 
+def _at_least_one(v: Any) -> str | None:
+    return None if v >= 1 else "must be >= 1 (or null)"
+
+
 def _at_least_two(v: Any) -> str | None:
     return None if v >= 2 else "must be >= 2"
 
@@ -124,6 +128,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "partition.stream": "named",  # issue 20: `code` partitioned from the named stream too
     "federation.fisher_data": "plain",  # issue 20: `code` clients' Fisher without augmentation
     "server.root_set": "U",  # issue 20: `code` FLTrust and Sageflow read U too
+    "server.count_cap": 5.0,  # issue 15: the bound, fixed at 5 before it could be set
 }
 
 
@@ -273,6 +278,8 @@ class Server:
     root_set: str = setting("U", choices=("U", "mnist-5000"),
                             help="FLTrust's and Sageflow's server data: U (paper) or 5 000 random "
                                  "MNIST training images whatever the task (code; baselines C5)")
+    count_cap: float | None = setting(5.0, check=_at_least_one, help="claimed sample counts above count_cap × the round's lower median are "
+                        "clipped to it (docs/algorithms.md §8.3); null turns the bound off")
     transform: str | None = setting(None, choices=("test", "train", "strong"),
                                     help="transform on U; paper: test, code: train (sdfc family "
                                          "on CIFAR-10: strong)")

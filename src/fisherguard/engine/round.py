@@ -160,7 +160,7 @@ class Server:
             [u.num_samples for u in ordered], self.ids,
             fisher=[u.fisher for u in ordered] if self.defense.needs_fisher else None,
             lr=self.cfg.federation.lr, round_idx=t, server_data=self.server_set,
-            num_rounds=self.total)
+            num_rounds=self.total, count_cap=self.cfg.server.count_cap)
         assert ri.pre_reasons is not None
         ri.pre_reasons = [u.reason if u.reason is not None else p
                           for u, p in zip(ordered, ri.pre_reasons)]
