@@ -50,3 +50,15 @@ def test_every_defense_survives_the_overflow_cases():
                    _ri(updates=torch.full((4, 4), 1e300, dtype=torch.float64), fisher=fisher)):
             out = d.aggregate(ri)
             assert torch.isfinite(out.new_weights).all(), name
+
+
+def test_a_diverged_client_without_fisher_is_non_finite_not_missing():
+    """A client whose training diverged replies with NaN weights and no Fisher (SDFC clean runs
+    showed it): a failure of that client, named non_finite, never a missing reply."""
+    from fisherguard.defenses.base import RoundInput
+
+    w = torch.zeros(4)
+    rows = [torch.ones(4), torch.full((4,), float("nan")), None]
+    ri = RoundInput.from_uploads(w, rows, [10, 10, 10], [0, 1, 2],
+                                 fisher=[torch.ones(4), None, None])
+    assert ri.pre_reasons == [None, "non_finite", "bad_shape"]
