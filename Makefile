@@ -12,7 +12,7 @@ export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
-.PHONY: demo test test-fast test-integration test-flower test-latest lock data install clean-runs table-defenses table-fisher table-attacks table-forgery bench bench-full bench-floor bench-attacks
+.PHONY: results-doc demo test test-fast test-integration test-flower test-latest lock data install clean-runs table-defenses table-fisher table-attacks table-forgery bench bench-full bench-floor bench-attacks
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -110,6 +110,13 @@ bench-floor: install
 
 bench-full: data
 	$(PY) benchmarks/bench.py --full $(BENCH_ARGS)
+
+# The results document: docs/report/index.md (published-table verdicts, each results/ directory's
+# table, plots as SVG) regenerated from the committed runs under results/ alone.
+RESULT_DIRS = $(filter-out results/report/,$(sort $(wildcard results/*/)))
+results-doc: install
+	rm -rf docs/report
+	$(FG) report $(RESULT_DIRS) --out docs/report --plots overview --formats svg
 
 clean-runs:
 	rm -rf runs

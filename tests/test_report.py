@@ -212,7 +212,7 @@ def test_report_plots_hook_is_optional(tmp_path, monkeypatch):
     import types
     import sys
     mod = types.ModuleType("fisherguard.report.plots")
-    mod.write_plots = lambda dirs, out: called.append((list(dirs), out)) or []
+    mod.write_plots = lambda dirs, out, **kw: called.append((list(dirs), out)) or []
     monkeypatch.setitem(sys.modules, "fisherguard.report.plots", mod)
     assert tables.plots_hook([tmp_path], tmp_path) == [] and called == [([tmp_path], tmp_path)]
     monkeypatch.setitem(sys.modules, "fisherguard.report.plots", None)  # import fails
@@ -238,3 +238,22 @@ def test_only_runs_of_the_published_protocol_stand_beside_a_published_cell(tmp_p
     got = collect_runs([runs], left)
     assert [r["A"] for r in got] == [95.0] and got[0]["_scale"] == (50, 10)
     assert sum(left.values()) == 3 and all("published protocol" in k for k in left)
+
+
+def test_report_index_holds_each_results_directory_table_and_its_plots(tmp_path):
+    """The generated document: every results directory's README link and seed table, and the
+    plots in the formats asked for (``--plots overview --formats svg``)."""
+    runs = tmp_path / "runs"
+    for s, a in enumerate([64.0, 63.5, 64.8]):
+        fake_run(runs, "fdcr-t3", "fedavg", "cifar10", 0.5, 30, s, A=a, R=41.0)
+    (runs / "README.md").write_text("how\n")
+    out = tmp_path / "report"
+    assert main(["report", str(runs), "--out", str(out), "--plots", "overview",
+                 "--formats", "svg"]) == 0
+    index = (out / "index.md").read_text()
+    assert "## runs" in index and "[runs/README.md](../runs/README.md)" in index
+    assert "| 64.10 ± 0.66 |" in index
+    assert not list(out.glob("*.png")) and not list(out.glob("weights-*"))
+    with pytest.raises(SystemExit):
+        main(["report", str(runs), "--out", str(out), "--plots", "some"])
+    assert main(["report", str(runs), "--out", str(out), "--formats", "gif"]) != 0

@@ -113,7 +113,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from fisherguard.report.tables import DEFAULT_OUT, write_report
 
     out = Path(args.out) if args.out else DEFAULT_OUT
-    written = write_report(args.results, out)
+    written = write_report(args.results, out, plots=args.plots,
+                           formats=tuple(_csv(args.formats) or ()))
     print(f"wrote {len(written)} files to {out} (index: {out / 'index.md'})")
     return 0
 
@@ -329,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(Markdown, LaTeX, CSV; docs/results.md)")
     p.add_argument("results", nargs="+", help="directories holding run directories")
     p.add_argument("--out", help="where the tables go (default results/report)")
+    p.add_argument("--plots", choices=("all", "overview", "none"), default="all",
+                   help="overview leaves out the per-run client-weight heatmaps (default all)")
+    p.add_argument("--formats", default="png,svg", help="plot formats: png, svg or png,svg")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("reproduce", help="plan and run the grid of a published table once "

@@ -321,10 +321,15 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> str:
-    """A plain-text table of run summaries."""
+def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS, *,
+                 markdown: bool = False) -> str:
+    """A plain-text (or Markdown) table of run summaries."""
     cols = [c for c in columns if any(c in r for r in rows)]
     cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    if markdown:
+        return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+                         + ["| " + " | ".join(v.replace("|", "\\|") for v in row) + " |"
+                            for row in cells])
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     head = "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths)))
     lines = [head, "-" * len(head)]

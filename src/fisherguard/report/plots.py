@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,11 @@ from fisherguard.results import RunDir, pivot_groups, slug
 
 ATTACKER_COLOUR = "#d62728"
 FORMATS = ("png", "svg")
+# the formats write_plots was asked for (the plot functions save through _save)
+_formats: ContextVar[tuple[str, ...]] = ContextVar("formats", default=FORMATS)
+# ``write_plots(kinds=...)``: overview leaves out the per-run weight heatmaps (one per run)
+KINDS = {"all": ("curves", "detection", "auc", "weights", "matrix"),
+         "overview": ("curves", "detection", "auc", "matrix"), "none": ()}
 # text as <text> elements (searchable SVG), fixed ids, no dates: the same input, the same bytes
 _RC = {"svg.fonttype": "none", "svg.hashsalt": "fisherguard", "path.simplify": True,
        "font.size": 9, "axes.titlesize": 10}
@@ -164,7 +170,7 @@ def _save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
     FigureCanvasAgg(fig)  # the Agg canvas explicitly: no pyplot, no display, no global state
     paths = []
     with matplotlib.rc_context(_RC):
-        for ext in FORMATS:
+        for ext in _formats.get():
             p = out_dir / f"{stem}.{ext}"
             fig.savefig(p, format=ext, dpi=100, metadata=_META[ext])
             paths.append(p)
@@ -380,30 +386,45 @@ def plot_matrix(summaries: list[dict[str, Any]], out_dir: Path,
 # --------------------------------------------------------------------------- everything
 
 
-def write_plots(run_dirs: list[Path] | Path, out_dir: Path) -> list[Path]:
-    """Every applicable figure of the runs below ``run_dirs``, PNG and SVG; their paths."""
+def write_plots(run_dirs: list[Path] | Path, out_dir: Path, *, kinds: str = "all",
+                formats: tuple[str, ...] = FORMATS) -> list[Path]:
+    """Every applicable figure of the runs below ``run_dirs`` (``KINDS[kinds]``), in ``formats``
+    (PNG and SVG by default); their paths."""
+    if kinds not in KINDS:
+        raise ValueError(f"plots: {kinds!r} is not one of {', '.join(KINDS)}")
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise ValueError(f"plot formats: choose from {', '.join(FORMATS)}, got {list(formats)}")
+    token = _formats.set(tuple(formats))
+    try:
+        return _write_plots(run_dirs, Path(out_dir), KINDS[kinds])
+    finally:
+        _formats.reset(token)
+
+
+def _write_plots(run_dirs: list[Path] | Path, out_dir: Path, kinds: tuple[str, ...]
+                 ) -> list[Path]:
     # curves-<group>, detection-<group> (runs with detection), auc-<group> (runs whose defense
     # has a suspicion score), weights-<run> (runs with client
     # weights), matrix-attack-defense; ValueError when a given path holds no run directory
     runs = find_runs(run_dirs)
-    out_dir = Path(out_dir)
     paths: list[Path] = []
     for stem, group in _groups(runs):
-        if any(r.rounds() for r in group):
+        if "curves" in kinds and any(r.rounds() for r in group):
             paths += plot_curves(group, out_dir, stem)
         det = [r for r in group if _has_detection(r)]
-        if det:
+        if det and "detection" in kinds:
             paths += plot_detection(det, out_dir, stem)
         scored = [r for r in group if _has_scores(r)]
-        if scored:
+        if scored and "auc" in kinds:
             paths += plot_scores(scored, out_dir, stem)
-    with_weights = [r for r in runs
-                    if any((rec.get("clients") or {}).get("weights") for rec in r.rounds())]
+    with_weights = [r for r in runs if "weights" in kinds and
+                    any((rec.get("clients") or {}).get("weights") for rec in r.rounds())]
     for r, stem in zip(with_weights, _unique([_stem(r.name) for r in with_weights])):
         paths += plot_weights(r, out_dir, stem)
     # the matrix of the runs that name an attack and a defense (a clean run has no attack row)
     summaries = [r.summary for r in runs
                  if r.summary.get("attack") is not None and r.summary.get("defense") is not None]
-    if summaries:
+    if summaries and "matrix" in kinds:
         paths += plot_matrix(summaries, out_dir)
     return paths

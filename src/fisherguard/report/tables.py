@@ -372,8 +372,10 @@ def write_csv(built: dict[str, Any], preset: str, path: Path) -> None:
                         c["verdict"].cause or "", c["command"]])
 
 
-def write_report(roots: list[str | Path], out: str | Path = DEFAULT_OUT) -> list[Path]:
-    """Every regenerable table against ``roots``' runs, as MD, LaTeX, CSV, plus ``index.md``."""
+def write_report(roots: list[str | Path], out: str | Path = DEFAULT_OUT, *, plots: str = "all",
+                 formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
+    """Every regenerable table against ``roots``' runs, as MD, LaTeX, CSV, plus ``index.md``
+    (the published tables' verdicts, then each results directory's own table and its plots)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     left_out: dict[str, int] = {}
@@ -396,18 +398,70 @@ def write_report(roots: list[str | Path], out: str | Path = DEFAULT_OUT) -> list
                          f"{built['presets'][preset]['verdict'].verdict} | "
                          f"[md]({stem}.md) [tex]({stem}.tex) [csv]({stem}.csv) |")
     index += ["", "SDFC Table 1 is qualitative: nothing to regenerate."]
+    # the pictures show every run given, the published protocol's or not
+    pictures = plots_hook([Path(r) for r in roots], out, kinds=plots, formats=formats)
+    index += root_sections(roots, out)
+    index += plot_section(pictures, out)
     (out / "index.md").write_text("\n".join(index) + "\n", encoding="utf-8")
     written.append(out / "index.md")
-    # the pictures show every run given, the published protocol's or not
-    written += plots_hook([Path(r) for r in roots], out)
-    return written
+    return written + pictures
 
 
-def plots_hook(run_dirs: list[Path], out: Path) -> list[Path]:
-    """Call ``fisherguard.report.plots.write_plots(run_dirs, out_dir)`` when that module exists."""
+def root_sections(roots: Iterable[str | Path], out: Path) -> list[str]:
+    """Per results directory: its README (linked), and its runs' table (mean ± std over seeds,
+    the table ``fisherguard table DIR`` prints)."""
+    import os
+
+    from fisherguard.results import aggregate_seeds, failure_note, format_table
+
+    lines: list[str] = []
+    for root in map(Path, roots):
+        summaries = collect_summaries(root)
+        if not summaries:
+            continue
+        lines += ["", f"## {root.name}", ""]
+        readme = root / "README.md"
+        if readme.exists():
+            lines += [f"How these runs were made and what they show: "
+                      f"[{root.name}/README.md]({Path(os.path.relpath(readme, out)).as_posix()})."
+                      , ""]
+        lines.append(format_table(aggregate_seeds(summaries), markdown=True))
+        note = failure_note(summaries)
+        if note:
+            lines += ["", note]
+    return lines
+
+
+def plot_section(pictures: list[Path], out: Path) -> list[str]:
+    """Links to every plot written, one line per kind (the stem's first word)."""
+    stems: dict[str, list[str]] = {}
+    for p in pictures:
+        stems.setdefault(p.stem.split("-")[0], [])
+        if p.stem not in stems[p.stem.split("-")[0]]:
+            stems[p.stem.split("-")[0]].append(p.stem)
+    if not stems:
+        return []
+    exts = {p.stem: sorted(q.suffix[1:] for q in pictures if q.stem == p.stem) for p in pictures}
+    what = {"curves": "A and ASR per round", "detection": "detection TPR/FPR per round",
+            "auc": "suspicion-score AUC/AP per round", "weights": "client weights per round",
+            "matrix": "defenses × attacks heatmap"}
+    lines = ["", "## Plots", ""]
+    if "matrix" in stems:
+        m = stems["matrix"][0]
+        lines += [f"![defenses × attacks]({m}.{'svg' if 'svg' in exts[m] else exts[m][0]})", ""]
+    for kind, names in stems.items():
+        links = ", ".join(f"{n[len(kind) + 1:] or n} ("
+                          + " ".join(f"[{e}]({n}.{e})" for e in exts[n]) + ")" for n in names)
+        lines.append(f"- **{what.get(kind, kind)}**: {links}")
+    return lines
+
+
+def plots_hook(run_dirs: list[Path], out: Path, **options: Any) -> list[Path]:
+    """Call ``fisherguard.report.plots.write_plots(run_dirs, out_dir, **options)`` when that
+    module exists."""
     try:
         from fisherguard.report.plots import write_plots  # type: ignore[import-not-found]
     except ImportError:
         log.info("no fisherguard.report.plots; plots skipped")
         return []
-    return list(write_plots(run_dirs, out) or [])
+    return list(write_plots(run_dirs, out, **options) or [])
