@@ -222,6 +222,7 @@ class Defense:
         ri = round_input
         self.check_ready(ri)
         reasons = validate_uploads(ri, require_fisher=self.needs_fisher)
+        ri = counts_per_client(ri)
         ri, clipped = bound_counts(ri, reasons)
         rows = valid_rows(ri, reasons)
         if rows.n == 0:
@@ -415,6 +416,22 @@ def _positive_integer(n: Any) -> bool:
     except (TypeError, ValueError, OverflowError):
         return False
     return math.isfinite(v) and 0 < v <= MAX_SAMPLES and v.is_integer()
+
+
+def counts_per_client(ri: RoundInput) -> RoundInput:
+    """The RoundInput with exactly one float64 count per client (the same object when it has).
+
+    ``validate_uploads`` already gives a client without a count ``no_samples``; padding the
+    vector with 0 (and dropping counts past K) lets every rule index it by client.
+    """
+    n = ri.num_samples
+    k = ri.num_clients
+    if isinstance(n, torch.Tensor) and tuple(n.shape) == (k,):
+        return ri
+    flat = torch.as_tensor(n, dtype=torch.float64).reshape(-1)[:k]
+    full = torch.zeros(k, dtype=torch.float64)
+    full[:flat.numel()] = flat
+    return dataclasses.replace(ri, num_samples=full)
 
 
 def bound_counts(ri: RoundInput, reasons: list[str | None]
