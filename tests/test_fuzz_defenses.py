@@ -55,3 +55,16 @@ def test_mma_survives_finite_but_huge_uploads() -> None:
                                                         [2.0, 1.0, 0.0],
                                                         [0.0, 3.0, 1.0]], dtype=torch.float64))
     assert singular and scores.shape == (3,)
+
+
+def test_a_result_beyond_the_models_dtype_keeps_the_global_model() -> None:
+    """Found by fuzzing: FDCR scales a lone, valid float32 update of 3e38 by an importance above
+    1; the float64 result was finite, the float32 model inf. ``finish`` checks after the cast."""
+    upd = torch.zeros(1, 6)
+    upd[0, 1] = 3.0e38
+    ri = RoundInput(global_weights=torch.zeros(6), updates=upd,
+                    num_samples=torch.ones(1, dtype=torch.float64), client_ids=[0],
+                    fisher=torch.tensor([[0.5, 1.0, 1.0, 1.0, 1.0, 1.0]]))
+    out = registry.build("fdcr", {"preset": "paper"}).aggregate(ri)
+    assert bool(torch.isfinite(out.new_weights).all()) and out.new_weights.dtype == torch.float32
+    assert out.status == "non_finite_result" and torch.equal(out.new_weights, ri.global_weights)

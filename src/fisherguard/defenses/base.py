@@ -489,6 +489,9 @@ def finish(ri: RoundInput, weights: Tensor, new_weights: Tensor, reasons: list[s
     A client with weight 0 and no reason yet gets ``zero_reason`` so every flag is explained.
     """
     weights = weights.to(torch.float64)
+    # checked in the model's dtype: a float64 result above float32's range (FDCR's importance
+    # weighting of a 3e38 update, found by fuzzing) is inf once cast
+    new_weights = new_weights.to(ri.global_weights.dtype)
     if not bool(torch.isfinite(new_weights).all()):
         # a safety net behind validation: keep w^t rather than spread NaN/inf to every client
         new_weights, status = ri.global_weights.clone(), "non_finite_result"
@@ -497,7 +500,7 @@ def finish(ri: RoundInput, weights: Tensor, new_weights: Tensor, reasons: list[s
     for k in range(ri.num_clients):
         if bool(flagged[k]) and reasons[k] is None:
             reasons[k] = zero_reason
-    return Aggregate(new_weights=new_weights.to(ri.global_weights.dtype), client_weights=weights,
+    return Aggregate(new_weights=new_weights, client_weights=weights,
                      flagged=flagged, reasons=reasons,
                      diagnostics={} if diagnostics is None else diagnostics,
                      eval_weights=eval_weights, status=status)
