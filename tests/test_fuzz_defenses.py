@@ -68,3 +68,18 @@ def test_a_result_beyond_the_models_dtype_keeps_the_global_model() -> None:
     out = registry.build("fdcr", {"preset": "paper"}).aggregate(ri)
     assert bool(torch.isfinite(out.new_weights).all()) and out.new_weights.dtype == torch.float32
     assert out.status == "non_finite_result" and torch.equal(out.new_weights, ri.global_weights)
+
+
+def test_rfa_measures_distances_of_huge_uploads() -> None:
+    """Found by fuzzing: one finite upload of 1e300 made every ‖x_k − z‖ overflow to inf and the
+    Weiszfeld weights 0/0 = NaN."""
+    x = torch.zeros(5, 10, dtype=torch.float64)
+    x[0, 9], x[1, 9], x[3, 9], x[4, 9] = 1.0, -1.0, 1.0, 1e300
+    ri = RoundInput(global_weights=torch.zeros(10, dtype=torch.float64), updates=x,
+                    num_samples=torch.ones(5, dtype=torch.float64), client_ids=list(range(5)))
+    out = registry.build("rfa", {}).aggregate(ri)
+    assert bool(torch.isfinite(out.client_weights).all())
+    assert abs(float(out.client_weights.sum()) - 1.0) < 1e-12
+    assert bool(torch.isfinite(out.new_weights).all())
+    # the huge upload weighs least: the geometric median moves towards the other four
+    assert float(out.client_weights[4]) == float(out.client_weights.min())
