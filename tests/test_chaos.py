@@ -111,12 +111,14 @@ def test_check_files_finds_cut_short_files(tmp_path) -> None:
 
 @pytest.mark.integration
 def test_sigkilled_runs_resume_bit_identical(tmp_path, capsys) -> None:
-    """Two trials of ``make chaos``: seed 3 kills trial 0 inside a checkpoint.pt write and trial 1
-    at a random moment; both resume to the reference run's exact results."""
+    """A sample of ``make chaos``: one trial, two SIGKILLs inside checkpoint or round-record
+    writes (the run, then its first resume), each leaving whole files; the last resume ends
+    with the reference run's exact results."""
     chaos = _chaos_module()
-    rc = chaos.main(["--kills", "2", "--seed", "3", "--rounds", "2", "--defense", "foolsgold",
-                     "--second-kill", "0", "--keep", str(tmp_path)])
+    rc = chaos.main(["--kills", "1", "--seed", "0", "--rounds", "2", "--defense", "foolsgold",
+                     "--write-share", "1", "--second-kill", "1",
+                     "--targets", "checkpoint.pt,rounds.jsonl", "--keep", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "trials survived 2/2" in out
-    assert "checkpoint.pt write #" in out
+    assert "kills tried 2 in 1 trials; trials survived 1/1" in out, out
+    assert out.count("landed inside ") == 2, out

@@ -216,7 +216,7 @@ def _events(log: Path) -> list[tuple[float, str, str]]:
     return out
 
 
-def _landing(log: Path, run: Path) -> str:
+def _landing(log: Path, run: Path, rounds: int) -> str:
     """Where the kill landed, from the write log and the checkpoint left behind."""
     open_writes: dict[str, int] = collections.Counter()
     last = None
@@ -229,7 +229,8 @@ def _landing(log: Path, run: Path) -> str:
         done = int(torch.load(run / "checkpoint.pt", weights_only=False)["rounds_done"])
     except Exception:  # noqa: BLE001 - none yet, or (a failure reported elsewhere) damaged
         pass
-    where = f"round {done + 1}" if (run / "checkpoint.pt").exists() or done else "start-up"
+    where = ("summary" if done >= rounds else f"round {done + 1}"
+             if (run / "checkpoint.pt").exists() else "start-up or round 1")
     if inside:
         return f"inside {', '.join(inside)} write ({where})"
     if last is None:
@@ -238,7 +239,8 @@ def _landing(log: Path, run: Path) -> str:
 
 
 def kill_once(cfg: Path, run: Path, rng: random.Random, kind: str, span: float,
-              writes: dict[str, int], work: Path, k: Kill) -> None:
+              writes: dict[str, int], work: Path, k: Kill, rounds: int,
+              targets: list[str] | None = None) -> None:
     log = work / f"{run.name}-{k.kind}-{rng.random():.6f}.log"
     errlog = work / f"{run.name}.stderr"
     if kind == "time":
@@ -250,7 +252,7 @@ def kill_once(cfg: Path, run: Path, rng: random.Random, kind: str, span: float,
         except subprocess.TimeoutExpired:
             pass
     else:
-        names = sorted(writes)
+        names = sorted(n for n in writes if not targets or n in targets)
         weights = [4.0 if n == "checkpoint.pt" else 2.0 if n == "rounds.jsonl" else 1.0 for n in names]
         name = rng.choices(names, weights)[0]
         nth = rng.randint(1, writes[name])
@@ -265,7 +267,7 @@ def kill_once(cfg: Path, run: Path, rng: random.Random, kind: str, span: float,
     if p.poll() is None:
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
-        k.landed = _landing(log, run)
+        k.landed = _landing(log, run, rounds)
     else:
         k.landed = f"missed (exited {p.returncode} first)"
     k.file_problems = check_files(run) if run.exists() else []
@@ -281,8 +283,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="share of trials that kill inside a results write")
     ap.add_argument("--second-kill", type=float, default=0.3,
                     help="chance that the resumed run is killed once more")
+    ap.add_argument("--targets", help="write kills only inside these files' writes, e.g. "
+                    "checkpoint.pt,rounds.jsonl (default: any results file)")
     ap.add_argument("--keep", help="keep the run directories here (default: a temporary one)")
     args = ap.parse_args(argv)
+    targets = args.targets.split(",") if args.targets else None
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fg-chaos-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -311,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             for j in range(n_kills):
                 kind = "write" if rng.random() < args.write_share else "time"
                 k = Kill(i, kind, "")
-                kill_once(cfg, run, rng, kind, span, writes, work, k)
+                kill_once(cfg, run, rng, kind, span, writes, work, k, args.rounds, targets)
                 trial.append(k)
             try:
                 _finish(cfg, run, work / f"{run.name}.stderr")
