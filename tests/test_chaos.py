@@ -120,5 +120,6 @@ def test_sigkilled_runs_resume_bit_identical(tmp_path, capsys) -> None:
                      "--targets", "checkpoint.pt,rounds.jsonl", "--keep", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "kills tried 2 in 1 trials; trials survived 1/1" in out, out
+    assert "kills tried 2 in 1 trials (2 landed, 0 missed" in out, out
+    assert "trials survived 1/1" in out, out
     assert out.count("landed inside ") == 2, out

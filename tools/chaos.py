@@ -273,6 +273,71 @@ def kill_once(cfg: Path, run: Path, rng: random.Random, kind: str, span: float,
     k.file_problems = check_files(run) if run.exists() else []
 
 
+# ---------------------------------------------------------------------------------------------
+# The Flower deployment: SIGKILL its server side (the SuperLink and the ServerApp below it)
+
+
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+              "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+
+def flower_trials(n: int, seed: int, rounds: int, defense: str, work: Path) -> tuple[int, int]:
+    """``n`` deployments (SuperLink + one SuperNode per client on 127.0.0.1) whose SuperLink
+    tree is SIGKILLed at a random moment, then deployed again with resume; each must end equal,
+    bit for bit, to an uninterrupted deployment. Returns (kills that landed, trials survived)."""
+    from fisherguard import config
+    from fisherguard.engine.flower import launch
+
+    os.environ.update(FLOWER_ENV)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    cfg = config.resolve(yaml.safe_load(CONFIG.format(rounds=rounds, defense=defense)))
+    ref = work / "flower-reference"
+    t0 = time.monotonic()
+    with launch.options(run_timeout=RUN_TIMEOUT_S):
+        launch.deploy(cfg, ref, progress=None)
+    span = time.monotonic() - t0
+    print(f"flower: {defense}, {rounds} rounds, reference deployment {span:.1f} s", flush=True)
+    landed = survived = 0
+    for i in range(n):
+        rng = random.Random(f"flower-{seed}-{i}")
+        out = work / f"flower-trial-{i:03d}"
+        delay = rng.uniform(0.2 * span, 0.9 * span)
+        seen: dict[str, str] = {}
+
+        def killer(procs: launch.Processes, where: Path) -> None:
+            time.sleep(delay)
+            ck = where / "checkpoint.pt"
+            if procs.procs["superlink"].poll() is None:
+                seen["rounds"] = str(len((where / "rounds.jsonl").read_text().splitlines())
+                                     if (where / "rounds.jsonl").exists() else 0)
+                seen["checkpoint"] = "yes" if ck.exists() else "no"
+                procs.kill("superlink")
+                seen["killed"] = "yes"
+
+        try:
+            with launch.options(run_timeout=RUN_TIMEOUT_S):
+                launch.deploy(cfg, out, progress=None, during=killer)
+        except Exception as e:  # noqa: BLE001 - the killed deployment is expected to fail
+            seen["error"] = type(e).__name__
+        problems = check_files(out) if out.exists() else []
+        try:
+            with launch.options(run_timeout=RUN_TIMEOUT_S):
+                launch.deploy(cfg, out, resume=True, progress=None)
+            diffs = compare(ref, out)
+        except Exception as e:  # noqa: BLE001
+            diffs = [f"resume failed: {type(e).__name__}: {str(e)[:300]}"]
+        killed = seen.get("killed") == "yes"
+        landed += killed
+        ok = killed and not problems and not diffs
+        survived += ok
+        where = (f"after {seen.get('rounds')} round record(s)" if killed
+                 else "missed (the run had ended)")
+        print(f"flower trial {i:3d} SIGKILL superlink after {delay:.1f} s, {where}; files "
+              f"{'ok' if not problems else 'DAMAGED: ' + '; '.join(problems)}; resumed: "
+              f"{'identical' if not diffs else 'DIFFERS: ' + '; '.join(diffs)}", flush=True)
+    return landed, survived
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=12, help="trials (each kills at least once)")
@@ -285,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="chance that the resumed run is killed once more")
     ap.add_argument("--targets", help="write kills only inside these files' writes, e.g. "
                     "checkpoint.pt,rounds.jsonl (default: any results file)")
+    ap.add_argument("--flower", type=int, default=0, metavar="N",
+                    help="also N Flower deployment trials (the SuperLink SIGKILLed, then resumed)")
     ap.add_argument("--keep", help="keep the run directories here (default: a temporary one)")
     args = ap.parse_args(argv)
     targets = args.targets.split(",") if args.targets else None
@@ -295,6 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg.write_text(CONFIG.format(rounds=args.rounds, defense=args.defense))
     try:
         t0 = time.monotonic()
+        if not args.kills:  # Flower trials only
+            f_landed, f_survived = flower_trials(args.flower, args.seed, args.rounds,
+                                                 args.defense, work)
+            print(f"flower: kills landed {f_landed} of {args.flower}; trials survived "
+                  f"{f_survived}/{args.flower}")
+            print(f"{f_survived} passed, {args.flower - f_survived} failed")
+            return 0 if f_survived == args.flower else 1
         ref = work / "reference"
         ref_log = work / "reference.log"
         p = _start(cfg, ref, _env(ref_log, 0.0), work / "reference.stderr")
@@ -334,12 +408,21 @@ def main(argv: list[str] | None = None) -> int:
             kills.extend(trial)
             if ok and not args.keep:
                 shutil.rmtree(run, ignore_errors=True)
+        f_landed = f_survived = 0
+        if args.flower:
+            f_landed, f_survived = flower_trials(args.flower, args.seed, args.rounds,
+                                                 args.defense, work)
+            print(f"flower: kills landed {f_landed} of {args.flower}; trials survived "
+                  f"{f_survived}/{args.flower}")
         inside = collections.Counter(k.landed.split(" (")[0] for k in kills)
         print("landed: " + "; ".join(f"{n} × {w}" for w, n in sorted(inside.items())))
-        print(f"kills tried {len(kills)} in {args.kills} trials; trials survived {survived}/{args.kills} "
+        missed = sum(k.landed.startswith("missed") for k in kills)
+        print(f"kills tried {len(kills)} in {args.kills} trials ({len(kills) - missed} landed, "
+              f"{missed} missed: the run had ended); trials survived {survived}/{args.kills} "
               f"({time.monotonic() - t0:.0f} s)")
-        print(f"{survived} passed, {args.kills - survived} failed")
-        return 0 if survived == args.kills else 1
+        passed = survived + f_survived
+        print(f"{passed} passed, {args.kills + args.flower - passed} failed")
+        return 0 if passed == args.kills + args.flower else 1
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
