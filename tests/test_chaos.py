@@ -2,8 +2,8 @@
 
 The unit tests stop a write halfway (the chaos hook's pause, made to raise as if the process died
 there) and check that the file still holds its old, complete content. The integration test is a
-small sample of ``make chaos`` (tools/chaos.py): two SIGKILLs of a real run, one inside a
-checkpoint write, then ``--resume`` and a bit-for-bit comparison with the uninterrupted run.
+small sample of ``make chaos`` (tools/chaos.py): a SIGKILL of a real run inside a checkpoint
+write, then ``--resume`` and a bit-for-bit comparison with the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -110,16 +110,15 @@ def test_check_files_finds_cut_short_files(tmp_path) -> None:
 
 
 @pytest.mark.integration
-def test_sigkilled_runs_resume_bit_identical(tmp_path, capsys) -> None:
-    """A sample of ``make chaos``: one trial, two SIGKILLs inside checkpoint or round-record
-    writes (the run, then its first resume), each leaving whole files; the last resume ends
-    with the reference run's exact results."""
+def test_a_sigkilled_run_resumes_bit_identical(tmp_path, capsys) -> None:
+    """A sample of ``make chaos`` (three process starts, most of this test's time): one SIGKILL
+    inside a checkpoint write leaves every file whole, and the resume ends with the reference
+    run's exact results. ``make chaos`` runs many, at random moments and in every results file."""
     chaos = _chaos_module()
     rc = chaos.main(["--kills", "1", "--seed", "0", "--rounds", "2", "--defense", "foolsgold",
-                     "--write-share", "1", "--second-kill", "1",
-                     "--targets", "checkpoint.pt,rounds.jsonl", "--keep", str(tmp_path)])
+                     "--write-share", "1", "--second-kill", "0", "--targets", "checkpoint.pt",
+                     "--keep", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "kills tried 2 in 1 trials (2 landed, 0 missed" in out, out
-    assert "trials survived 1/1" in out, out
-    assert out.count("landed inside ") == 2, out
+    assert "kills tried 1 in 1 trials (1 landed, 0 missed" in out, out
+    assert "trials survived 1/1" in out and "landed inside checkpoint.pt write" in out, out
