@@ -12,7 +12,7 @@ export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
-.PHONY: results-doc demo test test-fast test-integration test-flower test-latest lock data install clean-runs table-defenses table-fisher table-attacks table-forgery bench bench-full bench-floor bench-attacks
+.PHONY: results-doc demo test test-fast test-integration test-flower test-latest lock data install clean-runs fuzz chaos table-defenses table-fisher table-attacks table-forgery bench bench-full bench-floor bench-attacks
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -35,6 +35,17 @@ demo: data
 
 test: data
 	$(PY) -m pytest -q
+
+# Issue 19's robustness figures (not part of `make test`, which runs a small sample of each).
+# fuzz: >= 1,000 hostile rounds per defense through `aggregate` (hypothesis), a per-defense table
+# (FUZZ_ARGS="--examples 5000 --random", or defense names); chaos: SIGKILLs at seeded random
+# moments of a tiny run, inside checkpoint and results writes too, then --resume, checked
+# bit-identical to the uninterrupted run (CHAOS_ARGS="--kills 30 --seed 1").
+fuzz: install
+	OMP_NUM_THREADS=1 $(PY) tools/fuzz.py $(FUZZ_ARGS)
+
+chaos: install
+	$(PY) tools/chaos.py $(CHAOS_ARGS)
 
 # The same suite by class (pytest markers, tests/conftest.py); `make test` runs all three.
 # test-fast: the unit tests, under a minute, no data download; test-integration: engine runs,

@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -194,10 +195,13 @@ class RunDir:
         _atomic_write(self.path / self.ROUNDS, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def append_round(self, record: dict[str, Any]) -> None:
-        with open(self.path / self.ROUNDS, "a") as f:
-            f.write(json.dumps(_jsonable(record)) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """Add one round's line; the file is rewritten atomically, so a kill at any moment leaves
+        the old lines or the old lines plus the new one, never a line cut short (issue 19's chaos
+        runs caught a plain append doing that)."""
+        p = self.path / self.ROUNDS
+        old = p.read_bytes() if p.exists() else b""
+        old = old[:old.rfind(b"\n") + 1]  # a line cut short by a kill of an older version: dropped
+        _atomic_write(p, old + (json.dumps(_jsonable(record)) + "\n").encode())
 
     def rounds(self) -> list[dict[str, Any]]:
         """The round records; an exported run keeps them gzip'd (``rounds.jsonl.gz``)."""
@@ -231,6 +235,10 @@ class RunDir:
             return torch.load(p, weights_only=False)
         except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
             raise ResumeError(f"{p} is damaged ({e}); delete the run directory to start over") from None
+
+    def write_text(self, name: str, text: str) -> None:
+        """A file of the run directory, written atomically (complete or not there at all)."""
+        _atomic_write(self.path / name, text.encode())
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         """A small JSON file of the run (e.g. the defense's hyperparameters), written atomically."""
@@ -274,11 +282,40 @@ def export_runs(src: str | Path, dest: str | Path) -> tuple[list[Path], list[Pat
     return done, skipped
 
 
+# A test hook for the chaos harness (tools/chaos.py), inert unless its variables are set:
+# FISHERGUARD_TEST_WRITE_LOG names a file that gets "<time> begin|end <file name>" around every
+# results write, and FISHERGUARD_TEST_WRITE_PAUSE (seconds) pauses each write halfway, so that a
+# SIGKILL can be made to land inside one.
+WRITE_LOG, WRITE_PAUSE = "FISHERGUARD_TEST_WRITE_LOG", "FISHERGUARD_TEST_WRITE_PAUSE"
+
+
+def _write_event(event: str, path: Path) -> None:
+    log = os.environ.get(WRITE_LOG)
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{time.time():.6f} {event} {path.name}\n")
+
+
+def _write_chunks(f: Any, path: Path, data: bytes) -> None:
+    """``f.write(data)`` and flush; with the test hook set, logged and paused halfway."""
+    if not os.environ.get(WRITE_LOG):
+        f.write(data)
+        f.flush()
+        return
+    _write_event("begin", path)
+    half = len(data) // 2
+    f.write(data[:half])
+    f.flush()
+    time.sleep(float(os.environ.get(WRITE_PAUSE) or 0))
+    f.write(data[half:])
+    f.flush()
+    _write_event("end", path)
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
+        _write_chunks(f, path, data)
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
@@ -304,11 +341,12 @@ COLUMNS = ("label", "defense", "seeds", "A", "R", "ASR", "V", "collapsed", "degr
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     cols = list(dict.fromkeys([c for c in COLUMNS if any(c in r for r in rows)]
                               + [k for r in rows for k in r if not k.startswith("_")]))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _jsonable(r.get(k)) for k in cols})
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _jsonable(r.get(k)) for k in cols})
+    _atomic_write(path, buf.getvalue().encode())  # a kill mid-write left a cut-short CSV
 
 
 def _fmt(v: Any) -> str:

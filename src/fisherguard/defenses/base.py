@@ -239,6 +239,7 @@ class Defense:
         ri = round_input
         self.check_ready(ri)
         reasons = validate_uploads(ri, require_fisher=self.needs_fisher)
+        ri = counts_per_client(ri)
         ri, clipped = bound_counts(ri, reasons)
         rows = valid_rows(ri, reasons)
         if rows.n == 0:
@@ -439,6 +440,22 @@ def _positive_integer(n: Any) -> bool:
     return math.isfinite(v) and 0 < v <= MAX_SAMPLES and v.is_integer()
 
 
+def counts_per_client(ri: RoundInput) -> RoundInput:
+    """The RoundInput with exactly one float64 count per client (the same object when it has).
+
+    ``validate_uploads`` already gives a client without a count ``no_samples``; padding the
+    vector with 0 (and dropping counts past K) lets every rule index it by client.
+    """
+    n = ri.num_samples
+    k = ri.num_clients
+    if isinstance(n, torch.Tensor) and tuple(n.shape) == (k,):
+        return ri
+    flat = torch.as_tensor(n, dtype=torch.float64).reshape(-1)[:k]
+    full = torch.zeros(k, dtype=torch.float64)
+    full[:flat.numel()] = flat
+    return dataclasses.replace(ri, num_samples=full)
+
+
 def bound_counts(ri: RoundInput, reasons: list[str | None]
                  ) -> tuple[RoundInput, dict[str, Any]]:
     """Clip claimed counts above ``count_cap`` × the valid lower median (docs/algorithms.md §8.3).
@@ -494,6 +511,9 @@ def finish(ri: RoundInput, weights: Tensor, new_weights: Tensor, reasons: list[s
     A client with weight 0 and no reason yet gets ``zero_reason`` so every flag is explained.
     """
     weights = weights.to(torch.float64)
+    # checked in the model's dtype: a float64 result above float32's range (FDCR's importance
+    # weighting of a 3e38 update, found by fuzzing) is inf once cast
+    new_weights = new_weights.to(ri.global_weights.dtype)
     if not bool(torch.isfinite(new_weights).all()):
         # a safety net behind validation: keep w^t rather than spread NaN/inf to every client
         new_weights, status = ri.global_weights.clone(), "non_finite_result"
@@ -502,7 +522,7 @@ def finish(ri: RoundInput, weights: Tensor, new_weights: Tensor, reasons: list[s
     for k in range(ri.num_clients):
         if bool(flagged[k]) and reasons[k] is None:
             reasons[k] = zero_reason
-    return Aggregate(new_weights=new_weights.to(ri.global_weights.dtype), client_weights=weights,
+    return Aggregate(new_weights=new_weights, client_weights=weights,
                      flagged=flagged, reasons=reasons,
                      diagnostics={} if diagnostics is None else diagnostics,
                      eval_weights=eval_weights, status=status)

@@ -34,9 +34,11 @@ def mahalanobis_scores(t: Tensor) -> tuple[Tensor, bool]:
     """score_i = t_i Σ⁻¹ t_iᵀ with Σ the sample covariance of the (uncentred) t_i; a singular Σ
     falls back to the pseudo-inverse and is reported (the official code would fail)."""
     cov = torch.cov(t.T)
-    sv = torch.linalg.svdvals(cov)
-    singular = bool(sv.min() <= sv.max() * cov.shape[0] * torch.finfo(torch.float64).eps) \
-        or not bool(torch.isfinite(cov).all())
+    # svdvals raises on a non-finite matrix: such a Σ is treated as singular without it
+    singular = not bool(torch.isfinite(cov).all())
+    if not singular:
+        sv = torch.linalg.svdvals(cov)
+        singular = bool(sv.min() <= sv.max() * cov.shape[0] * torch.finfo(torch.float64).eps)
     if singular:
         inv = torch.linalg.pinv(torch.nan_to_num(cov))
     else:
@@ -68,6 +70,11 @@ class MMA(Defense):
         singular = False
         if n >= 2:
             t = multi_metric_features(x)
+            if not bool(torch.isfinite(t).all()):
+                # finite but huge uploads (|x| ~ 1e300) overflow the norms and sums; the
+                # features of x / max|x| give the same scores (cosine is scale-free, the L1 and
+                # norm columns scale by one constant that the Mahalanobis form cancels)
+                t = multi_metric_features(x / x.abs().max())
             scores, singular = mahalanobis_scores(t)
         else:
             scores = torch.zeros(n, dtype=torch.float64)

@@ -14,8 +14,20 @@ from fisherguard.defenses.base import (SUSPICION, Combined, Defense, RoundInput,
 Tensor = torch.Tensor
 
 
+def _distances(x: Tensor, z: Tensor) -> Tensor:
+    """‖x_k − z‖ per row; rows whose plain norm overflows (|x| ~ 1e300: the squares are inf,
+    found by fuzzing) are measured as max|·| × ‖·/max|·|‖, so normal inputs keep their bits."""
+    d = x - z
+    dist = d.norm(dim=1)
+    over = ~torch.isfinite(dist)
+    if bool(over.any()):
+        scale = d[over].abs().amax(dim=1)
+        dist[over] = scale * (d[over] / scale[:, None]).norm(dim=1)
+    return dist
+
+
 def _objective(z: Tensor, x: Tensor, alpha: Tensor) -> float:
-    return float((alpha * (x - z).norm(dim=1)).sum())
+    return float((alpha * _distances(x, z)).sum())
 
 
 class RFA(Defense):
@@ -52,9 +64,11 @@ class RFA(Defense):
         z = (alpha[:, None] * x).sum(0)
         objective = [_objective(z, x, alpha)]
         for _ in range(self.max_iter):
-            dist = (x - z).norm(dim=1)
-            beta = alpha / dist.clamp_min(self.nu)
-            beta = beta / beta.sum()
+            dist = _distances(x, z)
+            step = alpha / dist.clamp_min(self.nu)
+            if not (bool(torch.isfinite(step).all()) and float(step.sum()) > 0):
+                break  # distances beyond float64's range: keep the last finite step
+            beta = step / step.sum()
             z = (beta[:, None] * x).sum(0)
             objective.append(_objective(z, x, alpha))
             if abs(objective[-2] - objective[-1]) < self.ftol * objective[-1]:

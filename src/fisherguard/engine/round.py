@@ -100,7 +100,7 @@ class Server:
                 {} for _ in fed.attack.stages]})
         else:
             self.weights = initial_weights(fed)
-            (run_dir.path / "partition.json").write_text(json.dumps(fed.partition_info))
+            run_dir.write_text("partition.json", json.dumps(fed.partition_info))
             run_dir.write_json("defense.json", {"name": cfg.defense.name,
                                                 "params": self.defense.get_params()})
         self.bar = Progress(self.total, label, progress)

@@ -96,5 +96,5 @@ def run_all(variants: list[Variant], out_root: str | Path, *, resume: bool = Fal
         out_root.mkdir(parents=True, exist_ok=True)
         write_csv(out_root / "summary.csv", summaries)
         table = format_table(aggregate_seeds(summaries) if seeds else summaries)
-        (out_root / "summary.txt").write_text(table + "\n")
+        RunDir(out_root).write_text("summary.txt", table + "\n")
     return summaries
