@@ -272,6 +272,28 @@ def _cmd_flower_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_flower_keys(args: argparse.Namespace) -> int:
+    from fisherguard.engine.flower.keys import make_keys
+
+    if args.nodes < 0:
+        raise ValueError(f"--nodes must be >= 0, got {args.nodes}")
+    hosts = tuple(args.host) if args.host else ("127.0.0.1", "localhost")
+    k = make_keys(args.dir, args.nodes, hosts=hosts, days=args.days)
+    d = k.directory
+    print(f"wrote in {d}: ca.crt (CA certificate; its key is not kept), server.pem + server.key "
+          f"(SuperLink, for {', '.join(hosts)}; valid {args.days} days)"
+          + (f", {args.nodes} SuperNode key pairs node-0..node-{args.nodes - 1} (+ .pub)"
+             if args.nodes else ""))
+    print(f"SuperLink:  flower-superlink --ssl-ca-certfile {d}/ca.crt --ssl-certfile {d}/server.pem "
+          f"--ssl-keyfile {d}/server.key --enable-supernode-auth ...")
+    print(f"connection: root-certificates = \"{d.resolve()}/ca.crt\"  (in $FLWR_HOME/config.toml)")
+    if args.nodes:
+        print(f"register:   flwr supernode register {d}/node-0.pub CONNECTION  (each node's .pub)")
+        print(f"SuperNode:  flower-supernode --root-certificates {d}/ca.crt "
+              f"--auth-supernode-private-key {d}/node-0 --superlink HOST:PORT ...")
+    return 0
+
+
 DESCRIPTION = ("Fisher-information defenses against backdoor attacks in federated learning: run "
                "experiments, tabulate and report their results, fetch datasets.")
 
@@ -388,6 +410,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_config", help="the string given to flwr run --run-config, e.g. "
                    "'config=\"/abs/c.yaml\" set=\"defense=fdcr\"' (or a .toml file)")
     p.set_defaults(func=_cmd_flower_check)
+
+    p = sub.add_parser("flower-keys", help="make a throw-away CA, a SuperLink TLS certificate and "
+                       "SuperNode key pairs for a Flower deployment (README, \"Running on Flower\")")
+    p.add_argument("dir", help="directory to write into (created; existing files are never "
+                   "overwritten)")
+    p.add_argument("--nodes", type=int, default=0, metavar="N",
+                   help="SuperNode key pairs node-0..node-N-1 to make (default 0)")
+    p.add_argument("--host", action="append", metavar="ADDR",
+                   help="an IP address or DNS name the SuperLink is reached at, for its "
+                   "certificate (repeatable; default 127.0.0.1 and localhost)")
+    p.add_argument("--days", type=int, default=365, help="certificate validity (default 365)")
+    p.set_defaults(func=_cmd_flower_keys)
 
     parser.description = f"{DESCRIPTION} Commands: {', '.join(sub.choices)}."
     return parser

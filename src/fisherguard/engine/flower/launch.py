@@ -26,6 +26,7 @@ from typing import IO, Any, Callable, Iterator, TextIO
 
 from fisherguard.config import Config
 from fisherguard.engine.flower import FLOWER_ENV, require_flwr
+from fisherguard.engine.flower.keys import DeploymentKeys, make_keys
 
 APP_NAME = "fisherguard-flower-app"
 TAG_VAR = "FISHERGUARD_FLOWER_TAG"
@@ -45,6 +46,7 @@ class FlowerOptions:
     cpus_per_client: int = 1  # Ray CPUs per simulated client (docs/flower.md §3)
     run_timeout: float | None = None  # whole run; None waits for ever
     keep_logs: Path | None = None  # copy the daemons' logs here
+    insecure: bool = False  # deployment without TLS and SuperNode authentication (opt-out)
 
 
 _options = FlowerOptions()
@@ -208,6 +210,9 @@ class Processes:
     logdir: Path
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     _files: list[IO[bytes]] = field(default_factory=list)
+    # what a deployment set up: "port" (the SuperLink's), "keys" (DeploymentKeys or None),
+    # "connection" (the flwr connection's name), "nodes" ({name: node id} registered)
+    info: dict[str, Any] = field(default_factory=dict)
 
     def start(self, name: str, cmd: list[str], cwd: Path | None = None) -> subprocess.Popen:
         log = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
@@ -242,14 +247,22 @@ class Processes:
         return left | tagged(tag)
 
 
-def wait_http(port: int, proc: subprocess.Popen, timeout: float, what: str, logfile: Path) -> None:
-    """Wait until ``GET /health`` answers on 127.0.0.1:port (docs/flower.md §3)."""
+def wait_http(port: int, proc: subprocess.Popen, timeout: float, what: str, logfile: Path,
+              ca_cert: Path | None = None) -> None:
+    """Wait until ``GET /health`` answers on 127.0.0.1:port (docs/flower.md §3); over HTTPS,
+    checking the server against ``ca_cert``, when one is given."""
+    import ssl
+
+    scheme, ctx = "http", None
+    if ca_cert is not None:
+        scheme, ctx = "https", ssl.create_default_context(cafile=str(ca_cert))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise FlowerRunError(f"{what} exited with code {proc.returncode}; log: {_tail(logfile)}")
         with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as r:
+            with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health", timeout=0.5,
+                                        context=ctx) as r:
                 if r.status == 200:
                     return
         time.sleep(0.2)
@@ -263,38 +276,114 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def start_superlink(procs: Processes, port: int, *, simulation: bool) -> subprocess.Popen:
-    """``flower-superlink --insecure`` on 127.0.0.1:port (one port for all its APIs)."""
-    cmd = ["flower-superlink", "--insecure", "--isolation", "subprocess", "--host", "127.0.0.1",
-           "--port", str(port), "--disable-runtime-dependency-installation"]
+def superlink_command(port: int, *, simulation: bool = False,
+                      keys: DeploymentKeys | None = None) -> list[str]:
+    """The ``flower-superlink`` command on 127.0.0.1:port (one port for all its APIs): with
+    ``keys``, HTTPS and SuperNode authentication (only registered keys may connect), else
+    ``--insecure``."""
+    cmd = ["flower-superlink"]
+    if keys is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--ssl-ca-certfile", str(keys.ca_cert), "--ssl-certfile", str(keys.server_cert),
+                "--ssl-keyfile", str(keys.server_key)]
+        if not simulation:
+            cmd.append("--enable-supernode-auth")
+    cmd += ["--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port),
+            "--disable-runtime-dependency-installation"]
     if simulation:
         cmd.append("--simulation")
-    p = procs.start("superlink", cmd)
-    wait_http(port, p, 60.0, "flower-superlink", procs.logdir / "superlink.log")
+    return cmd
+
+
+def start_superlink(procs: Processes, port: int, *, simulation: bool,
+                    keys: DeploymentKeys | None = None) -> subprocess.Popen:
+    """Start ``superlink_command`` and wait until it answers ``/health``."""
+    p = procs.start("superlink", superlink_command(port, simulation=simulation, keys=keys))
+    wait_http(port, p, 60.0, "flower-superlink", procs.logdir / "superlink.log",
+              ca_cert=keys.ca_cert if keys is not None else None)
     return p
 
 
-def start_supernode(procs: Processes, link_port: int, cid: int, num: int) -> subprocess.Popen:
-    """``flower-supernode --insecure`` serving client ``cid`` (its partition-id), own port."""
-    home = Path(procs.env["FLWR_HOME"]) / f"node-{cid}"
+def supernode_command(link_port: int, cid: int, num: int, node_port: int, *,
+                      ca_cert: Path | None = None, key: Path | None = None) -> list[str]:
+    """``flower-supernode`` serving client ``cid`` (its partition-id) on its own port: checking
+    the SuperLink against ``ca_cert`` and signing with ``key`` when given, else ``--insecure``."""
+    cmd = ["flower-supernode"]
+    cmd += ["--insecure"] if ca_cert is None else ["--root-certificates", str(ca_cert)]
+    if key is not None:
+        cmd += ["--auth-supernode-private-key", str(key)]
+    return cmd + ["--superlink", f"127.0.0.1:{link_port}", "--host", "127.0.0.1",
+                  "--port", str(node_port),
+                  "--node-config", f"partition-id={cid} num-partitions={num}"]
+
+
+def start_supernode(procs: Processes, link_port: int, cid: int, num: int, *,
+                    ca_cert: Path | None = None, key: Path | None = None,
+                    name: str | None = None) -> subprocess.Popen:
+    """Start ``supernode_command`` as ``name`` (default ``supernode-<cid>``), own FLWR_HOME."""
+    name = name or f"supernode-{cid}"
+    home = Path(procs.env["FLWR_HOME"]) / name
     home.mkdir(parents=True, exist_ok=True)
-    cmd = ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-           "--host", "127.0.0.1", "--port", str(free_port()),
-           "--node-config", f"partition-id={cid} num-partitions={num}"]
+    cmd = supernode_command(link_port, cid, num, free_port(), ca_cert=ca_cert, key=key)
     old = procs.env
     procs.env = {**old, "FLWR_HOME": str(home)}
     try:
-        return procs.start(f"supernode-{cid}", cmd)
+        return procs.start(name, cmd)
     finally:
         procs.env = old
 
 
-def write_connection(home: Path, name: str, port: int) -> None:
-    """A ``flwr`` connection named ``name`` to 127.0.0.1:port in ``$FLWR_HOME/config.toml``."""
+def register_supernode(procs: Processes, public_key: Path, connection: str,
+                       timeout: float = 60.0) -> int:
+    """``flwr supernode register PUBLIC_KEY CONNECTION``: allow the SuperNode holding that key on
+    a SuperLink with ``--enable-supernode-auth``; returns its node id."""
+    import json
+
+    cmd = ["flwr", "supernode", "register", str(public_key), connection, "--format", "json"]
+    try:
+        r = subprocess.run(cmd, env=procs.env, capture_output=True, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        raise FlowerRunError(f"flwr supernode register did not finish within {timeout:.0f}s") from None
+    out = r.stdout
+    try:
+        reply = json.loads(out[out.index("{"):])
+        if r.returncode == 0 and reply.get("success"):
+            return int(reply["node-id"])
+    except (ValueError, KeyError, TypeError):
+        pass
+    raise FlowerRunError(f"flwr supernode register {public_key.name} failed (exit {r.returncode}): "
+                         f"{(out + r.stderr).strip()[-1500:]}")
+
+
+def list_supernodes(procs: Processes, connection: str, timeout: float = 60.0) -> list[dict]:
+    """``flwr supernode list CONNECTION --format json``: the SuperLink's nodes (id, status)."""
+    import json
+
+    r = subprocess.run(["flwr", "supernode", "list", connection, "--format", "json"],
+                       env=procs.env, capture_output=True, text=True, timeout=timeout,
+                       stdin=subprocess.DEVNULL, start_new_session=True)
+    out = r.stdout
+    try:
+        reply = json.loads(out[out.index("{"):])
+        if r.returncode == 0 and reply.get("success"):
+            return list(reply["nodes"])
+    except (ValueError, KeyError, TypeError):
+        pass
+    raise FlowerRunError(f"flwr supernode list failed (exit {r.returncode}): "
+                         f"{(out + r.stderr).strip()[-1500:]}")
+
+
+def write_connection(home: Path, name: str, port: int, ca_cert: Path | None = None) -> None:
+    """A ``flwr`` connection named ``name`` to 127.0.0.1:port in ``$FLWR_HOME/config.toml``:
+    HTTPS checked against ``ca_cert`` (an absolute path), or ``insecure = true`` without one."""
     home.mkdir(parents=True, exist_ok=True)
+    tls = ("insecure = true\n" if ca_cert is None else
+           f'root-certificates = "{Path(ca_cert).resolve()}"\n')
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "127.0.0.1:{port}"\n'
-        "insecure = true\n")
+        + tls)
 
 
 def run_config_file(path: Path, runs: list[tuple[Config, Path, str]], *, resume: bool,
@@ -490,7 +579,12 @@ def deploy(cfg: Config, out_dir: str | Path, *, resume: bool = False,
            opts: FlowerOptions | None = None,
            during: Callable[[Processes, Path], None] | None = None) -> dict[str, Any]:
     """Run ``cfg`` as a Flower deployment on this machine: a SuperLink and one SuperNode per client
-    on 127.0.0.1, then ``flwr run``; ``during(procs, out)`` runs in a thread meanwhile (fault tests)."""
+    on 127.0.0.1, then ``flwr run``; ``during(procs, out)`` runs in a thread meanwhile (fault tests).
+
+    By default the deployment is the README's recipe: throw-away certificates and node keys in
+    the session's folder, the SuperLink on HTTPS with ``--enable-supernode-auth``, every node's
+    public key registered with ``flwr supernode register`` before it starts. ``insecure=True``
+    (``options``) runs plain HTTP without node authentication instead."""
     require_flwr()
     opts = opts or _options
     cfg = cfg.replace({"runtime.engine": "flower-deployment"})
@@ -499,11 +593,18 @@ def deploy(cfg: Config, out_dir: str | Path, *, resume: bool = False,
     k = cfg.federation.clients
     with _session(opts, "fisherguard-flower-dep-") as (root, procs):
         port = free_port()
-        write_connection(root / "home", "fisherguard", port)
+        keys = None if opts.insecure else make_keys(root / "keys", k)
+        ca = keys.ca_cert if keys is not None else None
+        write_connection(root / "home", "fisherguard", port, ca_cert=ca)
+        procs.info.update(port=port, keys=keys, connection="fisherguard", nodes={})
         app = write_app(root / "app")
-        start_superlink(procs, port, simulation=False)
+        start_superlink(procs, port, simulation=False, keys=keys)
         for cid in range(k):
-            start_supernode(procs, port, cid, k)
+            key = keys.nodes[cid] if keys is not None else None
+            if key is not None:
+                procs.info["nodes"][f"supernode-{cid}"] = register_supernode(
+                    procs, keys.public(key), "fisherguard")
+            start_supernode(procs, port, cid, k, ca_cert=ca, key=key)
         rcfg = run_config_file(root / "run-config.toml", [(cfg, out, label)], resume=resume,
                                opts=opts)
         side = None

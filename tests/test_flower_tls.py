@@ -1,0 +1,162 @@
+"""The default Flower deployment (issue 18): TLS and SuperNode authentication on 127.0.0.1.
+
+``launch.deploy`` makes throw-away certificates and node keys in its temporary folder, starts the
+SuperLink on HTTPS with ``--enable-supernode-auth``, registers each SuperNode's public key with
+``flwr supernode register`` and starts the nodes with ``--root-certificates`` and
+``--auth-supernode-private-key``. While the run goes, two intruders try to join: a SuperNode with
+a key pair the SuperLink never saw, and one with no key at all. Both must be refused and exit,
+the SuperLink must list only the registered nodes, plain HTTP and HTTPS against an unknown CA must
+fail, and the run must finish with the authorised nodes. Bounded in time; every process started
+carries the test's tag and none may be left.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from fisherguard import config
+from fisherguard.engine.flower import FLOWER_ENV, launch
+from fisherguard.engine.flower.keys import make_keys, make_node_key
+
+pytestmark = pytest.mark.flower
+
+MARK = "FISHERGUARD_TEST_TAG"
+
+CFG = {"experiment": {"name": "tls", "seed": 3},
+       "data": {"dataset": "synthetic", "synthetic_train": 300, "synthetic_test": 60},
+       "federation": {"clients": 2, "rounds": 1, "local_epochs": 1, "batch_size": 32},
+       "attack": {"fraction": 0.0}, "server": {"val_size": 16}, "defense": "fedavg",
+       "runtime": {"threads": 1}}
+
+
+@pytest.fixture()
+def tag(monkeypatch):
+    """A tag inherited by every process the test starts; none may outlive the test."""
+    value = uuid.uuid4().hex
+    monkeypatch.setenv(MARK, value)
+    for k, v in FLOWER_ENV.items():
+        monkeypatch.setenv(k, v)
+    yield value
+    left = launch.tagged(value, MARK)
+    if left:
+        launch.terminate(left, grace=2.0)
+    assert not left, f"processes left running: {sorted(left)}"
+
+
+def _get(url: str, ctx: ssl.SSLContext | None) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=5, context=ctx) as r:
+            return f"HTTP {r.status}"
+    except urllib.error.HTTPError as e:
+        return f"HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        return f"failed: {getattr(e, 'reason', e)}"
+
+
+def test_tls_and_node_auth_refuse_unregistered_supernodes_and_the_run_completes(tmp_path, tag):
+    cfg = config.resolve(CFG)
+    out = tmp_path / "flower"
+    seen: dict = {}
+
+    def intruders(procs: launch.Processes, _out: Path) -> None:
+        port, keys = procs.info["port"], procs.info["keys"]
+        seen["keys"] = keys
+        url = f"127.0.0.1:{port}/health"
+        seen["https+ca"] = _get(f"https://{url}", ssl.create_default_context(cafile=str(keys.ca_cert)))
+        seen["http"] = _get(f"http://{url}", None)
+        other = make_keys(tmp_path / "other-ca", 0)  # a CA the SuperLink's certificate is not from
+        seen["https+other-ca"] = _get(f"https://{url}",
+                                      ssl.create_default_context(cafile=str(other.ca_cert)))
+        rogue_key = make_node_key(tmp_path / "rogue")  # never registered
+        rogue = launch.start_supernode(procs, port, 1, 2, ca_cert=keys.ca_cert, key=rogue_key,
+                                       name="supernode-rogue")
+        keyless = launch.start_supernode(procs, port, 0, 2, ca_cert=keys.ca_cert,
+                                         name="supernode-keyless")
+        for name, p in (("rogue", rogue), ("keyless", keyless)):
+            try:
+                seen[f"{name}-rc"] = p.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                seen[f"{name}-rc"] = "still running after 90 s"
+            seen[f"{name}-log"] = (procs.logdir / f"supernode-{name}.log").read_text(errors="replace")
+        seen["nodes"] = launch.list_supernodes(procs, procs.info["connection"])
+        seen["registered"] = dict(procs.info["nodes"])
+
+    with launch.options(run_timeout=240.0, round_timeout=120.0, keep_logs=tmp_path / "logs"):
+        s = launch.deploy(cfg, out, progress=None, during=intruders)
+
+    # TLS: the SuperLink speaks HTTPS only, with a certificate from the deployment's CA
+    assert seen["https+ca"] == "HTTP 200"
+    assert seen["http"].startswith("failed"), seen["http"]
+    assert "CERTIFICATE_VERIFY_FAILED" in seen["https+other-ca"], seen["https+other-ca"]
+    logs = tmp_path / "logs"
+    link_log = (logs / "superlink.log").read_text(errors="replace")
+    assert "Uvicorn running on https://127.0.0.1:" in link_log
+    assert "SuperNode authentication is disabled" not in link_log
+
+    # the intruders were refused: each exited non-zero with the SuperLink's reason
+    assert seen["rogue-rc"] not in (0, None) and isinstance(seen["rogue-rc"], int), seen["rogue-rc"]
+    assert "[code: 2004] Failed to activate SuperNode." in seen["rogue-log"], seen["rogue-log"][-2000:]
+    assert "SuperNode ID:" not in seen["rogue-log"]
+    assert seen["keyless-rc"] not in (0, None) and isinstance(seen["keyless-rc"], int)
+    assert "All SuperNodes must be registered via the CLI" in seen["keyless-log"], \
+        seen["keyless-log"][-2000:]
+    # ... and the SuperLink knows the two registered nodes only, both online
+    registered = seen["registered"]
+    assert sorted(registered) == ["supernode-0", "supernode-1"]
+    nodes = {int(n["node-id"]): n["status"] for n in seen["nodes"]}
+    assert nodes == {i: "online" for i in registered.values()}, seen["nodes"]
+    for name, node_id in registered.items():
+        assert f"SuperNode ID: {node_id}" in (logs / f"{name}.log").read_text(errors="replace")
+
+    # the run finished with the authorised nodes
+    assert s["complete"] and s["engine"] == "flower-deployment"
+    rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines() if x.strip()]
+    assert [r["round"] for r in rounds] == [1]
+    assert rounds[0]["replies"]["received"] == 2
+
+    # the throw-away keys lived in the run's temporary folder, which is gone
+    assert not seen["keys"].directory.exists()
+
+
+def test_flower_keys_writes_what_flwr_loads_and_never_overwrites(tmp_path, capsys):
+    """`fisherguard flower-keys`: a CA-signed SuperLink certificate for the given hosts, node keys
+    flwr's own loaders accept, private files mode 600, no CA key, and no file overwritten."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from flwr.cli.supernode.register import try_load_public_key
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    from fisherguard.cli import main
+
+    d = tmp_path / "keys"
+    assert main(["flower-keys", str(d), "--nodes", "2", "--host", "127.0.0.1",
+                 "--host", "link.example"]) == 0
+    assert "flwr supernode register" in capsys.readouterr().out
+    assert sorted(p.name for p in d.iterdir()) == ["ca.crt", "node-0", "node-0.pub", "node-1",
+                                                   "node-1.pub", "server.key", "server.pem"]
+    for name in ("server.key", "node-0", "node-1"):
+        assert (d / name).stat().st_mode & 0o777 == 0o600, name
+    ca = x509.load_pem_x509_certificate((d / "ca.crt").read_bytes())
+    srv = x509.load_pem_x509_certificate((d / "server.pem").read_bytes())
+    srv.verify_directly_issued_by(ca)
+    san = srv.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert san.get_values_for_type(x509.DNSName) == ["link.example"]
+    ctx = ssl.create_default_context(cafile=str(d / "ca.crt"))  # the CA loads as a trust root
+    ctx.load_cert_chain(str(d / "server.pem"), str(d / "server.key"))  # and the pair matches
+    for i in (0, 1):
+        pub = try_load_public_key(d / f"node-{i}.pub")  # what `flwr supernode register` reads
+        key = load_ssh_private_key((d / f"node-{i}").read_bytes(), None)  # what the node reads
+        assert public_key_to_bytes(key.public_key()) == pub
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    assert main(["flower-keys", str(d), "--nodes", "1"]) == 2
+    assert "already holds" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
