@@ -44,6 +44,10 @@ def _fraction(v: Any) -> str | None:
     return None if 0 <= v < 1 else "must be in [0, 1)"
 
 
+def _share(v: Any) -> str | None:
+    return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
 def _probability(v: Any) -> str | None:
     return None if 0 <= v <= 1 else "must be in [0, 1]"
 
@@ -129,6 +133,9 @@ LEGACY_VALUES: dict[str, Any] = {
     "federation.fisher_data": "plain",  # issue 20: `code` clients' Fisher without augmentation
     "server.root_set": "U",  # issue 20: `code` FLTrust and Sageflow read U too
     "server.count_cap": 5.0,  # issue 15: the bound, fixed at 5 before it could be set
+    "federation.fraction": 1.0,  # issue 18: every client took part in every round
+    "federation.clients_per_round": None,  # issue 18
+    "federation.attackers_always": False,  # issue 18
 }
 
 
@@ -242,6 +249,13 @@ class Federation:
     fisher_data: str = setting("plain", choices=("plain", "train_loader"),
                                help="a client's Fisher: plain = every sample, no augmentation "
                                     "(paper); train_loader = the augmented training loader (code)")
+    # client sampling (issue 18, fisherguard.sampling): m clients a round, from a named stream
+    fraction: float = setting(1.0, check=_share, help="share of the K clients sampled each round "
+                                                      "(1 = every client, no draw)")
+    clients_per_round: int | None = setting(None, check=_positive,
+                                            help="clients sampled each round; wins over fraction")
+    attackers_always: bool = setting(False, help="worst case: every attacker is among each "
+                                                 "round's sampled clients")
 
 
 @dataclass(frozen=True)
@@ -342,18 +356,41 @@ class Config:
         """Υ in force: 0 when no attack is configured."""
         return self.attack.fraction if self.attack.name != "none" else 0.0
 
+    @property
+    def clients_per_round(self) -> int:
+        """m, the clients a round samples (K without sampling; ``fisherguard.sampling``)."""
+        from fisherguard.sampling import sampled_count
+
+        f = self.federation
+        return sampled_count(f.clients, f.fraction, f.clients_per_round)
+
+    @property
+    def sampling(self) -> bool:
+        """Whether rounds sample fewer than the K clients."""
+        return self.clients_per_round < self.federation.clients
+
+    @property
+    def assumed_attackers(self) -> int:
+        """f handed to the rules that need one: ⌊K·Υ⌋ without sampling, else the count expected
+        among the m sampled clients (every attacker under ``attackers_always``)."""
+        from fisherguard.attacks.base import num_attackers
+        from fisherguard.sampling import expected_attackers
+
+        k = self.federation.clients
+        return expected_attackers(k, num_attackers(k, self.attack_fraction), self.clients_per_round,
+                                  attackers_always=self.federation.attackers_always)
+
     def defense_options(self) -> dict[str, Any]:
         """The defense's options: those given plus the run facts it accepts (preset, seed, assumed f)."""
         import inspect
 
-        from fisherguard.attacks.base import num_attackers
         from fisherguard.defenses import registry
 
         params = inspect.signature(registry.get(self.defense.name).__init__).parameters
         opts = dict(self.defense.options)
         facts = {"preset": self.experiment.preset, "seed": self.experiment.seed,
                  "streams": self.experiment.streams,
-                 "assumed_attackers": num_attackers(self.federation.clients, self.attack_fraction)}
+                 "assumed_attackers": self.assumed_attackers}
         for key, val in facts.items():
             if key in params and key not in opts:
                 opts[key] = val
@@ -493,9 +530,29 @@ def resolve(raw: Mapping[str, Any] | Config) -> Config:
     out = Config(**{sec: SECTIONS[sec](**{k: FrozenDict(v) if isinstance(v, dict) else v
                                           for k, v in values.items()})
                     for sec, values in cfg.items()})
+    _check_sampling(out)
     _check_defense(out)
     _check_attack(out)
     return out
+
+
+def _check_sampling(cfg: Config) -> None:
+    f = cfg.federation
+    if f.clients_per_round is not None and f.fraction != 1.0:
+        raise ConfigError("federation: set fraction or clients_per_round, not both")
+    if f.clients_per_round is not None and f.clients_per_round > f.clients:
+        raise ConfigError(f"federation.clients_per_round: {f.clients_per_round} is more than the "
+                          f"{f.clients} clients")
+    if cfg.sampling and cfg.runtime.engine != "inprocess":
+        raise ConfigError("federation: client sampling runs on the in-process engine only "
+                          "(runtime.engine: inprocess); the Flower engines take every client")
+    if f.attackers_always and cfg.sampling:
+        from fisherguard.attacks.base import num_attackers
+
+        a = num_attackers(f.clients, cfg.attack_fraction)
+        if a >= cfg.clients_per_round:
+            raise ConfigError(f"federation.attackers_always: the {a} attackers do not leave a "
+                              f"benign client among the {cfg.clients_per_round} sampled a round")
 
 
 def _edge_case_target(cfg: dict[str, dict[str, Any]], raw: Mapping[str, Any]) -> None:
@@ -517,7 +574,7 @@ def _check_defense(cfg: Config) -> None:
     from fisherguard.defenses.base import DefenseConfigError
 
     try:
-        cfg.build_defense().check_clients(cfg.federation.clients)
+        cfg.build_defense().check_clients(cfg.clients_per_round)
     except DefenseConfigError as e:
         raise ConfigError(f"defense: {e}") from None
 

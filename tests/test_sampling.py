@@ -1,0 +1,82 @@
+"""Client sampling (issue 18): the seeded sampler, its config keys, and f among the sampled."""
+
+import pytest
+
+from fisherguard import config, results
+from fisherguard.config import ConfigError
+from fisherguard.sampling import expected_attackers, sample_clients, sampled_count
+
+pytestmark = pytest.mark.unit
+
+
+def test_sampled_count_from_fraction_or_clients_per_round():
+    assert sampled_count(1000, 0.1) == 100
+    assert sampled_count(1000, 1.0) == 1000
+    assert sampled_count(10, 0.05) == 2  # never fewer than two clients
+    assert sampled_count(200, 1.0, 30) == 30
+    assert sampled_count(10, 1.0, 50) == 10
+
+
+def test_the_sampler_is_seeded_per_round_and_sorted():
+    a = [sample_clients(7, t, 1000, 100) for t in range(5)]
+    assert a == [sample_clients(7, t, 1000, 100) for t in range(5)]  # same seed, same sequence
+    assert all(len(ids) == 100 == len(set(ids)) and ids == sorted(ids) for ids in a)
+    assert len({tuple(ids) for ids in a}) == 5  # a fresh draw each round
+    assert a[3] == sample_clients(7, 3, 1000, 100)  # round 3 alone (a resumed run): same clients
+    assert sample_clients(8, 0, 1000, 100) != a[0]  # another seed, another sequence
+    assert sample_clients(7, 0, 10, 10) == list(range(10))  # m = K: everybody, nothing drawn
+
+
+def test_attackers_always_keeps_every_attacker_and_draws_the_rest():
+    att = list(range(970, 1000))
+    for t in range(3):
+        ids = sample_clients(0, t, 1000, 100, att, attackers_always=True)
+        assert len(ids) == 100 and set(att) <= set(ids)
+    # without the option attackers are drawn like everyone else: about m·A/K of them
+    n = [sum(c >= 970 for c in sample_clients(0, t, 1000, 100, att)) for t in range(40)]
+    assert 1.5 < sum(n) / len(n) < 4.5
+    with pytest.raises(ValueError):
+        sample_clients(0, 0, 100, 10, list(range(90, 100)), attackers_always=True)
+
+
+def test_f_is_the_count_expected_among_the_sampled_clients():
+    assert expected_attackers(1000, 300, 100) == 30
+    assert expected_attackers(10, 3, 10) == 3
+    assert expected_attackers(200, 6, 20, attackers_always=True) == 6
+    assert expected_attackers(200, 6, 20) == 1
+    cfg = config.resolve({"federation": {"clients": 1000, "fraction": 0.1},
+                          "attack": {"fraction": 0.3}, "defense": "multi-krum"})
+    assert cfg.clients_per_round == 100 and cfg.sampling
+    assert cfg.defense_options()["assumed_attackers"] == 30
+    assert cfg.build_defense().assumed_attackers == 30
+    full = config.resolve({"federation": {"clients": 1000}, "defense": "multi-krum"})
+    assert full.defense_options()["assumed_attackers"] == 300 and not full.sampling
+
+
+def test_config_keys_defaults_and_checks():
+    cfg = config.resolve({})
+    f = cfg.federation
+    assert (f.fraction, f.clients_per_round, f.attackers_always) == (1.0, None, False)
+    assert cfg.clients_per_round == 10
+    bad = [{"fraction": 0.0}, {"fraction": 1.5}, {"clients_per_round": 0},
+           {"clients_per_round": 11}, {"clients_per_round": 5, "fraction": 0.5}]
+    for fed in bad:
+        with pytest.raises(ConfigError):
+            config.resolve({"federation": fed})
+    with pytest.raises(ConfigError, match="attackers_always"):
+        config.resolve({"federation": {"clients": 20, "clients_per_round": 5,
+                                       "attackers_always": True}, "attack": {"fraction": 0.3}})
+    with pytest.raises(ConfigError, match="in-process"):
+        config.resolve({"federation": {"clients": 20, "fraction": 0.5},
+                        "runtime": {"engine": "flower-sim"}})
+
+
+def test_older_runs_keep_their_names():
+    """A run made before sampling existed (no such keys) is the same run as one at the defaults."""
+    now = config.resolve({}).to_dict()
+    old = {sec: dict(v) for sec, v in now.items()}
+    for k in ("fraction", "clients_per_round", "attackers_always"):
+        old["federation"].pop(k)
+    assert results.identity_part(now) == results.identity_part(old)
+    sampled = config.resolve({"federation": {"fraction": 0.5}}).to_dict()
+    assert results.identity_part(sampled) != results.identity_part(old)
