@@ -50,6 +50,7 @@ def test_data_room_imports_no_other_room_but_seeding(graph):
 LAYERS = [
     {"fisherguard", "fisherguard.seeding", "fisherguard.allocator", "fisherguard.models",
      "fisherguard.data", "fisherguard.results", "fisherguard.metrics"},
+    {"fisherguard.sampling"},  # the round's clients, from a named stream of seeding
     {"fisherguard.fisher"},
     {"fisherguard.clients"},
     {"fisherguard.defenses", "fisherguard.attacks"},

@@ -33,6 +33,7 @@ from fisherguard.engine.federation import (Federation, client_fisher_options, cl
                                            initial_weights, local_fisher, plan_tag, server_data,
                                            train_plan)
 from fisherguard.results import RunDir
+from fisherguard.sampling import sample_clients
 
 log = logging.getLogger("fisherguard")
 
@@ -69,6 +70,7 @@ class RoundStart:
     started: float  # time.perf_counter() at the start of the round
     plan_s: float = 0.0
     attack_s: float = 0.0  # the attack's own work at the start of the round (trigger updates)
+    ids: list[int] = field(default_factory=list)  # the round's sampled clients (all K by default)
 
 
 class Server:
@@ -80,7 +82,8 @@ class Server:
         self.fed, self.cfg, self.run_dir, self.done = fed, cfg, run_dir, done
         self.label, self.engine = label, engine
         self.total = cfg.federation.rounds
-        self.ids = list(range(cfg.federation.clients))
+        self.ids = list(range(cfg.federation.clients))  # every client of the federation
+        self.per_round = cfg.clients_per_round  # m, the clients a round samples (K by default)
         self.defense = cfg.build_defense()
         self.plan = train_plan(cfg)
         self.server_set = server_data(fed, self.defense, self.plan)
@@ -109,9 +112,18 @@ class Server:
     def remaining(self) -> int:
         return max(0, self.total - self.done)
 
+    def round_ids(self, round_idx: int) -> list[int]:
+        """The clients of round ``round_idx``: every client, or the seeded sample
+        (``fisherguard.sampling``; the same on a resumed run, no saved state)."""
+        f = self.cfg.federation
+        return sample_clients(self.cfg.experiment.seed, round_idx, f.clients, self.per_round,
+                              self.fed.attackers, attackers_always=f.attackers_always)
+
     def begin(self, round_idx: int, client_fishers: ClientFishers) -> RoundStart:
-        """The server's step before local training: U's round, then the defense's client plans."""
+        """The server's step before local training: the round's clients, U's round, then the
+        defense's client plans."""
         t0 = time.perf_counter()
+        ids = self.round_ids(round_idx)
         attack_s = 0.0
         if self.fed.attack.active(round_idx):  # e.g. an optimised trigger follows the global model
             self.fed.attack.begin_round(round_idx, self.weights)
@@ -120,19 +132,21 @@ class Server:
             self.server_set.begin_round(round_idx)
         plans: dict[int, ClientPlan] = {}
         if self.defense.client_regulariser:
-            pi = PlanInput(round_idx=round_idx, global_weights=self.weights, client_ids=self.ids,
+            pi = PlanInput(round_idx=round_idx, global_weights=self.weights, client_ids=ids,
                            server_data=self.server_set)
             wanted = self.defense.plan_fisher_requests(pi)
             got = client_fishers(wanted, plan_tag(round_idx)) if wanted else {}
             plans = self.defense.plan_clients(dataclasses.replace(pi, client_fishers=got))
-        return RoundStart(round_idx, plans, t0, time.perf_counter() - t0 - attack_s, attack_s)
+        return RoundStart(round_idx, plans, t0, time.perf_counter() - t0 - attack_s, attack_s, ids)
 
     def end(self, start: RoundStart, uploads: list[Upload], *,
             replies: dict[str, Any] | None = None, collect_s: float = 0.0) -> dict[str, Any]:
         """Attack stage → RoundInput → aggregate → evaluate → record, append, checkpoint."""
         t = start.round_idx
         fed, attack = self.fed, self.fed.attack
-        by_id = {u.client_id: u for u in uploads}
+        ids = start.ids or self.ids
+        taking_part = set(ids)
+        by_id = {u.client_id: u for u in uploads if u.client_id in taking_part}
         active = attack.active(t)
         t_att = time.perf_counter()
         if active and fed.attackers:
@@ -153,11 +167,11 @@ class Server:
         # begin_round, the upload stage, and the attackers' own training hooks (summed over them)
         attack_s = (start.attack_s + time.perf_counter() - t_att
                     + sum(u.timing.get("attack_s", 0.0) for u in by_id.values()))
-        ordered = [by_id.get(k, Upload(k, reason="missing")) for k in self.ids]
+        ordered = [by_id.get(k, Upload(k, reason="missing")) for k in ids]
         ri = RoundInput.from_uploads(
             self.weights, [None if u.weights is None else _update(u.weights, self.weights)
                            for u in ordered],
-            [u.num_samples for u in ordered], self.ids,
+            [u.num_samples for u in ordered], ids,
             fisher=[u.fisher for u in ordered] if self.defense.needs_fisher else None,
             lr=self.cfg.federation.lr, round_idx=t, server_data=self.server_set,
             num_rounds=self.total, count_cap=self.cfg.server.count_cap)
@@ -172,7 +186,7 @@ class Server:
         scores = evaluate(fed, self.eval_model, evaluated)
         t_done = time.perf_counter()
         record = self.record(t, ri.num_samples, agg, scores, [u.stats for u in ordered],
-                             t_done - start.started)
+                             t_done - start.started, ids)
         record["timing"] = {"plan_s": start.plan_s, "train_and_fisher_s": collect_s,
                             "fisher_s_summed": sum(u.timing.get("fisher_s", 0.0) for u in ordered),
                             "aggregate_s": t_eval - t_agg, "eval_s": t_done - t_eval,
@@ -223,23 +237,35 @@ class Server:
             u.fisher = local_fisher(self.fed, self._fisher_model, k, t, w, t, self.fisher_options)
 
     def record(self, round_idx: int, counts: torch.Tensor, agg: Any, scores: dict[str, Any],
-               train_stats: list[dict[str, float]], wall_time_s: float) -> dict[str, Any]:
-        """One line of rounds.jsonl: metrics, detection, per-client weights/flags/reasons (docs/architecture.md §5)."""
+               train_stats: list[dict[str, float]], wall_time_s: float,
+               ids: list[int] | None = None) -> dict[str, Any]:
+        """One line of rounds.jsonl: metrics, detection, per-client weights/flags/reasons over the
+        round's clients ``clients.ids`` (docs/architecture.md §5); a sampled run adds
+        ``sampling`` (how many of the K took part, the attackers among them, the f in force)."""
+        ids = self.ids if ids is None else ids
         cw = agg.client_weights.tolist()
         failed = [r in FAILURE_REASONS for r in agg.reasons]
-        det = metrics.detection(agg.flagged.tolist(), self.ids, self.fed.attackers, failed,
+        det = metrics.detection(agg.flagged.tolist(), ids, self.fed.attackers, failed,
                                 agg.diagnostics.get(SUSPICION))
         det["failures"] = {}
         for r, f in zip(agg.reasons, failed):
             if f:
                 det["failures"][r] = det["failures"].get(r, 0) + 1
-        det["attacker_share"] = metrics.attacker_weight_share(cw, self.ids, self.fed.attackers)
+        det["attacker_share"] = metrics.attacker_weight_share(cw, ids, self.fed.attackers)
         record = {"round": round_idx + 1, "engine": self.engine, "metrics": scores,
                   "detection": det,
-                  "clients": {"ids": self.ids, "weights": cw, "flagged": agg.flagged.tolist(),
+                  "clients": {"ids": ids, "weights": cw, "flagged": agg.flagged.tolist(),
                               "reasons": agg.reasons, "num_samples": counts.tolist(),
                               "train": train_stats},
                   "diagnostics": agg.diagnostics, "status": agg.status, "wall_time_s": wall_time_s}
+        if self.cfg.sampling:
+            att = set(self.fed.attackers)
+            record["sampling"] = {
+                "clients": self.cfg.federation.clients, "sampled": len(ids),
+                "fraction": len(ids) / self.cfg.federation.clients,
+                "attackers_sampled": sum(c in att for c in ids),
+                "attackers_always": self.cfg.federation.attackers_always,
+                "assumed_attackers": self.cfg.assumed_attackers}
         if self.oracle:
             record["label"] = ORACLE_LABEL
         return record
@@ -299,7 +325,8 @@ class InProcessClients:
         t, fed = start.round_idx, self.fed
         jobs = [client_job(fed, k, t, server.weights, start.plans.get(k),
                            fisher_request(fed, k, t, server.fisher_options)
-                           if server.defense.needs_fisher else None) for k in server.ids]
+                           if server.defense.needs_fisher else None)
+                for k in (start.ids or server.ids)]
         changed = [j for j in jobs if j.modifier is not None]
         results = self.trainer.train_round([j for j in jobs if j.modifier is None], server.plan)
         if changed:
