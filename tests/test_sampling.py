@@ -80,3 +80,21 @@ def test_older_runs_keep_their_names():
     assert results.identity_part(now) == results.identity_part(old)
     sampled = config.resolve({"federation": {"fraction": 0.5}}).to_dict()
     assert results.identity_part(sampled) != results.identity_part(old)
+
+
+def test_sdfc_asks_a_fisher_only_of_clients_seen_for_the_first_time():
+    """docs/algorithms.md §5.5: a client without history (first participation) trains with H and
+    anchor at w^t; a client that skipped rounds keeps the H_k and anchor of its last round."""
+    import torch
+
+    from fisherguard.defenses.base import PlanInput
+    from fisherguard.defenses.sdfc import SDFC
+
+    d = SDFC()
+    w = torch.zeros(4)
+    d.load_state_dict({"client_ids": [1], "fisher_difference": [torch.ones(4)],
+                       "anchors": [torch.full((4,), 0.5)], "rounds": [0]})
+    asked = d.plan_fisher_requests(PlanInput(round_idx=7, global_weights=w, client_ids=[1, 5]))
+    assert set(asked) == {5}
+    plan = d.plan_clients(PlanInput(round_idx=7, global_weights=w, client_ids=[1]))
+    assert torch.equal(plan[1].regulariser.anchor, torch.full((4,), 0.5))

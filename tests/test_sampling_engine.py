@@ -122,6 +122,12 @@ def test_absent_clients_keep_their_state_and_state_grows_with_clients_seen(name,
     for cid in r1 - r2:
         if cid in after1:
             assert cid in after2 and _same(after1[cid], after2[cid]), cid
+    # the record states the bytes: a fixed size per client that holds state
+    P = 92_626  # SimpleCNN, 3 channels
+    per_client = {"rsa": 4 * P, "sdfc": 8 * P + 16, "foolsgold": 8 * P, "fdcr-cumulative": 16}[name]
+    b1, b2 = (r["sampling"]["defense_state_bytes"] for r in RunDir(tmp_path).rounds())
+    assert b2 - b1 == per_client * (len(after2) - len(after1))
+    assert RunDir(tmp_path).rounds()[1]["sampling"]["clients_seen"] == len(r1 | r2)
     # a client first seen in round 2 has state from round 2 only
     for cid in r2 - r1:
         if name == "sdfc" and cid in after2:

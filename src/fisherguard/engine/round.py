@@ -119,6 +119,13 @@ class Server:
         return sample_clients(self.cfg.experiment.seed, round_idx, f.clients, self.per_round,
                               self.fed.attackers, attackers_always=f.attackers_always)
 
+    def clients_seen(self, round_idx: int) -> int:
+        """How many distinct clients rounds 0..round_idx sampled (redrawn: no saved state)."""
+        seen: set[int] = set()
+        for t in range(round_idx + 1):
+            seen.update(self.round_ids(t))
+        return len(seen)
+
     def begin(self, round_idx: int, client_fishers: ClientFishers) -> RoundStart:
         """The server's step before local training: the round's clients, U's round, then the
         defense's client plans."""
@@ -196,9 +203,13 @@ class Server:
         record["attack"] = {"name": attack.name, "active": bool(active and fed.attackers)}
         record["replies"] = replies if replies is not None else {
             "received": sum(u.reason != "missing" for u in ordered), "errors": {}}
+        defense_state = self.defense.state_dict()
+        if "sampling" in record:  # per-client state is bounded by the clients seen, not by K
+            record["sampling"]["clients_seen"] = self.clients_seen(t)
+            record["sampling"]["defense_state_bytes"] = state_bytes(defense_state)
         self.run_dir.append_round(record)
         self.run_dir.save_checkpoint({"rounds_done": t + 1, "weights": self.weights,
-                                      "defense_state": self.defense.state_dict(),
+                                      "defense_state": defense_state,
                                       "attack_state": fed.attack.state_dict()})
         self.done = t + 1
         self.bar.update(t + 1, f"A={scores['A']:.2f} ASR={scores['ASR']:.2f} "
@@ -290,6 +301,17 @@ def summarise(run_dir: RunDir, cfg: Config, label: str) -> dict[str, Any]:
         summary["defense"] = ORACLE_LABEL
     run_dir.write_summary(summary)
     return summary
+
+
+def state_bytes(state: Any) -> int:
+    """The bytes of the tensors (and numbers, 8 each) in a defense's ``state_dict``."""
+    if isinstance(state, torch.Tensor):
+        return int(state.numel() * state.element_size())
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 8 if isinstance(state, (int, float)) else 0
 
 
 def _update(weights: Any, global_weights: torch.Tensor) -> Any:
