@@ -81,3 +81,20 @@ def test_flower_check_validates_the_run_config_before_flwr_run(tmp_path, capsys)
     assert cli_main(["flower-check", f'config="{c}" out="{out}"']) == 0
     assert "federation.clients=3 needs 3 SuperNodes" in capsys.readouterr().out
     assert not out.exists()  # checking writes nothing
+
+
+def test_a_sampled_round_targets_the_sampled_clients_only(tmp_path):
+    """Client sampling (issue 18) on Flower: a round's targets (the nodes its TRAIN messages go
+    to) are the seeded sample, the same clients the in-process engine trains."""
+    from fisherguard.sampling import sample_clients
+
+    raw = yaml.safe_load(QUICK)
+    raw["federation"].update({"clients": 8, "clients_per_round": 3})
+    cfg = config.resolve(raw)
+    s = DefenseStrategy(cfg, tmp_path / "run", progress=None)
+    grid = _Grid(8)
+    s.nodes = {c: 101 + c for c in range(8)}
+    for rnd in (1, 2):
+        start = s.begin_round(rnd, grid)  # configure_train sends to ``_sent``
+        want = sample_clients(0, rnd - 1, 8, 3)
+        assert sorted(s._sent) == want and start.ids == want

@@ -66,9 +66,6 @@ def test_config_keys_defaults_and_checks():
     with pytest.raises(ConfigError, match="attackers_always"):
         config.resolve({"federation": {"clients": 20, "clients_per_round": 5,
                                        "attackers_always": True}, "attack": {"fraction": 0.3}})
-    with pytest.raises(ConfigError, match="in-process"):
-        config.resolve({"federation": {"clients": 20, "fraction": 0.5},
-                        "runtime": {"engine": "flower-sim"}})
 
 
 def test_older_runs_keep_their_names():

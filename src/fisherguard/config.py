@@ -543,9 +543,6 @@ def _check_sampling(cfg: Config) -> None:
     if f.clients_per_round is not None and f.clients_per_round > f.clients:
         raise ConfigError(f"federation.clients_per_round: {f.clients_per_round} is more than the "
                           f"{f.clients} clients")
-    if cfg.sampling and cfg.runtime.engine != "inprocess":
-        raise ConfigError("federation: client sampling runs on the in-process engine only "
-                          "(runtime.engine: inprocess); the Flower engines take every client")
     if f.attackers_always and cfg.sampling:
         from fisherguard.attacks.base import num_attackers
 

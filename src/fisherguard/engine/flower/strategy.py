@@ -205,10 +205,12 @@ class DefenseStrategy(FedAvg):
         return list(self._messages.values())
 
     def begin_round(self, server_round: int, grid: Grid) -> RoundStart:
-        """``Server.begin`` for the clients whose nodes are online (they are this round's targets)."""
+        """``Server.begin`` for the round's clients (all, or the seeded sample,
+        ``fisherguard.sampling``) whose nodes are online (they are this round's targets)."""
         t = self._round_idx(server_round)
         online = set(grid.get_node_ids())
-        self._sent = {c: n for c, n in self.nodes.items() if n in online}
+        sampled = set(self.server.round_ids(t))
+        self._sent = {c: n for c, n in self.nodes.items() if n in online and c in sampled}
         self._start = self.server.begin(t, self._remote_fishers(grid, t, self._sent))
         return self._start
 
@@ -239,8 +241,9 @@ class DefenseStrategy(FedAvg):
             uploads[cid] = self._read_reply(reply, cid)
         replied = len(uploads)
         if replied < self.min_replies:
-            lost = [c for c in self.ids if c not in uploads]
-            raise self.fail(f"round {t + 1}: {replied} of {len(self.ids)} clients replied, fewer "
+            asked = self._start.ids or self.ids
+            lost = [c for c in asked if c not in uploads]
+            raise self.fail(f"round {t + 1}: {replied} of {len(asked)} clients replied, fewer "
                             f"than the minimum of {self.min_replies} (no reply from clients "
                             f"{lost}); rounds 1..{t} are saved in {self.run_dir.path} (resume to "
                             "continue)")
