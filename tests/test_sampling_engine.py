@@ -84,6 +84,9 @@ def test_stateless_rules_run_sampled(defense, tmp_path):
     assert s["complete"]
     rec = RunDir(tmp_path).rounds()[0]
     assert len(rec["clients"]["ids"]) == M and rec["sampling"]["assumed_attackers"] == 2
+    if defense == "multi-krum":  # f = round(8 · 12 / 60) = 2, not ⌊60 · 0.2⌋ = 12
+        params = json.loads((tmp_path / "defense.json").read_text())["params"]
+        assert params["assumed_attackers"] == 2
 
 
 # defense → (its config, the state's per-client map, how to read one client's entry)
