@@ -223,9 +223,21 @@ class RunDir:
         return out
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        _atomic_write(self.path / self.CHECKPOINT, buf.getvalue())
+        """``checkpoint.pt``, atomically. Streamed into the temporary file: a copy in memory would
+        add twice the defense's state to the peak (0.74 GB a copy for SDFC at K = 1000); the
+        chaos tests' write hook (``WRITE_LOG``) goes through bytes so it can pause halfway."""
+        path = self.path / self.CHECKPOINT
+        if os.environ.get(WRITE_LOG):
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            _atomic_write(path, buf.getvalue())
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         p = self.path / self.CHECKPOINT
