@@ -56,3 +56,25 @@ def pytest_collection_modifyitems(items) -> None:
     for item in items:
         for node in item.listchain()[:-1]:
             node.own_markers[:] = [m for m in node.own_markers if m.name not in CLASSES]
+
+
+# Every process a Flower test starts inherits this tag; none may outlive the test.
+FLOWER_TEST_TAG = "FISHERGUARD_TEST_TAG"
+
+
+@pytest.fixture()
+def tag(monkeypatch):
+    """A tag inherited by every process the test starts; none may outlive the test."""
+    import uuid
+
+    from fisherguard.engine.flower import FLOWER_ENV, launch
+
+    value = uuid.uuid4().hex
+    monkeypatch.setenv(FLOWER_TEST_TAG, value)
+    for k, v in FLOWER_ENV.items():
+        monkeypatch.setenv(k, v)
+    yield value
+    left = launch.tagged(value, FLOWER_TEST_TAG)
+    if left:
+        launch.terminate(left, grace=2.0)
+    assert not left, f"processes left running: {sorted(left)}"

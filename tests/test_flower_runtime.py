@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -33,19 +32,6 @@ DEPLOY = {"experiment": {"name": "deploy", "seed": 1},
           "attack": {"fraction": 0.34}, "server": {"val_size": 32}, "defense": "fdcr",
           "runtime": {"threads": 1}}
 
-
-@pytest.fixture()
-def tag(monkeypatch):
-    """A tag inherited by every process the test starts; none may outlive the test."""
-    value = uuid.uuid4().hex
-    monkeypatch.setenv(MARK, value)
-    for k, v in FLOWER_ENV.items():
-        monkeypatch.setenv(k, v)
-    yield value
-    left = launch.tagged(value, MARK)
-    if left:
-        launch.terminate(left, grace=2.0)
-    assert not left, f"processes left running: {sorted(left)}"
 
 
 def _rounds(out: Path) -> list[dict]:

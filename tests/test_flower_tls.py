@@ -17,7 +17,6 @@ import ssl
 import subprocess
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
@@ -36,19 +35,6 @@ CFG = {"experiment": {"name": "tls", "seed": 3},
        "attack": {"fraction": 0.0}, "server": {"val_size": 16}, "defense": "fedavg",
        "runtime": {"threads": 1}}
 
-
-@pytest.fixture()
-def tag(monkeypatch):
-    """A tag inherited by every process the test starts; none may outlive the test."""
-    value = uuid.uuid4().hex
-    monkeypatch.setenv(MARK, value)
-    for k, v in FLOWER_ENV.items():
-        monkeypatch.setenv(k, v)
-    yield value
-    left = launch.tagged(value, MARK)
-    if left:
-        launch.terminate(left, grace=2.0)
-    assert not left, f"processes left running: {sorted(left)}"
 
 
 def _get(url: str, ctx: ssl.SSLContext | None) -> str:

@@ -338,41 +338,36 @@ def register_supernode(procs: Processes, public_key: Path, connection: str,
                        timeout: float = 60.0) -> int:
     """``flwr supernode register PUBLIC_KEY CONNECTION``: allow the SuperNode holding that key on
     a SuperLink with ``--enable-supernode-auth``; returns its node id."""
-    import json
-
-    cmd = ["flwr", "supernode", "register", str(public_key), connection, "--format", "json"]
-    try:
-        r = subprocess.run(cmd, env=procs.env, capture_output=True, text=True, timeout=timeout,
-                           stdin=subprocess.DEVNULL, start_new_session=True)
-    except subprocess.TimeoutExpired:
-        raise FlowerRunError(f"flwr supernode register did not finish within {timeout:.0f}s") from None
-    out = r.stdout
-    try:
-        reply = json.loads(out[out.index("{"):])
-        if r.returncode == 0 and reply.get("success"):
-            return int(reply["node-id"])
-    except (ValueError, KeyError, TypeError):
-        pass
-    raise FlowerRunError(f"flwr supernode register {public_key.name} failed (exit {r.returncode}): "
-                         f"{(out + r.stderr).strip()[-1500:]}")
+    reply = _flwr_json(procs, ["supernode", "register", str(public_key), connection], timeout)
+    return int(reply["node-id"])
 
 
 def list_supernodes(procs: Processes, connection: str, timeout: float = 60.0) -> list[dict]:
     """``flwr supernode list CONNECTION --format json``: the SuperLink's nodes (id, status)."""
+    return list(_flwr_json(procs, ["supernode", "list", connection], timeout)["nodes"])
+
+
+def _flwr_json(procs: Processes, args: list[str], timeout: float) -> dict:
+    """Run ``flwr ARGS --format json`` and return its successful JSON reply, or raise
+    FlowerRunError with the command's own output."""
     import json
 
-    r = subprocess.run(["flwr", "supernode", "list", connection, "--format", "json"],
-                       env=procs.env, capture_output=True, text=True, timeout=timeout,
-                       stdin=subprocess.DEVNULL, start_new_session=True)
+    what = "flwr " + " ".join(args[:2])
+    try:
+        r = subprocess.run(["flwr", *args, "--format", "json"], env=procs.env,
+                           capture_output=True, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        raise FlowerRunError(f"{what} did not finish within {timeout:.0f}s") from None
     out = r.stdout
     try:
         reply = json.loads(out[out.index("{"):])
         if r.returncode == 0 and reply.get("success"):
-            return list(reply["nodes"])
+            return reply
     except (ValueError, KeyError, TypeError):
         pass
-    raise FlowerRunError(f"flwr supernode list failed (exit {r.returncode}): "
-                         f"{(out + r.stderr).strip()[-1500:]}")
+    raise FlowerRunError(f"{what} {Path(args[2]).name if len(args) > 2 else ''} failed "
+                         f"(exit {r.returncode}): {(out + r.stderr).strip()[-1500:]}")
 
 
 def write_connection(home: Path, name: str, port: int, ca_cert: Path | None = None) -> None:
