@@ -143,9 +143,8 @@ class RoundInput:
         upd = stack(updates, "bad_shape")
         # a client whose own training diverged uploads non-finite weights and no Fisher: it
         # replied, so its reason is non_finite, not missing
-        for i in range(k):
-            if pre[i] is None and not bool(torch.isfinite(upd[i]).all()):
-                pre[i] = "non_finite"
+        for i in torch.nonzero(~torch.isfinite(upd).all(dim=1)).flatten().tolist():
+            pre[i] = pre[i] or "non_finite"
         fis = stack(fisher, "missing") if fisher is not None else None
         counts = torch.tensor([float(n) if _positive_integer(n) else 0.0 for n in num_samples]
                               + [0.0] * (k - len(num_samples)), dtype=torch.float64)

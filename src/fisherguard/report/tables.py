@@ -401,7 +401,7 @@ def write_report(roots: list[str | Path], out: str | Path = DEFAULT_OUT, *, plot
     # the pictures show every run given, the published protocol's or not
     pictures = plots_hook([Path(r) for r in roots], out, kinds=plots, formats=formats)
     index += root_sections(roots, out)
-    index += plot_section(pictures, out)
+    index += plot_section(pictures)
     (out / "index.md").write_text("\n".join(index) + "\n", encoding="utf-8")
     written.append(out / "index.md")
     return written + pictures
@@ -432,16 +432,17 @@ def root_sections(roots: Iterable[str | Path], out: Path) -> list[str]:
     return lines
 
 
-def plot_section(pictures: list[Path], out: Path) -> list[str]:
+def plot_section(pictures: list[Path]) -> list[str]:
     """Links to every plot written, one line per kind (the stem's first word)."""
-    stems: dict[str, list[str]] = {}
+    exts: dict[str, list[str]] = {}  # stem → its formats, stems in the order written
     for p in pictures:
-        stems.setdefault(p.stem.split("-")[0], [])
-        if p.stem not in stems[p.stem.split("-")[0]]:
-            stems[p.stem.split("-")[0]].append(p.stem)
+        exts.setdefault(p.stem, []).append(p.suffix[1:])
+    stems: dict[str, list[str]] = {}
+    for stem in exts:
+        exts[stem].sort()
+        stems.setdefault(stem.split("-")[0], []).append(stem)
     if not stems:
         return []
-    exts = {p.stem: sorted(q.suffix[1:] for q in pictures if q.stem == p.stem) for p in pictures}
     what = {"curves": "A and ASR per round", "detection": "detection TPR/FPR per round",
             "auc": "suspicion-score AUC/AP per round", "weights": "client weights per round",
             "matrix": "defenses × attacks heatmap"}
