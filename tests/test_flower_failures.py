@@ -98,3 +98,29 @@ def test_a_sampled_round_targets_the_sampled_clients_only(tmp_path):
         start = s.begin_round(rnd, grid)  # configure_train sends to ``_sent``
         want = sample_clients(0, rnd - 1, 8, 3)
         assert sorted(s._sent) == want and start.ids == want
+
+
+def test_spare_simulated_nodes_serve_no_client_and_deployment_nodes_must_fit(tmp_path):
+    """One simulation holding runs of K = 3 and K = 200 has 200 nodes (``simulate_many``): on
+    flower-sim a node past the run's K is a spare (its hello names it, it never trains), while a
+    deployment node whose node config does not fit K is refused, as before."""
+    from types import SimpleNamespace
+
+    from fisherguard.engine.flower.client_app import client_id
+
+    def node(cid: int, parts: int) -> SimpleNamespace:
+        return SimpleNamespace(node_config={"partition-id": cid, "num-partitions": parts})
+
+    assert client_id(node(2, 3), 3) == 2
+    assert client_id(node(2, 200), 3, spare_ok=True) == 2
+    assert client_id(node(150, 200), 3, spare_ok=True) == 150
+    for cid, parts in ((2, 200), (150, 200), (3, 3)):
+        with pytest.raises(ValueError, match="does not fit"):
+            client_id(node(cid, parts), 3)
+    with pytest.raises(ValueError, match="does not fit"):
+        client_id(node(200, 200), 3, spare_ok=True)
+    cfg = config.resolve(yaml.safe_load(QUICK))
+    for engine, spare in (("flower-sim", True), ("flower-deployment", False)):
+        s = DefenseStrategy(cfg.replace({"runtime.engine": engine}), tmp_path / engine,
+                            progress=None)
+        assert s._config(0)["spare-nodes"] is spare

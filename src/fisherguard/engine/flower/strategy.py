@@ -100,7 +100,11 @@ class DefenseStrategy(FedAvg):
     def _config(self, round_idx: int, **extra: Any) -> ConfigRecord:
         d = {"fg-config": self.config_text, "fg-round": int(round_idx), "threads": int(self.threads),
              "need-fisher": bool(self.defense.needs_fisher),
-             "fisher-options": json.dumps(self.server.fisher_options)}
+             "fisher-options": json.dumps(self.server.fisher_options),
+             # a simulation of runs with different K has as many nodes as the largest K: a node
+             # past this run's K answers `hello` as a spare and is never used
+             # (``client_app.client_id``); a deployment's nodes must fit K exactly
+             "spare-nodes": self.cfg.runtime.engine == "flower-sim"}
         d.update(extra)
         return ConfigRecord(d)
 
