@@ -124,3 +124,31 @@ def test_spare_simulated_nodes_serve_no_client_and_deployment_nodes_must_fit(tmp
         s = DefenseStrategy(cfg.replace({"runtime.engine": engine}), tmp_path / engine,
                             progress=None)
         assert s._config(0)["spare-nodes"] is spare
+
+
+def test_a_simulation_asks_its_nodes_once_across_experiments(tmp_path, monkeypatch):
+    """Experiments in one Flower simulation (``runs-json``) share its nodes: the second one
+    reuses the partition-ids the first one's ``hello`` learnt (200 nodes answering take seconds);
+    a deployment, or a simulation whose nodes changed, asks again."""
+    cfg = config.resolve(yaml.safe_load(QUICK))
+    asked = []
+
+    def hello(self, grid, node_ids, timeout):  # the nodes answer: node 101 + i serves client i
+        asked.append(len(node_ids))
+        return {n - 101: n for n in node_ids}
+
+    monkeypatch.setattr(DefenseStrategy, "_hello", hello)
+    grid = _Grid(5)
+    known = {101 + i: i for i in range(5)}  # what an earlier experiment's hello learnt
+    sim = DefenseStrategy(cfg.replace({"runtime.engine": "flower-sim"}), tmp_path / "sim",
+                          progress=None)
+    sim.connect(grid, timeout=1.0, wait_s=1.0, known=known)
+    assert asked == [] and sim.nodes == {0: 101, 1: 102, 2: 103}
+    dep = DefenseStrategy(cfg.replace({"runtime.engine": "flower-deployment"}), tmp_path / "dep",
+                          progress=None)
+    dep.connect(grid, timeout=1.0, wait_s=1.0, known=dict(known))
+    assert asked == [5] and dep.nodes == sim.nodes
+    changed = {101: 0, 102: 1, 999: 2}
+    DefenseStrategy(cfg.replace({"runtime.engine": "flower-sim"}), tmp_path / "sim2",
+                    progress=None).connect(grid, timeout=1.0, wait_s=1.0, known=changed)
+    assert asked == [5, 5] and changed == known  # asked again, and learnt the nodes there now
