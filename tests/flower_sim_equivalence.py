@@ -3,8 +3,9 @@ rounds of FedAvg under each trigger-optimising attack (its per-round trigger shi
 node), at K = 3; two sampled rounds of SDFC and of FDCR (rule `cumulative`) at K = 200 with 10
 clients a round, so that clients skip a round and the defenses' per-client state matters (issue
 18); all through the in-process engine and through Flower's simulation (one Flower run for all,
-200 simulated nodes: the K = 3 runs use the first three), printed as one JSON line. The test runs it inside a network namespace that has only loopback, because Ray
-binds ports on every interface (docs/flower.md §8.0)."""
+200 simulated nodes: the K = 3 runs use the first three), printed as one JSON line. The test
+runs it inside a network namespace that has only loopback, because Ray binds ports on every
+interface (docs/flower.md §8.0)."""
 
 from __future__ import annotations
 
