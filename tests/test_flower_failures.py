@@ -98,3 +98,57 @@ def test_a_sampled_round_targets_the_sampled_clients_only(tmp_path):
         start = s.begin_round(rnd, grid)  # configure_train sends to ``_sent``
         want = sample_clients(0, rnd - 1, 8, 3)
         assert sorted(s._sent) == want and start.ids == want
+
+
+def test_spare_simulated_nodes_serve_no_client_and_deployment_nodes_must_fit(tmp_path):
+    """One simulation holding runs of K = 3 and K = 200 has 200 nodes (``simulate_many``): on
+    flower-sim a node past the run's K is a spare (its hello names it, it never trains), while a
+    deployment node whose node config does not fit K is refused, as before."""
+    from types import SimpleNamespace
+
+    from fisherguard.engine.flower.client_app import client_id
+
+    def node(cid: int, parts: int) -> SimpleNamespace:
+        return SimpleNamespace(node_config={"partition-id": cid, "num-partitions": parts})
+
+    assert client_id(node(2, 3), 3) == 2
+    assert client_id(node(2, 200), 3, spare_ok=True) == 2
+    assert client_id(node(150, 200), 3, spare_ok=True) == 150
+    for cid, parts in ((2, 200), (150, 200), (3, 3)):
+        with pytest.raises(ValueError, match="does not fit"):
+            client_id(node(cid, parts), 3)
+    with pytest.raises(ValueError, match="does not fit"):
+        client_id(node(200, 200), 3, spare_ok=True)
+    cfg = config.resolve(yaml.safe_load(QUICK))
+    for engine, spare in (("flower-sim", True), ("flower-deployment", False)):
+        s = DefenseStrategy(cfg.replace({"runtime.engine": engine}), tmp_path / engine,
+                            progress=None)
+        assert s._config(0)["spare-nodes"] is spare
+
+
+def test_a_simulation_asks_its_nodes_once_across_experiments(tmp_path, monkeypatch):
+    """Experiments in one Flower simulation (``runs-json``) share its nodes: the second one
+    reuses the partition-ids the first one's ``hello`` learnt (200 nodes answering take seconds);
+    a deployment, or a simulation whose nodes changed, asks again."""
+    cfg = config.resolve(yaml.safe_load(QUICK))
+    asked = []
+
+    def hello(self, grid, node_ids, timeout):  # the nodes answer: node 101 + i serves client i
+        asked.append(len(node_ids))
+        return {n - 101: n for n in node_ids}
+
+    monkeypatch.setattr(DefenseStrategy, "_hello", hello)
+    grid = _Grid(5)
+    known = {101 + i: i for i in range(5)}  # what an earlier experiment's hello learnt
+    sim = DefenseStrategy(cfg.replace({"runtime.engine": "flower-sim"}), tmp_path / "sim",
+                          progress=None)
+    sim.connect(grid, timeout=1.0, wait_s=1.0, known=known)
+    assert asked == [] and sim.nodes == {0: 101, 1: 102, 2: 103}
+    dep = DefenseStrategy(cfg.replace({"runtime.engine": "flower-deployment"}), tmp_path / "dep",
+                          progress=None)
+    dep.connect(grid, timeout=1.0, wait_s=1.0, known=dict(known))
+    assert asked == [5] and dep.nodes == sim.nodes
+    changed = {101: 0, 102: 1, 999: 2}
+    DefenseStrategy(cfg.replace({"runtime.engine": "flower-sim"}), tmp_path / "sim2",
+                    progress=None).connect(grid, timeout=1.0, wait_s=1.0, known=changed)
+    assert asked == [5, 5] and changed == known  # asked again, and learnt the nodes there now

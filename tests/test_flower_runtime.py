@@ -40,7 +40,10 @@ def _rounds(out: Path) -> list[dict]:
 
 def test_one_round_on_flower_simulation_equals_the_in_process_round(tmp_path, tag):
     """FedAvg, FDCR and SDFC after one round, A3FL and IBA (trigger shipped to the attacker's
-    node) after two: same global weights (Ray in a loopback-only netns)."""
+    node) after two: same global weights (Ray in a loopback-only netns). In the same Flower run,
+    K = 200 with 10 clients sampled a round, SDFC and FDCR (cumulative) over two rounds: the same
+    sampled ids, per-client weights and flags, `sampling` blocks, final weights and per-client
+    defense state (clients that skipped a round included) as in-process (issue 18)."""
     ns = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-rn"]
     cmd = ns + ["sh", "-c", 'ip link set lo up && exec "$0" "$1" "$2"', sys.executable,
                 str(HERE / "flower_sim_equivalence.py"), str(tmp_path)]
@@ -55,13 +58,31 @@ def test_one_round_on_flower_simulation_equals_the_in_process_round(tmp_path, ta
     lines = [x for x in out.splitlines() if x.startswith("RESULT ")]
     assert p.returncode == 0 and lines, out[-3000:]
     res = json.loads(lines[-1][len("RESULT "):])
-    assert res["engines"] == ["flower-sim"] * 5
+    assert res["engines"] == ["flower-sim"] * 7
     for d in ("fedavg", "fdcr", "sdfc", "a3fl", "iba"):
         r = res[d]
         assert r["moved"] > 1e-4, (d, r)  # a round really trained
         assert r["max_abs"] <= 1e-5, (d, r)
         assert r["flags"][0] == r["flags"][1], (d, r)
         assert r["replies"] == 3, (d, r)
+    for d in ("sampled-sdfc", "sampled-fdcr"):
+        r = res[d]
+        ids_in, ids_fl = r["ids"]
+        assert ids_in == ids_fl and [len(i) for i in ids_in] == [10, 10], (d, r["ids"])
+        # some clients take part in both rounds, some only in one: state carried and kept
+        assert set(ids_in[0]) & set(ids_in[1]) and set(ids_in[0]) - set(ids_in[1]), ids_in
+        # attackers among the sampled clients
+        assert any(set(i) & set(r["attackers"]) for i in ids_in), (ids_in, r["attackers"])
+        assert r["weight_gap"] <= 1e-5, (d, r)
+        assert r["flags"][0] == r["flags"][1], (d, r)
+        sa, sb = r["sampling"]
+        assert sa == sb and all(x is not None and x["clients"] == 200 and x["sampled"] == 10
+                                for x in sa), (d, sa, sb)
+        assert r["replies"] == [10, 10], (d, r)
+        assert r["moved"] > 1e-4, (d, r)
+        assert r["max_abs"] <= 1e-5, (d, r)
+        assert r["state_gap"] <= 1e-5, (d, r)  # same clients held, same values
+        assert r["state_clients"] == len(set(ids_in[0]) | set(ids_in[1])), (d, r)
 
 
 def test_deployment_superlink_and_three_supernodes_run_fdcr(tmp_path, tag):

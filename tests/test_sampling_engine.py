@@ -137,3 +137,31 @@ def test_absent_clients_keep_their_state_and_state_grows_with_clients_seen(name,
             assert after2[cid][2] == 1
         if name == "fdcr-cumulative":
             assert after2[cid][1] == 1
+
+
+def test_automatic_workers_follow_the_sampled_clients_not_k(tmp_path, monkeypatch):
+    """`runtime.workers: null` sizes the worker pool for the m clients a round trains: at most one
+    worker per group of m, so 8 sampled clients (one group of 10) start no worker processes
+    whatever K is (the numbers never depend on the worker count)."""
+    from fisherguard.engine import runner
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def build_trainer(*args, **kwargs):  # stop before any training
+        seen.update(kwargs)
+        raise Stop
+
+    def auto_workers(clients, group_size):
+        seen["clients"] = clients
+        return real_auto(clients, group_size)
+
+    real_auto = runner.auto_workers
+    monkeypatch.setattr(runner, "build_trainer", build_trainer)
+    monkeypatch.setattr(runner, "auto_workers", auto_workers)
+    with pytest.raises(Stop):
+        run(cfg("fedavg", **{"runtime.workers": None, "runtime.trainer": "auto"}), tmp_path,
+            progress=None)
+    assert seen["clients"] == M and seen["workers"] == 1

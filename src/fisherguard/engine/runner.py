@@ -44,7 +44,8 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool = False, label: str | 
         log.info("runtime.threads: %d is not used by the in-process engine: every process computes "
                  "on one thread so that the numbers do not depend on it; runtime.workers runs "
                  "processes side by side", rt.threads)
-    workers = rt.workers if rt.workers is not None else auto_workers(cfg.federation.clients,
+    # a round trains m clients (the sampled ones, K without sampling): workers for m, not K
+    workers = rt.workers if rt.workers is not None else auto_workers(cfg.clients_per_round,
                                                                       rt.group_size)
     previous = torch.get_num_threads()
     # One intra-op thread in this process and in every worker: a kernel's reduction order (local

@@ -65,9 +65,14 @@ def node_for(config_text: str) -> Node:
     return _node(hashlib.sha256(config_text.encode()).hexdigest(), config_text)
 
 
-def client_id(context: Context, num_clients: int) -> int:
+def client_id(context: Context, num_clients: int, *, spare_ok: bool = False) -> int:
     """This node's client: ``partition-id`` of the node config (simulation sets it; deployment
-    passes ``--node-config 'partition-id=i num-partitions=N'``)."""
+    passes ``--node-config 'partition-id=i num-partitions=N'``).
+
+    ``spare_ok`` (the server's ``spare-nodes``, set on Flower simulation only): a simulation
+    holding runs of different K has ``num-supernodes`` = the largest K, so a run of K clients
+    sees more nodes than clients; a node with ``partition-id`` >= K then serves no client (its
+    id is returned, the server ignores it). A deployment's node must fit exactly."""
     nc = context.node_config
     if "partition-id" not in nc:
         raise ValueError("the SuperNode has no partition-id; start it with "
@@ -75,7 +80,9 @@ def client_id(context: Context, num_clients: int) -> int:
                          f"num-partitions={num_clients}'")
     cid = int(nc["partition-id"])
     parts = int(nc.get("num-partitions", num_clients))
-    if parts != num_clients or not 0 <= cid < num_clients:
+    fits = parts == num_clients and 0 <= cid < num_clients
+    spare = spare_ok and parts > num_clients and 0 <= cid < parts
+    if not (fits or spare):
         raise ValueError(f"node config partition-id={cid} num-partitions={parts} does not fit the "
                          f"run's federation.clients={num_clients}")
     return cid
@@ -93,7 +100,10 @@ def _setup(msg: Message) -> tuple[Node, Any]:
 def train(msg: Message, context: Context) -> Message:
     """One client's local round: train from the sent weights (and plan), Fisher if asked."""
     node, c = _setup(msg)
-    cid = client_id(context, node.cfg.federation.clients)
+    k = node.cfg.federation.clients
+    cid = client_id(context, k, spare_ok=bool(c.get("spare-nodes", False)))
+    if cid >= k:
+        raise ValueError(f"partition-id={cid} serves no client of federation.clients={k}")
     t = int(c["fg-round"])
     weights = read_flat(msg.content.array_records[ARRAYS], node.layout)
     if ATTACK_STATE in c and cid in node.fed.attackers:  # the round's optimised trigger
@@ -117,8 +127,13 @@ def train(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     """``hello``: which client this node serves; ``fisher``: F(D_k; w) at sent weights (a defense's plan)."""
     node, c = _setup(msg)
-    cid = client_id(context, node.cfg.federation.clients)
+    k = node.cfg.federation.clients
+    cid = client_id(context, k, spare_ok=bool(c.get("spare-nodes", False)))
     op = str(c.get("op", ""))
+    if cid >= k:  # a spare simulated node (``client_id``): it says which it is, and no more
+        if op != "hello":
+            raise ValueError(f"partition-id={cid} serves no client of federation.clients={k}")
+        return Message(RecordDict({METRICS: MetricRecord({"partition-id": cid})}), reply_to=msg)
     content = RecordDict({METRICS: MetricRecord({"partition-id": cid,
                                                  "num-examples": len(node.fed.clients[cid])})})
     if op == "fisher":

@@ -545,23 +545,23 @@ def simulate_many(runs: list[tuple[Config, Path, str | None]], *, resume: bool =
                   progress: TextIO | None = sys.stderr,
                   opts: FlowerOptions | None = None) -> list[dict[str, Any]]:
     """Several experiments (config, out dir, label) one after another in one Flower simulation
-    run, so Ray and the SuperLink start once; they must have the same number of clients."""
+    run, so Ray and the SuperLink start once. The simulation has as many nodes as the largest
+    federation; a run of fewer clients uses the nodes of partition-ids 0..K-1 (the others answer
+    its ``hello`` as spares, ``client_app.client_id``)."""
     require_flwr()
     opts = opts or _options
     items = []
     for cfg, out, label in runs:
         cfg = cfg.replace({"runtime.engine": "flower-sim"})
         items.append((cfg, Path(out).resolve(), label or cfg.experiment.name))
-    ks = {cfg.federation.clients for cfg, _, _ in items}
-    if len(ks) != 1:
-        raise ValueError(f"one Flower simulation needs one federation size, got {sorted(ks)}")
+    nodes = max(cfg.federation.clients for cfg, _, _ in items)
     with _session(opts, "fisherguard-flower-sim-") as (root, procs):
         port = free_port()
         write_connection(root / "home", "fisherguard", port)
         app = write_app(root / "app")
         start_superlink(procs, port, simulation=True)
         rcfg = run_config_file(root / "run-config.toml", items, resume=resume, opts=opts)
-        fed_cfg = (f"num-supernodes={ks.pop()} client-resources-num-cpus={int(opts.cpus_per_client)} "
+        fed_cfg = (f"num-supernodes={nodes} client-resources-num-cpus={int(opts.cpus_per_client)} "
                    'init-args-logging-level="ERROR" init-args-log-to-driver=false')
         rc = flwr_run(procs, app, "fisherguard", rcfg, federation_config=fed_cfg,
                       timeout=opts.run_timeout,

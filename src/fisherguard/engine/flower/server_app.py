@@ -152,8 +152,9 @@ def main(grid: Grid, context: Context) -> None:
     except ValueError as e:  # ConfigError and DefenseConfigError: a clear line
         out = str(context.run_config.get("out", "")).strip()
         raise fail(e, Path(out) if out else None) from None
+    known: dict[int, int] = {}  # node id → partition-id, learnt once per simulation
     for s in runs:
-        run_one(grid, s)
+        run_one(grid, s, known)
 
 
 def fail(e: BaseException | str, out: Path | None) -> RunFailed:
@@ -167,8 +168,9 @@ def fail(e: BaseException | str, out: Path | None) -> RunFailed:
     return RunFailed(text)
 
 
-def run_one(grid: Grid, s: Settings) -> None:
-    """One experiment on the grid's nodes, written to ``s.out`` as the in-process engine would."""
+def run_one(grid: Grid, s: Settings, known: dict[int, int] | None = None) -> None:
+    """One experiment on the grid's nodes, written to ``s.out`` as the in-process engine would;
+    ``known``: the nodes' partition-ids from an earlier experiment (``DefenseStrategy.connect``)."""
     # FedAvg's node sampling uses Python's global `random` (docs/flower.md §8.3)
     random.seed(derive_seed(s.cfg.experiment.seed, "flower-sampling"))
     try:
@@ -180,7 +182,7 @@ def run_one(grid: Grid, s: Settings) -> None:
           file=sys.stderr)
     try:
         if strategy.remaining:
-            strategy.connect(grid, s.round_timeout, wait_s=s.node_wait)
+            strategy.connect(grid, s.round_timeout, wait_s=s.node_wait, known=known)
             strategy.start(grid, initial_arrays=strategy.global_arrays(),
                            num_rounds=strategy.remaining, timeout=s.round_timeout)
     except TooFewReplies as e:

@@ -100,7 +100,11 @@ class DefenseStrategy(FedAvg):
     def _config(self, round_idx: int, **extra: Any) -> ConfigRecord:
         d = {"fg-config": self.config_text, "fg-round": int(round_idx), "threads": int(self.threads),
              "need-fisher": bool(self.defense.needs_fisher),
-             "fisher-options": json.dumps(self.server.fisher_options)}
+             "fisher-options": json.dumps(self.server.fisher_options),
+             # a simulation of runs with different K has as many nodes as the largest K: a node
+             # past this run's K answers `hello` as a spare and is never used
+             # (``client_app.client_id``); a deployment's nodes must fit K exactly
+             "spare-nodes": self.cfg.runtime.engine == "flower-sim"}
         d.update(extra)
         return ConfigRecord(d)
 
@@ -116,10 +120,17 @@ class DefenseStrategy(FedAvg):
 
     # ------------------------------------------------------------------ node discovery
 
-    def connect(self, grid: Grid, timeout: float, wait_s: float = 60.0) -> None:
+    def connect(self, grid: Grid, timeout: float, wait_s: float = 60.0,
+                known: dict[int, int] | None = None) -> None:
         """Wait up to ``wait_s`` for one node per client, then learn which node serves which
         client (a ``hello`` query; node ids are random). Fewer nodes than clients stop the run at
-        once with a message naming both numbers, rather than a round timeout later."""
+        once with a message naming both numbers, rather than a round timeout later.
+
+        ``known`` (node id → partition-id) carries what a ``hello`` learnt from one experiment
+        of a Flower simulation to the next (``server_app.main``): a simulation's nodes stay the
+        same for the whole Flower run, so a later experiment skips the query when the same nodes
+        are there (every node answering it costs a message; 200 of them take seconds).
+        Deployments always ask."""
         self.grid, self.timeout = grid, timeout
         k = len(self.ids)
         deadline = time.monotonic() + wait_s
@@ -132,6 +143,23 @@ class DefenseStrategy(FedAvg):
                             f"{len(node_ids)} connected to the SuperLink after waiting "
                             f"{wait_s:.0f}s (run config `node-wait`). Start the missing nodes "
                             f"or lower federation.clients")
+        if self.cfg.runtime.engine == "flower-sim" and known and set(known) == set(node_ids):
+            seen = {c: n for n, c in known.items()}
+        else:
+            seen = self._hello(grid, node_ids, timeout)
+            if known is not None:
+                known.clear()
+                known.update({n: c for c, n in seen.items()})
+        self.nodes = {c: seen[c] for c in sorted(seen) if c in self.ids}
+        missing = [c for c in self.ids if c not in self.nodes]
+        if len(self.nodes) < self.min_replies:
+            raise self.fail(f"only {len(self.nodes)} of {k} clients answered within {timeout:.0f}s "
+                            f"(minimum {self.min_replies}); missing partition-ids {missing}")
+        if missing:
+            log.warning("clients %s have no SuperNode; they count as missing every round", missing)
+
+    def _hello(self, grid: Grid, node_ids: list[int], timeout: float) -> dict[int, int]:
+        """Ask every node which client it serves: partition-id → node id of those answering."""
         msgs = [Message(RecordDict({CONFIG: self._config(self.server.done, op="hello")}),
                         dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
         seen: dict[int, int] = {}
@@ -147,13 +175,7 @@ class DefenseStrategy(FedAvg):
                 raise self.fail(f"two SuperNodes claim partition-id={cid}; give each node its own "
                                 "--node-config 'partition-id=i num-partitions=N'")
             seen[cid] = reply.metadata.src_node_id
-        self.nodes = {c: seen[c] for c in sorted(seen) if c in self.ids}
-        missing = [c for c in self.ids if c not in self.nodes]
-        if len(self.nodes) < self.min_replies:
-            raise self.fail(f"only {len(self.nodes)} of {k} clients answered within {timeout:.0f}s "
-                            f"(minimum {self.min_replies}); missing partition-ids {missing}")
-        if missing:
-            log.warning("clients %s have no SuperNode; they count as missing every round", missing)
+        return seen
 
     # ------------------------------------------------------------------ a defense's client plan
 
