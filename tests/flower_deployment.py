@@ -1,6 +1,7 @@
 """One Flower deployment shared by the deployment tests (tests/test_flower_runtime.py and
 tests/test_flower_tls.py): each SuperLink + SuperNodes start-up costs about a minute on 2 cores,
-so the default recipe (TLS, SuperNode authentication) runs once and every behaviour is checked on it.
+so the default recipe (TLS, SuperNode authentication) runs once and every behaviour is checked
+on it.
 
 3 SuperNodes run 3 rounds of FDCR on 127.0.0.1. While rounds 1-2 go, two intruders try to join
 (a SuperNode with a key the SuperLink never saw, one with no key) and TLS is probed; then, once
@@ -99,7 +100,7 @@ def _intruders(procs, tmp: Path, seen: dict) -> None:
     seen["registered"] = dict(procs.info["nodes"])
 
 
-def _kill_in_round_three(procs, out: Path, tmp: Path, seen: dict) -> None:
+def _kill_in_round_three(procs, out: Path, seen: dict) -> None:
     """Once round 2 is written and checkpointed: keep both, then SIGKILL SuperNode 2."""
     import torch
 
@@ -132,7 +133,7 @@ def run_shared_deployment(tmp: Path) -> Deployment:
     def during(procs, out: Path) -> None:
         try:
             _intruders(procs, tmp, seen)
-            _kill_in_round_three(procs, out, tmp, seen)
+            _kill_in_round_three(procs, out, seen)
         except BaseException:  # noqa: BLE001 - reported by the tests that need it
             seen["during-error"] = traceback.format_exc()
 
@@ -143,7 +144,7 @@ def run_shared_deployment(tmp: Path) -> Deployment:
         for k, v in FLOWER_ENV.items():
             mp.setenv(k, v)
         try:
-            # round 3 ends when the killed node misses its heartbeats (about 60 s), not at the timeout
+            # round 3 ends when the killed node misses its heartbeats (~60 s), not at the timeout
             with launch.options(run_timeout=400.0, round_timeout=120.0, min_replies=2,
                                 keep_logs=tmp / "logs"):
                 summary = launch.deploy(cfg, tmp / "flower", progress=None, during=during)

@@ -1,11 +1,11 @@
 """fisherguard on real Flower runtimes: simulation equivalence with the in-process engine, a
 loopback deployment (SuperLink + 3 SuperNodes), and a SuperNode killed mid-round.
 
-The deployment tests share one deployment (the ``shared_deployment`` fixture, tests/flower_deployment.py;
-tests/test_flower_tls.py checks its TLS and node authentication): starting a SuperLink and its
-SuperNodes is the expensive part, so it runs once. Every process a test or that deployment starts
-carries a unique environment tag; none may be left, and everything is bounded by timeouts after
-which it is killed by PID.
+The deployment tests share one deployment (the ``shared_deployment`` fixture,
+tests/flower_deployment.py; tests/test_flower_tls.py checks its TLS and node authentication):
+starting a SuperLink and its SuperNodes is the expensive part, so it runs once. Every process a
+test or that deployment starts carries a unique environment tag; none may be left, and everything
+is bounded by timeouts after which it is killed by PID.
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def test_deployment_superlink_and_three_supernodes_run_fdcr(shared_deployment):
     rounds, ref_rounds = _rounds(out)[:COMPARED_ROUNDS], _rounds(d.tmp / "inprocess")
     assert [r["round"] for r in rounds] == [1, 2] == [r["round"] for r in ref_rounds]
     assert all(r["replies"]["received"] == 3 for r in rounds)
-    assert [r["clients"]["flagged"] for r in rounds] == [r["clients"]["flagged"] for r in ref_rounds]
+    assert [r["clients"]["flagged"] for r in rounds] == \
+        [r["clients"]["flagged"] for r in ref_rounds]
     # the deployment's state after round 2, copied before round 3 went on (checkpoint.pt)
     assert d.seen.get("checkpoint-rounds") == COMPARED_ROUNDS, d.seen.get("during-error")
     a = d.seen["weights"]
