@@ -78,3 +78,12 @@ def tag(monkeypatch):
     if left:
         launch.terminate(left, grace=2.0)
     assert not left, f"processes left running: {sorted(left)}"
+
+
+@pytest.fixture(scope="session")
+def shared_deployment(tmp_path_factory):
+    """The Flower deployment of tests/flower_deployment.py, run once for the tests that share it
+    (started at the first test that asks; every process it started is gone when it returns)."""
+    from flower_deployment import run_shared_deployment
+
+    return run_shared_deployment(tmp_path_factory.mktemp("shared-deployment"))

@@ -1,8 +1,11 @@
 """fisherguard on real Flower runtimes: simulation equivalence with the in-process engine, a
 loopback deployment (SuperLink + 3 SuperNodes), and a SuperNode killed mid-round.
 
-Every process a test starts carries a test-unique environment tag; after each test none may be
-left, and each test is bounded by timeouts after which everything is killed by PID.
+The deployment tests share one deployment (the ``shared_deployment`` fixture,
+tests/flower_deployment.py; tests/test_flower_tls.py checks its TLS and node authentication):
+starting a SuperLink and its SuperNodes is the expensive part, so it runs once. Every process a
+test or that deployment starts carries a unique environment tag; none may be left, and everything
+is bounded by timeouts after which it is killed by PID.
 """
 
 from __future__ import annotations
@@ -11,27 +14,19 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from fisherguard import config
-from fisherguard.engine.runner import run
-from fisherguard.engine.flower import FLOWER_ENV, launch
+from fisherguard import metrics
+from fisherguard.engine.flower import launch
+from flower_deployment import COMPARED_ROUNDS, KILLED
 
 pytestmark = pytest.mark.flower
 
 HERE = Path(__file__).resolve().parent
 MARK = "FISHERGUARD_TEST_TAG"
-
-DEPLOY = {"experiment": {"name": "deploy", "seed": 1},
-          "data": {"dataset": "synthetic", "synthetic_train": 900, "synthetic_test": 100},
-          "federation": {"clients": 3, "rounds": 2, "local_epochs": 1, "batch_size": 32},
-          "attack": {"fraction": 0.34}, "server": {"val_size": 32}, "defense": "fdcr",
-          "runtime": {"threads": 1}}
-
 
 
 def _rounds(out: Path) -> list[dict]:
@@ -85,57 +80,44 @@ def test_one_round_on_flower_simulation_equals_the_in_process_round(tmp_path, ta
         assert r["state_clients"] == len(set(ids_in[0]) | set(ids_in[1])), (d, r)
 
 
-def test_deployment_superlink_and_three_supernodes_run_fdcr(tmp_path, tag):
-    """2 rounds of FDCR over HTTP on 127.0.0.1; results as in-process, to float tolerance."""
-    cfg = config.resolve(DEPLOY)
-    ref = run(cfg, tmp_path / "inprocess", progress=None)
-    with launch.options(run_timeout=300.0, keep_logs=tmp_path / "logs"):
-        s = launch.deploy(cfg, tmp_path / "flower", progress=None)
-    out = tmp_path / "flower"
+def test_deployment_superlink_and_three_supernodes_run_fdcr(shared_deployment):
+    """FDCR over HTTPS on 127.0.0.1 (the shared deployment, tests/flower_deployment.py): rounds 1-2,
+    every node replying, as in-process to float tolerance."""
+    d = shared_deployment
+    s, ref, out = d.result(), d.ref, d.out
     assert s["complete"] and s["engine"] == "flower-deployment"
     for f in ("config.yaml", "rounds.jsonl", "checkpoint.pt", "summary.json", "summary.csv",
               "partition.json"):
         assert (out / f).exists(), f
-    rounds, ref_rounds = _rounds(out), _rounds(tmp_path / "inprocess")
-    assert [r["round"] for r in rounds] == [1, 2]
+    rounds, ref_rounds = _rounds(out)[:COMPARED_ROUNDS], _rounds(d.tmp / "inprocess")
+    assert [r["round"] for r in rounds] == [1, 2] == [r["round"] for r in ref_rounds]
     assert all(r["replies"]["received"] == 3 for r in rounds)
-    assert [r["clients"]["flagged"] for r in rounds] == [r["clients"]["flagged"] for r in ref_rounds]
-    a, b = (torch.load(d / "checkpoint.pt", weights_only=False)["weights"]
-            for d in (out, tmp_path / "inprocess"))
+    assert [r["clients"]["flagged"] for r in rounds] == \
+        [r["clients"]["flagged"] for r in ref_rounds]
+    # the deployment's state after round 2, copied before round 3 went on (checkpoint.pt)
+    assert d.seen.get("checkpoint-rounds") == COMPARED_ROUNDS, d.seen.get("during-error")
+    a = d.seen["weights"]
+    b = torch.load(d.tmp / "inprocess" / "checkpoint.pt", weights_only=False)["weights"]
     assert float((a - b).abs().max()) <= 1e-5
-    assert s["A"] == pytest.approx(ref["A"], abs=1e-6)
+    assert metrics.summarize(rounds)["A"] == pytest.approx(ref["A"], abs=1e-6)
     # `fisherguard table` reads it like any run
     from fisherguard.cli import main
     assert main(["table", str(out)]) == 0
 
 
-def test_a_supernode_killed_mid_round_leaves_the_run_going(tmp_path, tag):
-    """Round 2 loses client 2 (SIGKILL to its SuperNode tree): it is recorded missing, the run
-    finishes with the others, and round 1 as written before the kill is kept unchanged."""
-    cfg = config.resolve(DEPLOY)
-    out = tmp_path / "flower"
-    seen: dict[str, str] = {}
-
-    def kill_in_round_two(procs: launch.Processes, where: Path) -> None:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            f = where / "rounds.jsonl"
-            if f.exists() and f.read_text().count("\n") >= 1:
-                seen["round1"] = f.read_text().splitlines()[0]
-                time.sleep(1.0)  # round 2's requests are out
-                procs.kill("supernode-2")
-                seen["killed"] = "yes"
-                return
-            time.sleep(0.2)
-
-    with launch.options(run_timeout=300.0, round_timeout=60.0, min_replies=2,
-                        keep_logs=tmp_path / "logs"):
-        s = launch.deploy(cfg, out, progress=None, during=kill_in_round_two)
-    assert seen.get("killed") == "yes"
-    rounds = _rounds(out)
-    assert s["complete"] and [r["round"] for r in rounds] == [1, 2]
-    assert (out / "rounds.jsonl").read_text().splitlines()[0] == seen["round1"]
-    assert rounds[0]["replies"]["received"] == 3
-    assert rounds[1]["replies"]["received"] == 2
-    assert rounds[1]["clients"]["reasons"][2] == "missing"
-    assert rounds[1]["clients"]["flagged"][2] is True
+def test_a_supernode_killed_mid_round_leaves_the_run_going(shared_deployment):
+    """Round 3 of the shared deployment loses client 2 (SIGKILL to its SuperNode tree): it is
+    recorded missing, the run finishes with the others, and rounds 1-2 as written before the kill
+    are kept unchanged."""
+    d = shared_deployment
+    s, seen = d.result(), d.seen
+    assert seen.get("killed") == "yes", seen.get("during-error")
+    rounds = _rounds(d.out)
+    assert s["complete"] and [r["round"] for r in rounds] == [1, 2, 3]
+    # killed in round 3: exactly rounds 1-2 were written then, and they are kept as written
+    assert len(seen["written"]) == 2
+    assert (d.out / "rounds.jsonl").read_text().splitlines()[:2] == seen["written"]
+    assert rounds[1]["replies"]["received"] == 3
+    assert rounds[2]["replies"]["received"] == 2
+    assert rounds[2]["clients"]["reasons"][KILLED] == "missing"
+    assert rounds[2]["clients"]["flagged"][KILLED] is True

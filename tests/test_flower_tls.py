@@ -6,83 +6,32 @@ SuperLink on HTTPS with ``--enable-supernode-auth``, registers each SuperNode's 
 ``--auth-supernode-private-key``. While the run goes, two intruders try to join: a SuperNode with
 a key pair the SuperLink never saw, and one with no key at all. Both must be refused and exit,
 the SuperLink must list only the registered nodes, plain HTTP and HTTPS against an unknown CA must
-fail, and the run must finish with the authorised nodes. Bounded in time; every process started
-carries the test's tag and none may be left.
+fail, and the run must finish with the authorised nodes. The deployment is the one shared with
+tests/test_flower_runtime.py (``shared_deployment``, tests/flower_deployment.py: 3 nodes, FDCR, one
+node killed in round 3). Bounded in time; every process started carries a unique tag and none may
+be left.
 """
 
 from __future__ import annotations
 
 import json
 import ssl
-import subprocess
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from fisherguard import config
-from fisherguard.engine.flower import FLOWER_ENV, launch
-from fisherguard.engine.flower.keys import make_keys, make_node_key
-
 pytestmark = pytest.mark.flower
 
-MARK = "FISHERGUARD_TEST_TAG"
 
-CFG = {"experiment": {"name": "tls", "seed": 3},
-       "data": {"dataset": "synthetic", "synthetic_train": 300, "synthetic_test": 60},
-       "federation": {"clients": 2, "rounds": 1, "local_epochs": 1, "batch_size": 32},
-       "attack": {"fraction": 0.0}, "server": {"val_size": 16}, "defense": "fedavg",
-       "runtime": {"threads": 1}}
-
-
-
-def _get(url: str, ctx: ssl.SSLContext | None) -> str:
-    try:
-        with urllib.request.urlopen(url, timeout=5, context=ctx) as r:
-            return f"HTTP {r.status}"
-    except urllib.error.HTTPError as e:
-        return f"HTTP {e.code}"
-    except (urllib.error.URLError, OSError) as e:
-        return f"failed: {getattr(e, 'reason', e)}"
-
-
-def test_tls_and_node_auth_refuse_unregistered_supernodes_and_the_run_completes(tmp_path, tag):
-    cfg = config.resolve(CFG)
-    out = tmp_path / "flower"
-    seen: dict = {}
-
-    def intruders(procs: launch.Processes, _out: Path) -> None:
-        port, keys = procs.info["port"], procs.info["keys"]
-        seen["keys"] = keys
-        url = f"127.0.0.1:{port}/health"
-        seen["https+ca"] = _get(f"https://{url}", ssl.create_default_context(cafile=str(keys.ca_cert)))
-        seen["http"] = _get(f"http://{url}", None)
-        other = make_keys(tmp_path / "other-ca", 0)  # a CA the SuperLink's certificate is not from
-        seen["https+other-ca"] = _get(f"https://{url}",
-                                      ssl.create_default_context(cafile=str(other.ca_cert)))
-        rogue_key = make_node_key(tmp_path / "rogue")  # never registered
-        rogue = launch.start_supernode(procs, port, 1, 2, ca_cert=keys.ca_cert, key=rogue_key,
-                                       name="supernode-rogue")
-        keyless = launch.start_supernode(procs, port, 0, 2, ca_cert=keys.ca_cert,
-                                         name="supernode-keyless")
-        for name, p in (("rogue", rogue), ("keyless", keyless)):
-            try:
-                seen[f"{name}-rc"] = p.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                seen[f"{name}-rc"] = "still running after 90 s"
-            seen[f"{name}-log"] = (procs.logdir / f"supernode-{name}.log").read_text(errors="replace")
-        seen["nodes"] = launch.list_supernodes(procs, procs.info["connection"])
-        seen["registered"] = dict(procs.info["nodes"])
-
-    with launch.options(run_timeout=240.0, round_timeout=120.0, keep_logs=tmp_path / "logs"):
-        s = launch.deploy(cfg, out, progress=None, during=intruders)
+def test_tls_and_node_auth_refuse_unregistered_supernodes_and_the_run_completes(shared_deployment):
+    d = shared_deployment
+    seen, logs, out = d.seen, d.logs, d.out
+    s = d.result()
+    assert "registered" in seen, seen.get("during-error")
 
     # TLS: the SuperLink speaks HTTPS only, with a certificate from the deployment's CA
     assert seen["https+ca"] == "HTTP 200"
     assert seen["http"].startswith("failed"), seen["http"]
     assert "CERTIFICATE_VERIFY_FAILED" in seen["https+other-ca"], seen["https+other-ca"]
-    logs = tmp_path / "logs"
     link_log = (logs / "superlink.log").read_text(errors="replace")
     assert "Uvicorn running on https://127.0.0.1:" in link_log
     assert "SuperNode authentication is disabled" not in link_log
@@ -94,19 +43,19 @@ def test_tls_and_node_auth_refuse_unregistered_supernodes_and_the_run_completes(
     assert seen["keyless-rc"] not in (0, None) and isinstance(seen["keyless-rc"], int)
     assert "All SuperNodes must be registered via the CLI" in seen["keyless-log"], \
         seen["keyless-log"][-2000:]
-    # ... and the SuperLink knows the two registered nodes only, both online
+    # ... and the SuperLink knows the registered nodes only, all online
     registered = seen["registered"]
-    assert sorted(registered) == ["supernode-0", "supernode-1"]
+    assert sorted(registered) == ["supernode-0", "supernode-1", "supernode-2"]
     nodes = {int(n["node-id"]): n["status"] for n in seen["nodes"]}
     assert nodes == {i: "online" for i in registered.values()}, seen["nodes"]
     for name, node_id in registered.items():
         assert f"SuperNode ID: {node_id}" in (logs / f"{name}.log").read_text(errors="replace")
 
-    # the run finished with the authorised nodes
+    # the run finished with the authorised nodes (all three until one is killed in round 3)
     assert s["complete"] and s["engine"] == "flower-deployment"
     rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines() if x.strip()]
-    assert [r["round"] for r in rounds] == [1]
-    assert rounds[0]["replies"]["received"] == 2
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert [r["replies"]["received"] for r in rounds] == [3, 3, 2]
 
     # the throw-away keys lived in the run's temporary folder, which is gone
     assert not seen["keys"].directory.exists()
