@@ -61,11 +61,12 @@ class _Profile:
     """Timestamps of one message's steps, appended as a JSON line to ``$FISHERGUARD_FLOWER_PROFILE``
     when set (docs/flower.md §3.2); nothing is recorded otherwise."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, msg: Message) -> None:
         self.path = os.environ.get(PROFILE_VAR)
         self.marks: dict[str, Any] = {"kind": kind, "pid": os.getpid()}
-        if self.path:
-            self.marks.update(process_start=_process_start(), module_import=_IMPORTED,
+        if self.path:  # created: when the ServerApp made the message (its clock: same machine)
+            self.marks.update(created=float(msg.metadata.created_at),
+                              process_start=_process_start(), module_import=_IMPORTED,
                               module_ready=_READY, handler=time.time())
 
     def mark(self, step: str) -> None:
@@ -147,7 +148,7 @@ def _setup(msg: Message, context: Context) -> tuple[Node, Any]:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One client's local round: train from the sent weights (and plan), Fisher if asked."""
-    prof = _Profile("train")
+    prof = _Profile("train", msg)
     node, c = _setup(msg, context)
     prof.mark("prepared")
     cid = client_id(context, node.cfg.federation.clients)
@@ -178,7 +179,7 @@ def train(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     """``hello``: which client this node serves; ``fisher``: F(D_k; w) at sent weights (a defense's plan)."""
     op = str(msg.content.config_records[CONFIG].get("op", ""))
-    prof = _Profile(op)
+    prof = _Profile(op, msg)
     node, c = _setup(msg, context)
     prof.mark("prepared")
     cid = client_id(context, node.cfg.federation.clients)
