@@ -7,12 +7,13 @@ simulation mode started and stopped by the run, 10 nodes × 1 CPU, fisherguard's
 Variants alternate round-robin; the median of the repetitions is reported with min and max, and
 the ratio only once the final weights agree (max-abs ≤ 1e-4). ``--deployment`` adds a smaller
 comparison (3 clients, 2 rounds) of in-process, Flower simulation and a Flower deployment
-(SuperLink + 3 SuperNodes on 127.0.0.1).
+(SuperLink + 3 SuperNodes on 127.0.0.1) and its per-round overhead over in-process;
+``--deployment-only`` runs that comparison alone.
 
 Ray binds ports on every interface; ``--netns`` re-runs this script inside a private network
 namespace that has only loopback (Linux, root or user namespaces).
 
-    python benchmarks/flower_bench.py [--repeats N] [--budget S] [--deployment] [--json FILE]
+    python benchmarks/flower_bench.py [--repeats N] [--budget S] [--deployment | --deployment-only] [--json FILE]
 """
 
 from __future__ import annotations
@@ -111,10 +112,13 @@ def main() -> int:
                     "box, like Flower's one 1-thread actor per core)")
     ap.add_argument("--deployment", action="store_true",
                     help="also compare in-process, simulation and deployment on 3 clients")
+    ap.add_argument("--deployment-only", action="store_true",
+                    help="only the small three-engine comparison (implies --deployment)")
     ap.add_argument("--json", type=Path, help="append one JSON line per measurement here")
     ap.add_argument("--netns", action="store_true",
                     help="re-run inside a private loopback-only network namespace")
     args = ap.parse_args()
+    args.deployment = args.deployment or args.deployment_only
     if args.netns and os.environ.get("FISHERGUARD_BENCH_NETNS") != "1":
         ns = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-rn"]
         argv = [a for a in sys.argv[1:] if a != "--netns"]
@@ -151,7 +155,8 @@ def main() -> int:
         results: dict[str, list[dict[str, Any]]] = {"inprocess": [], "flower-sim": []}
         start = time.perf_counter()
         i = 0
-        while i < args.repeats or (time.perf_counter() - start) * (i + 1) / i < args.budget:
+        while not args.deployment_only and (
+                i < args.repeats or (time.perf_counter() - start) * (i + 1) / i < args.budget):
             for kind in ("inprocess", "flower-sim"):  # round-robin
                 r = run_variant(kind, cfg_path, root / f"{kind}-{i}",
                                 env if kind == "inprocess" else flower_env)
@@ -160,6 +165,8 @@ def main() -> int:
                       f"{' '.join(f'{x:.2f}' for x in r['round_s'])}  foreign CPU "
                       f"{100 * r['foreign_cpu_share']:.0f} %", flush=True)
             i += 1
+        if args.deployment_only:
+            return _deployment(args, root, env, flower_env, info)
         diff = max(max_abs(a["weights"], b["weights"])
                    for a, b in zip(results["inprocess"], results["flower-sim"]))
         ref = results["inprocess"][0]["weights"]
@@ -194,25 +201,40 @@ def main() -> int:
         _write(args.json, lines)
         lines = []
         if args.deployment:
-            small = root / "small.yaml"
-            small.write_text(yaml.safe_dump({**SMALL, "runtime": {"threads": args.threads}}))
-            print("# same small config (FDCR, 3 clients × 600 samples, 2 rounds, E=1) on three "
-                  "engines, one run each, launch to saved model")
-            got = {}
-            for kind in ("inprocess", "flower-sim", "flower-deployment"):
-                got[kind] = run_variant(kind, small, root / f"small-{kind}",
-                                        env if kind == "inprocess" else flower_env)
-                print(f"  {kind:18s} {got[kind]['wall_s']:7.2f} s  rounds "
-                      f"{' '.join(f'{x:.2f}' for x in got[kind]['round_s'])}  foreign CPU "
-                      f"{100 * got[kind]['foreign_cpu_share']:.0f} %", flush=True)
-            d = max(max_abs(got["inprocess"]["weights"], g["weights"]) for g in got.values())
-            print(f"  final weights agree: max-abs {d:.2e}" + ("" if d <= TOLERANCE else "  ERROR"))
-            lines.append({"bench": "flower-small-3-engines", **info,
-                          **{f"{k}_s": v["wall_s"] for k, v in got.items()},
-                          **{f"{k}_round_s": v["round_s"] for k, v in got.items()},
-                          "max_abs_weight_diff": d})
+            return _deployment(args, root, env, flower_env, info)
     _write(args.json, lines)
     return 0
+
+
+def _deployment(args: argparse.Namespace, root: Path, env: dict[str, str],
+                flower_env: dict[str, str], info: dict[str, Any]) -> int:
+    """The small config on three engines, one run each, and the deployment's per-round overhead
+    over the in-process engine, (deployment - in-process) / rounds, start-up included."""
+    import yaml
+
+    small = root / "small.yaml"
+    small.write_text(yaml.safe_dump({**SMALL, "runtime": {"threads": args.threads}}))
+    print("# same small config (FDCR, 3 clients × 600 samples, 2 rounds, E=1) on three "
+          "engines, one run each, launch to saved model")
+    got = {}
+    for kind in ("inprocess", "flower-sim", "flower-deployment"):
+        got[kind] = run_variant(kind, small, root / f"small-{kind}",
+                                env if kind == "inprocess" else flower_env)
+        print(f"  {kind:18s} {got[kind]['wall_s']:7.2f} s  rounds "
+              f"{' '.join(f'{x:.2f}' for x in got[kind]['round_s'])}  foreign CPU "
+              f"{100 * got[kind]['foreign_cpu_share']:.0f} %", flush=True)
+    d = max(max_abs(got["inprocess"]["weights"], g["weights"]) for g in got.values())
+    print(f"  final weights agree: max-abs {d:.2e}" + ("" if d <= TOLERANCE else "  ERROR"))
+    rounds = SMALL["federation"]["rounds"]
+    overhead = (got["flower-deployment"]["wall_s"] - got["inprocess"]["wall_s"]) / rounds
+    print(f"  deployment overhead per round over in-process: {overhead:.2f} s "
+          f"((deployment - in-process) / {rounds} rounds, start-up included)")
+    _write(args.json, [{"bench": "flower-small-3-engines", **info,
+                        **{f"{k}_s": v["wall_s"] for k, v in got.items()},
+                        **{f"{k}_round_s": v["round_s"] for k, v in got.items()},
+                        "deployment_overhead_per_round_s": overhead,
+                        "max_abs_weight_diff": d}])
+    return 0 if d <= TOLERANCE else 2
 
 
 def _write(path: Path | None, lines: list[dict[str, Any]]) -> None:

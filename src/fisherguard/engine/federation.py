@@ -50,12 +50,16 @@ class Federation:
     # images the attack held out of every client (an edge-case tail), scored as ASR_edge
     tail_test: torch.Tensor | None = None  # uint8 (n, C, 32, 32), like test_x
     tail_target: int | None = None
+    # ``prepare(cfg, only=k)``: client k's view; every other client's entry of ``clients`` is None
+    only: int | None = None
 
     def model_factory(self) -> nn.Module:
         return build_model("simplecnn", self.cfg.data.channels)
 
     def datasets(self) -> list[ClientDataset]:
         """Every dataset a client may train on (the trainers' workers hold them all)."""
+        if self.only is not None:
+            raise ValueError(f"a federation prepared for client {self.only} holds only its data")
         return self.clients + [d for k, d in sorted(self.clean.items())]
 
     def is_attacking(self, cid: int, round_idx: int) -> bool:
@@ -67,9 +71,17 @@ class Federation:
         return self.attack.test_trigger()
 
 
-def prepare(cfg: Config) -> Federation:
+def prepare(cfg: Config, only: int | None = None) -> Federation:
     """Load data, split, hold out the attack's reserved images (an edge-case tail), partition,
-    choose attackers and poison their data (docs/protocol.md §1–§5, docs/attacks.md §3.6)."""
+    choose attackers and poison their data (docs/protocol.md §1–§5, docs/attacks.md §3.6).
+
+    ``only=k`` prepares what client k's node needs, bit-identical to the full federation's: the
+    split, partition and attackers are drawn in full (cheap: indices and labels), client k's
+    images are cut out and, for an attacker, poisoned; the attack is bound to the same context
+    (every attacker's clean data), and each attacker's poisoning draws from its own named
+    streams, so poisoning one is poisoning it among all. Other clients' ``clients`` entries are
+    None; no test or server set is kept (a Flower deployment node, docs/flower.md §3.2).
+    """
     d, seed = cfg.data, cfg.experiment.seed
     if d.dataset == "synthetic":
         raw = load_raw("synthetic", n_train=d.synthetic_train, n_test=d.synthetic_test)
@@ -103,16 +115,25 @@ def prepare(cfg: Config) -> Federation:
                      min_size=cfg.partition.min_size)
     attackers = choose_attackers(fed.clients, cfg.attack_fraction, mode=cfg.attack.attackers,
                                  rng=numpy_stream(seed, "attackers"))
+    if only is not None and not 0 <= only < fed.clients:
+        raise ValueError(f"client {only} is not among the federation's {fed.clients}")
+    need = set(range(fed.clients)) if only is None else {only, *attackers}
     clients = [ClientDataset(labels=torch.from_numpy(train_y[pool[local]]), pipeline=pipeline,
                              images=train_x[torch.from_numpy(pool[local])])
-               for local in part.client_indices]
+               if k in need else None
+               for k, local in enumerate(part.client_indices)]
     clean = {k: clients[k] for k in attackers}
     attack.bind(AttackContext(num_clients=fed.clients, attackers=list(attackers), seed=seed,
                               target=cfg.attack.target, clean_data=dict(clean),
                               model_factory=lambda: build_model("simplecnn", d.channels),
                               plan=train_plan(cfg), extra_data=extra))
     for k in attackers:
-        clients[k] = attack.poison(k, clients[k], seed)
+        if only is None or k == only:
+            clients[k] = attack.poison(k, clients[k], seed)
+        elif only is not None:
+            clients[k] = None  # another attacker's data: bound to the attack, not this node's
+    if only is not None:
+        clean = {k: d for k, d in clean.items() if k == only}
     sizes = part.sizes
     small = [k for k, n in enumerate(sizes) if n < fed.batch_size]
     if small:
@@ -126,13 +147,15 @@ def prepare(cfg: Config) -> Federation:
                             "attackers": int(len(reserved.attacker_labels)),
                             "test": int(len(reserved.test_images))}
     u = torch.from_numpy(split.server_set)
-    return Federation(cfg=cfg, pipeline=pipeline, clients=clients, attack=attack,
-                      attackers=attackers, test_x=test_x, test_y=test_y,
+    if only is not None:  # a node evaluates nothing and holds no server set
+        test_x, test_y, u = test_x[:0], test_y[:0], u[:0]
+    return Federation(cfg=cfg, pipeline=pipeline, clients=clients,  # type: ignore[arg-type]
+                      attack=attack, attackers=attackers, test_x=test_x, test_y=test_y,
                       server_images=train_x[u],
-                      server_labels=torch.from_numpy(train_y[split.server_set]),
+                      server_labels=torch.from_numpy(train_y[split.server_set[:len(u)]]),
                       partition_info=info, clean=clean,
                       tail_test=None if reserved is None else reserved.test_images,
-                      tail_target=None if reserved is None else reserved.target)
+                      tail_target=None if reserved is None else reserved.target, only=only)
 
 
 def initial_weights(fed: Federation) -> torch.Tensor:

@@ -47,6 +47,9 @@ class FlowerOptions:
     run_timeout: float | None = None  # whole run; None waits for ever
     keep_logs: Path | None = None  # copy the daemons' logs here
     insecure: bool = False  # deployment without TLS and SuperNode authentication (opt-out)
+    # deployment: one long-lived ClientApp process per SuperNode (`--isolation process` and
+    # clientapp_worker); False: flwr's default, a fresh `flwr-clientapp` process per message
+    warm_clientapps: bool = True
 
 
 _options = FlowerOptions()
@@ -214,20 +217,25 @@ class Processes:
     # "connection" (the flwr connection's name), "nodes" ({name: node id} registered)
     info: dict[str, Any] = field(default_factory=dict)
 
-    def start(self, name: str, cmd: list[str], cwd: Path | None = None) -> subprocess.Popen:
+    def start(self, name: str, cmd: list[str], cwd: Path | None = None,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start ``cmd`` as ``name`` with the session's environment (``env``: changes to it)."""
         log = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
         self._files.append(log)
-        p = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        p = subprocess.Popen(cmd, env={**self.env, **(env or {})}, stdout=log,
+                             stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, cwd=cwd, start_new_session=True)
         self.procs[name] = p
         return p
 
     def kill(self, name: str) -> None:
-        """SIGKILL one daemon and everything below it (a node dying, for fault tests)."""
-        p = self.procs[name]
-        pids = {p.pid} | descendants(p.pid)
+        """SIGKILL one daemon, everything below it and its ClientApp worker, if it has one (a
+        node dying, for fault tests)."""
+        ps = [self.procs[n] for n in (name, f"{name}{WORKER_SUFFIX}") if n in self.procs]
+        pids = set().union(*({p.pid} | descendants(p.pid) for p in ps))
         terminate(pids, grace=0.0)
-        p.wait(timeout=10)
+        for p in ps:
+            p.wait(timeout=10)
 
     def stop(self, grace: float = 5.0) -> set[int]:
         """Stop everything started; return the PIDs that survived SIGKILL (should be empty)."""
@@ -305,33 +313,73 @@ def start_superlink(procs: Processes, port: int, *, simulation: bool,
     return p
 
 
+WORKER_SUFFIX = "-clientapp"  # the name of a SuperNode's long-lived ClientApp process
+
+
 def supernode_command(link_port: int, cid: int, num: int, node_port: int, *,
-                      ca_cert: Path | None = None, key: Path | None = None) -> list[str]:
+                      ca_cert: Path | None = None, key: Path | None = None,
+                      isolation: str = "subprocess") -> list[str]:
     """``flower-supernode`` serving client ``cid`` (its partition-id) on its own port: checking
-    the SuperLink against ``ca_cert`` and signing with ``key`` when given, else ``--insecure``."""
+    the SuperLink against ``ca_cert`` and signing with ``key`` when given, else ``--insecure``;
+    ``isolation="process"`` leaves its ClientApp tasks to an outside process (``worker_command``)."""
     cmd = ["flower-supernode"]
     cmd += ["--insecure"] if ca_cert is None else ["--root-certificates", str(ca_cert)]
     if key is not None:
         cmd += ["--auth-supernode-private-key", str(key)]
+    if isolation != "subprocess":
+        cmd += ["--isolation", isolation]
     return cmd + ["--superlink", f"127.0.0.1:{link_port}", "--host", "127.0.0.1",
                   "--port", str(node_port),
                   "--node-config", f"partition-id={cid} num-partitions={num}"]
 
 
+def worker_command(node_port: int, node_pid: int) -> list[str]:
+    """The long-lived ClientApp process of a SuperNode in process isolation whose Runtime API is
+    on 127.0.0.1:node_port (``clientapp_worker``; it exits when ``node_pid`` is gone)."""
+    return [sys.executable, "-m", "fisherguard.engine.flower.clientapp_worker",
+            "--runtime-api-address", f"127.0.0.1:{node_port}", "--parent-pid", str(node_pid)]
+
+
 def start_supernode(procs: Processes, link_port: int, cid: int, num: int, *,
                     ca_cert: Path | None = None, key: Path | None = None,
-                    name: str | None = None) -> subprocess.Popen:
-    """Start ``supernode_command`` as ``name`` (default ``supernode-<cid>``), own FLWR_HOME."""
+                    name: str | None = None, warm: bool = False) -> subprocess.Popen:
+    """Start ``supernode_command`` as ``name`` (default ``supernode-<cid>``), own FLWR_HOME; with
+    ``warm``, in process isolation beside its long-lived ClientApp process ``<name>-clientapp``."""
     name = name or f"supernode-{cid}"
     home = Path(procs.env["FLWR_HOME"]) / name
     home.mkdir(parents=True, exist_ok=True)
-    cmd = supernode_command(link_port, cid, num, free_port(), ca_cert=ca_cert, key=key)
-    old = procs.env
-    procs.env = {**old, "FLWR_HOME": str(home)}
-    try:
-        return procs.start(name, cmd)
-    finally:
-        procs.env = old
+    node_port = free_port()
+    cmd = supernode_command(link_port, cid, num, node_port, ca_cert=ca_cert, key=key,
+                            isolation="process" if warm else "subprocess")
+    p = procs.start(name, cmd, env={"FLWR_HOME": str(home)})
+    if warm:
+        procs.start(name + WORKER_SUFFIX, worker_command(node_port, p.pid),
+                    env={"FLWR_HOME": str(home)})
+    return p
+
+
+def start_supernodes(procs: Processes, link_port: int, k: int, keys: DeploymentKeys | None, *,
+                     warm: bool) -> None:
+    """Register (with ``keys``) and start SuperNodes ``supernode-0..k-1``; the registrations (one
+    ``flwr`` process each, seconds of start-up) run side by side, each node starts once its key is
+    registered. The first failure is raised after all have ended."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ca = keys.ca_cert if keys is not None else None
+
+    def one(cid: int) -> None:
+        key = keys.nodes[cid] if keys is not None else None
+        if key is not None:
+            procs.info["nodes"][f"supernode-{cid}"] = register_supernode(
+                procs, keys.public(key), procs.info.get("connection", "fisherguard"))
+        start_supernode(procs, link_port, cid, k, ca_cert=ca, key=key, warm=warm)
+
+    with ThreadPoolExecutor(max_workers=max(1, k)) as pool:
+        futures = [pool.submit(one, cid) for cid in range(k)]
+    for f in futures:
+        f.result()
+    procs.info["nodes"] = dict(sorted(procs.info["nodes"].items(),
+                                      key=lambda kv: int(kv[0].rsplit("-", 1)[1])))
 
 
 def register_supernode(procs: Processes, public_key: Path, connection: str,
@@ -574,7 +622,8 @@ def deploy(cfg: Config, out_dir: str | Path, *, resume: bool = False,
            opts: FlowerOptions | None = None,
            during: Callable[[Processes, Path], None] | None = None) -> dict[str, Any]:
     """Run ``cfg`` as a Flower deployment on this machine: a SuperLink and one SuperNode per client
-    on 127.0.0.1, then ``flwr run``; ``during(procs, out)`` runs in a thread meanwhile (fault tests).
+    on 127.0.0.1 (registered and started while ``flwr run`` starts); ``during(procs, out)`` runs
+    in a thread once the nodes are started (fault tests).
 
     By default the deployment is the README's recipe: throw-away certificates and node keys in
     the session's folder, the SuperLink on HTTPS with ``--enable-supernode-auth``, every node's
@@ -594,22 +643,33 @@ def deploy(cfg: Config, out_dir: str | Path, *, resume: bool = False,
         procs.info.update(port=port, keys=keys, connection="fisherguard", nodes={})
         app = write_app(root / "app")
         start_superlink(procs, port, simulation=False, keys=keys)
-        for cid in range(k):
-            key = keys.nodes[cid] if keys is not None else None
-            if key is not None:
-                procs.info["nodes"][f"supernode-{cid}"] = register_supernode(
-                    procs, keys.public(key), "fisherguard")
-            start_supernode(procs, port, cid, k, ca_cert=ca, key=key)
         rcfg = run_config_file(root / "run-config.toml", [(cfg, out, label)], resume=resume,
                                opts=opts)
-        side = None
-        if during is not None:
-            side = threading.Thread(target=during, args=(procs, out), daemon=True)
-            side.start()
+        # the nodes register and start while `flwr run` starts (the ServerApp waits for them,
+        # `node-wait`); a failed registration stops `flwr run` and is raised below
+        failed: list[BaseException] = []
+
+        def nodes_then_during() -> None:
+            try:
+                start_supernodes(procs, port, k, keys, warm=opts.warm_clientapps)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                failed.append(e)
+                deadline = time.monotonic() + 60.0
+                while "flwr-run" not in procs.procs and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if "flwr-run" in procs.procs:
+                    terminate({procs.procs["flwr-run"].pid}, grace=2.0)
+                return
+            if during is not None:
+                during(procs, out)
+
+        side = threading.Thread(target=nodes_then_during, daemon=True)
+        side.start()
         rc = flwr_run(procs, app, "fisherguard", rcfg, federation_config=None,
                       timeout=opts.run_timeout, on_line=_progress_forwarder(progress, [label]))
-        if side is not None:
-            side.join(timeout=30)
+        side.join(timeout=30)
+        if failed:
+            raise failed[0]
         return _finish(out, rc, procs.logdir)
 
 

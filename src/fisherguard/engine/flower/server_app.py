@@ -17,16 +17,17 @@ import json
 import random
 import shlex
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
 from fisherguard.engine.flower import require_flwr
 
 require_flwr()
-from flwr.app import Context  # noqa: E402
+from flwr.app import Context, Message  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from fisherguard import config as config_mod  # noqa: E402
@@ -144,9 +145,42 @@ def engine_of(grid: Grid) -> str:
     return "flower-sim" if type(grid).__name__ == "InMemoryGrid" else "flower-deployment"
 
 
+REPLY_POLL_S = 0.2  # seconds between reply polls of a deployment's grid (flwr 1.42's: 3)
+
+
+def poll_replies_often(grid: Grid, every: float = REPLY_POLL_S) -> Grid:
+    """Let ``grid.send_and_receive`` look for replies every ``every`` seconds.
+
+    flwr 1.42's deployment grid (``superlink.grid.http_grid.HttpGrid.send_and_receive``) pushes
+    the messages, then pulls replies and sleeps 3 s between pulls, so every exchange (a round, a
+    hello, a plan's Fishers) waited up to 3 s after the last reply came. This is the same loop
+    on the grid's own ``push_messages`` / ``pull_messages``, same timeout semantics, a shorter
+    sleep (one small local request per poll). The replies are the same; only when they are
+    noticed changes."""
+
+    def send_and_receive(messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> Iterable[Message]:
+        ids = set(grid.push_messages(messages))
+        end = time.time() + (timeout if timeout is not None else 0.0)
+        out: list[Message] = []
+        while timeout is None or time.time() < end:
+            got = list(grid.pull_messages(ids))
+            out.extend(got)
+            ids.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not ids:
+                break
+            time.sleep(every)
+        return out
+
+    grid.send_and_receive = send_and_receive  # type: ignore[method-assign]
+    return grid
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Resolve the config(s), then run each one's remaining rounds through ``DefenseStrategy``."""
+    if engine_of(grid) == "flower-deployment":
+        poll_replies_often(grid)
     try:
         runs = Settings.all_from_run_config(context.run_config, engine_of(grid))
     except ValueError as e:  # ConfigError and DefenseConfigError: a clear line
