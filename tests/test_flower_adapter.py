@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 for _key, _value in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                      "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}.items():
@@ -350,3 +351,12 @@ def test_both_engines_write_one_round_record_schema(tmp_path, strategy):
     assert set(flower["timing"]) == set(inproc["timing"]) and set(flower["replies"]) == set(inproc["replies"])
     assert inproc["engine"] == "inprocess" and inproc["replies"] == {"received": 5, "errors": {}}
     assert flower["engine"] == strategy.cfg.runtime.engine
+
+
+def test_the_node_worker_needs_flwrs_clientapp_steps(monkeypatch):
+    """The long-lived node worker reuses flwr internals; without them the launcher must know."""
+    from fisherguard.engine.flower import clientapp_worker
+
+    assert clientapp_worker.available()
+    monkeypatch.setitem(sys.modules, "flwr.supernode.runtime.run_clientapp", None)
+    assert not clientapp_worker.available()

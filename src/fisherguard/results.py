@@ -347,7 +347,7 @@ def _jsonable(x: Any) -> Any:
 
 
 COLUMNS = ("label", "defense", "seeds", "A", "R", "ASR", "V", "collapsed", "degraded", "TPR", "FPR",
-           "AUC", "wall_time_s")
+           "AUC", "AP", "wall_time_s")
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -389,9 +389,9 @@ def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS,
     return "\n".join(lines)
 
 
-SEED_METRICS = ("A", "R", "ASR", "V", "TPR", "FPR", "AUC")
-# shown only when a summary carries them (summaries from before issue 21 have no AUC)
-OPTIONAL_SEED_METRICS = ("AUC",)
+SEED_METRICS = ("A", "R", "ASR", "V", "TPR", "FPR", "AUC", "AP")
+# shown only when a summary carries them (summaries from before issue 21 have no AUC or AP)
+OPTIONAL_SEED_METRICS = ("AUC", "AP")
 
 # What a summary without a resolved config beside it is known by (older or hand-made summaries).
 SUMMARY_IDENTITY = ("label", "defense", "attack", "dataset", "preset", "family", "beta",

@@ -34,6 +34,22 @@ from fisherguard.engine.flower import require_flwr
 POLL_S = 0.05  # seconds between AcquireTask calls while idle (a local HTTP call)
 
 
+def available() -> bool:
+    """Whether the installed flwr has the ``run_clientapp`` steps this worker reuses (they are
+    flwr internals, read on 1.42); the launcher falls back to flwr's per-message processes if not."""
+    try:
+        from flwr.clientapp.utils import get_load_client_app_fn  # noqa: F401
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest  # noqa: F401
+        from flwr.supercore.heartbeat import (HeartbeatSender,  # noqa: F401
+                                              make_task_heartbeat_fn_http)
+        from flwr.supercore.runtime import RuntimeHttpClient  # noqa: F401
+        from flwr.supernode.runtime.run_clientapp import (pull_task_input,  # noqa: F401
+                                                          push_message, push_task_output)
+    except ImportError:
+        return False
+    return True
+
+
 def _task_client(address: str, token: str) -> tuple[Any, Any]:
     """The Runtime API client of one task (``run_clientapp``'s), and its retry invoker."""
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor

@@ -649,9 +649,16 @@ def deploy(cfg: Config, out_dir: str | Path, *, resume: bool = False,
         # `node-wait`); a failed registration stops `flwr run` and is raised below
         failed: list[BaseException] = []
 
+        from fisherguard.engine.flower import clientapp_worker
+
+        warm = opts.warm_clientapps and clientapp_worker.available()
+        if opts.warm_clientapps and not warm:
+            print("note: this flwr lacks the ClientApp steps the long-lived node worker reuses; "
+                  "each message gets a fresh flwr-clientapp process", file=sys.stderr)
+
         def nodes_then_during() -> None:
             try:
-                start_supernodes(procs, port, k, keys, warm=opts.warm_clientapps)
+                start_supernodes(procs, port, k, keys, warm=warm)
             except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
                 failed.append(e)
                 deadline = time.monotonic() + 60.0
