@@ -608,3 +608,26 @@ def test_default_rule_is_the_published_path(k: int) -> None:
     assert a.diagnostics == b.diagnostics and a.reasons == b.reasons
     assert not {"rule", "robust_z", "cumulative_z", "observations"} & set(a.diagnostics)
     assert a.diagnostics["suspicion"] == a.diagnostics["discrepancy"]
+
+
+def test_two_sided_z_rules_also_remove_a_discrepancy_far_below_the_rest() -> None:
+    # V = (-100, 1, 2, 3, 4): median 2, MAD 1, z_0 = -102/1.4826 = -68.8; one-sided keeps it
+    assert FDCR(rule="robust-z").select_flagged(t(-100, 1, 2, 3, 4))[0] == []
+    top, info = FDCR(rule="robust-z", two_sided=True).select_flagged(t(-100, 1, 2, 3, 4))
+    assert top == [0] and info["low"] == [0]
+    top, info = FDCR(rule="robust-z", two_sided=True).select_flagged(t(1, 2, 3, 4, 100))
+    assert top == [4] and info["low"] == []
+    assert FDCR(rule="robust-z", two_sided=True).select_flagged(t(1, 1, 1, 2, 3))[0] == []
+    # cumulative: −3.5 (clipped) twice → −7/√2 < −3.5 after two rounds
+    d = FDCR(rule="cumulative", two_sided=True)
+    ids = [0, 1, 2, 3, 4]
+    assert d.select_flagged(t(-100, 1, 2, 3, 4), ids)[0] == []
+    top, info = d.select_flagged(t(-100, 1, 2, 3, 4), ids)
+    assert top == [0] and info["cumulative_z"][0] == pytest.approx(-7 / math.sqrt(2))
+    # the reason says which side: Example A′ has z = (0, −0.07, −0.67, 3.56, 3.06)
+    agg = FDCR(rule="robust-z", two_sided=True, z_threshold=0.6).aggregate(round_input(5))
+    assert agg.reasons == [None, None, "low_discrepancy", "high_discrepancy", "high_discrepancy"]
+    with pytest.raises(DefenseConfigError, match="two_sided"):
+        FDCR(two_sided=True)
+    with pytest.raises(DefenseConfigError, match="two_sided"):
+        FDCR(rule="robust-z", two_sided="yes")

@@ -286,7 +286,9 @@ class FDCR(Defense):
     (remove when a client's Stouffer statistic of its per-round z, each clipped to
     ±``z_threshold``, exceeds ``z_threshold`` after ``min_rounds`` scored rounds, so one round
     alone never removes a client; clients are kept by id across rounds). ``z_threshold`` 3.5 is
-    Iglewicz & Hoaglin's outlier bound, not tuned. The two candidate rules skip the silhouette
+    Iglewicz & Hoaglin's outlier bound, not tuned. ``two_sided`` (both z rules; default off)
+    also removes a client whose statistic is below −``z_threshold``, with the reason
+    ``low_discrepancy``. The two candidate rules skip the silhouette
     gate (they are the decision rule themselves); ``max_drop_fraction`` applies to every rule.
     With them FPRA counts a round without removals as a single cluster, ``cluster`` is 1 for a
     removed client and 0 otherwise, and removals have the reason ``high_discrepancy``; the
@@ -316,7 +318,8 @@ class FDCR(Defense):
                  param_slice: list[int] | None = None,
                  fisher_estimator: str | None = None, label_source: str = "dataset",
                  seed: int = 0, rule: str = "finch", z_threshold: float = Z_THRESHOLD,
-                 min_rounds: int = CUMULATIVE_MIN_ROUNDS, streams: str = "named") -> None:
+                 min_rounds: int = CUMULATIVE_MIN_ROUNDS, two_sided: bool = False,
+                 streams: str = "named") -> None:
         check_choice("preset", preset, PRESETS)
         code = preset == "code"
         discrepancy = discrepancy if discrepancy is not None else ("l2" if code else "mse")
@@ -358,6 +361,10 @@ class FDCR(Defense):
         if not math.isfinite(z_threshold):
             raise DefenseConfigError(f"z_threshold must be finite, got {z_threshold!r}")
         check_range("min_rounds", min_rounds, low=1, integer=True)
+        check_flag("two_sided", two_sided)
+        if two_sided and rule == "finch":
+            raise DefenseConfigError("two_sided applies to the rules 'robust-z' and 'cumulative', "
+                                     "not to 'finch'")
         check_choice("streams", streams, STREAMS)
 
         self.preset = preset
@@ -381,6 +388,7 @@ class FDCR(Defense):
         self.rule = rule
         self.z_threshold = float(z_threshold)
         self.min_rounds = int(min_rounds)
+        self.two_sided = bool(two_sided)
         # rule cumulative: client id → [Σ_t clip(z_t), rounds scored]; absent clients keep theirs
         self._cumulative: dict[int, list[float]] = {}
         self.streams = streams
@@ -493,8 +501,10 @@ class FDCR(Defense):
                         diag[key][k] = info[key][pos]
 
         # step 10: re-weight
+        low = set(info.get("low", ()))
         for pos in flagged_pos:
-            reasons[idx[pos]] = "clustered_out" if self.rule == "finch" else "high_discrepancy"
+            reasons[idx[pos]] = ("clustered_out" if self.rule == "finch" else
+                                 "low_discrepancy" if pos in low else "high_discrepancy")
         diag["num_removed"] = len(flagged_pos)
         ahat = fcdc_reweight(alpha, flagged_pos)
 
@@ -564,12 +574,21 @@ class FDCR(Defense):
         z = robust_z(v)
         info["robust_z"] = [float(x) for x in z]
         info["num_clusters"] = None
+        c = self.z_threshold
+        # two_sided: a V far below the others is suspect too (a forged Fisher that minimises
+        # the sender's own discrepancy, docs/attacks.md §4.7, lands there)
+        if self.two_sided:
+            def beyond(x: float) -> bool:
+                return abs(x) > c
+        else:
+            def beyond(x: float) -> bool:
+                return x > c
         if self.rule == "robust-z":
-            top = [pos for pos in range(kv) if float(z[pos]) > self.z_threshold]
+            top = [pos for pos in range(kv) if beyond(float(z[pos]))]
+            low = [pos for pos in top if float(z[pos]) < 0]
         else:
             if ids is None or len(ids) != kv:
                 raise ValueError("rule 'cumulative' needs the client id of every score")
-            c = self.z_threshold
             stats, seen = [], []
             for pos, cid in enumerate(ids):
                 acc = self._cumulative.setdefault(int(cid), [0.0, 0])
@@ -578,7 +597,9 @@ class FDCR(Defense):
                 stats.append(stouffer(acc[0], int(acc[1])))
                 seen.append(int(acc[1]))
             info["cumulative_z"], info["observations"] = stats, seen
-            top = [pos for pos in range(kv) if seen[pos] >= self.min_rounds and stats[pos] > c]
+            top = [pos for pos in range(kv) if seen[pos] >= self.min_rounds and beyond(stats[pos])]
+            low = [pos for pos in top if stats[pos] < 0]
+        info["low"] = low
         top_set = set(top)
         info["labels"] = [int(pos in top_set) for pos in range(kv)]
         info["single_cluster"] = not top
