@@ -575,8 +575,9 @@ class FDCR(Defense):
         info["robust_z"] = [float(x) for x in z]
         info["num_clusters"] = None
         c = self.z_threshold
-        # two_sided: a V far below the others is suspect too (a forged Fisher that minimises
-        # the sender's own discrepancy, docs/attacks.md §4.7, lands there)
+        # two_sided: a V far below the others is suspect too (the V-minimising forgeries of
+        # docs/attacks.md §4.7 and docs/attacks.md §4.8 land low, but not low enough: see
+        # docs/detection.md §3.3)
         if self.two_sided:
             def beyond(x: float) -> bool:
                 return abs(x) > c
