@@ -115,6 +115,13 @@ def test_cell_within_and_outside_tolerance():
     assert not cell_verdict(64.08, 85.0, _ours(64.0, 79.0), dataset="cifar10").r_ok
 
 
+def test_a_reduced_scale_cell_says_so_and_is_not_scored():
+    full = cell_verdict(87.15, 0.26, _ours(85.20, 5.2, scale=(50, 10)), dataset="fashion-mnist")
+    assert full.scored and "reduced" not in full.note
+    red = cell_verdict(87.15, 0.26, _ours(85.20, 5.2, scale=(20, 2)), dataset="fashion-mnist")
+    assert not red.scored and "reduced scale (T = 20, E = 2)" in red.note
+
+
 def test_missing_and_not_run_cells():
     assert cell_verdict(64.0, 40.0, None, dataset="cifar10").status == "not-run"
     dash = cell_verdict(None, None, _ours(50.0, 50.0), dataset="cifar10")

@@ -116,7 +116,8 @@ def ours_of(runs: list[dict[str, Any]]) -> Ours | None:
                 n=len(runs), collapsed=sum(bool(r.get("collapsed")) for r in runs),
                 ASR=stats["ASR"][0], V=stats["V"][0], dataset=runs[0].get("dataset"),
                 entropy=hist["entropy"], q_max=hist["q_max"],
-                seeds=tuple(sorted(int(r["seed"]) for r in runs if r.get("seed") is not None)))
+                seeds=tuple(sorted(int(r["seed"]) for r in runs if r.get("seed") is not None)),
+                scale=top)
 
 
 DEGRADED_POINTS = 10.0  # docs/protocol.md §7.4: Ā more than 10 points below FedAvg's
