@@ -116,9 +116,10 @@ def test_cell_within_and_outside_tolerance():
 
 
 def test_a_reduced_scale_cell_says_so_and_is_not_scored():
-    full = cell_verdict(87.15, 0.26, _ours(85.20, 5.2, scale=(50, 10)), dataset="fashion-mnist")
+    full = cell_verdict(87.15, 0.26, _ours(85.20, 5.2), dataset="fashion-mnist")
     assert full.scored and "reduced" not in full.note
-    red = cell_verdict(87.15, 0.26, _ours(85.20, 5.2, scale=(20, 2)), dataset="fashion-mnist")
+    red = cell_verdict(87.15, 0.26, _ours(85.20, 5.2, reduced_scale=(20, 2)),
+                       dataset="fashion-mnist")
     assert not red.scored and "reduced scale (T = 20, E = 2)" in red.note
 
 

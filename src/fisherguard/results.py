@@ -13,7 +13,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import IO, Any, Callable, Mapping
 
 import torch
 
@@ -226,18 +226,7 @@ class RunDir:
         """``checkpoint.pt``, atomically. Streamed into the temporary file: a copy in memory would
         add twice the defense's state to the peak (0.74 GB a copy for SDFC at K = 1000); the
         chaos tests' write hook (``WRITE_LOG``) goes through bytes so it can pause halfway."""
-        path = self.path / self.CHECKPOINT
-        if os.environ.get(WRITE_LOG):
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            _atomic_write(path, buf.getvalue())
-            return
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _atomic_write(self.path / self.CHECKPOINT, lambda f: torch.save(state, f))
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         p = self.path / self.CHECKPOINT
@@ -324,10 +313,21 @@ def _write_chunks(f: Any, path: Path, data: bytes) -> None:
     _write_event("end", path)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes | Callable[[IO[bytes]], None]) -> None:
+    """Write ``data`` (bytes, or a writer that streams into the open file) to a temporary file,
+    fsync it and rename it over ``path``. The chaos hook pauses halfway through bytes, so with it
+    set a writer is rendered into memory first."""
+    if callable(data) and os.environ.get(WRITE_LOG):
+        buf = io.BytesIO()
+        data(buf)
+        data = buf.getvalue()
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        _write_chunks(f, path, data)
+        if callable(data):
+            data(f)
+            f.flush()
+        else:
+            _write_chunks(f, path, data)
         os.fsync(f.fileno())
     os.replace(tmp, path)
 

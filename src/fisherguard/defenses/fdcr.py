@@ -578,12 +578,9 @@ class FDCR(Defense):
         # two_sided: a V far below the others is suspect too (the V-minimising forgeries of
         # docs/attacks.md §4.7 and docs/attacks.md §4.8 land low, but not low enough: see
         # docs/detection.md §3.3)
-        if self.two_sided:
-            def beyond(x: float) -> bool:
-                return abs(x) > c
-        else:
-            def beyond(x: float) -> bool:
-                return x > c
+        def beyond(x: float) -> bool:
+            return (abs(x) if self.two_sided else x) > c
+
         if self.rule == "robust-z":
             top = [pos for pos in range(kv) if beyond(float(z[pos]))]
             low = [pos for pos in top if float(z[pos]) < 0]

@@ -130,7 +130,7 @@ def prepare(cfg: Config, only: int | None = None) -> Federation:
     for k in attackers:
         if only is None or k == only:
             clients[k] = attack.poison(k, clients[k], seed)
-        elif only is not None:
+        else:
             clients[k] = None  # another attacker's data: bound to the attack, not this node's
     if only is not None:
         clean = {k: d for k, d in clean.items() if k == only}

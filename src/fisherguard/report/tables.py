@@ -117,9 +117,10 @@ def ours_of(runs: list[dict[str, Any]]) -> Ours | None:
                 ASR=stats["ASR"][0], V=stats["V"][0], dataset=runs[0].get("dataset"),
                 entropy=hist["entropy"], q_max=hist["q_max"],
                 seeds=tuple(sorted(int(r["seed"]) for r in runs if r.get("seed") is not None)),
-                scale=top)
+                reduced_scale=top if top == REDUCED else None)
 
 
+REDUCED = (SCALES["reduced"]["rounds"], SCALES["reduced"]["local_epochs"])  # (T, E)
 DEGRADED_POINTS = 10.0  # docs/protocol.md §7.4: Ā more than 10 points below FedAvg's
 
 

@@ -50,7 +50,7 @@ class Ours:
     seeds: tuple[int, ...] = ()  # the seeds averaged
     degraded: bool | None = None  # Ā > 10 below FedAvg's, same seeds (docs/protocol.md §7.4)
     fedavg_A: float | None = None  # that FedAvg Ā
-    scale: tuple[int, int] | None = None  # (T, E) of the runs averaged
+    reduced_scale: tuple[int, int] | None = None  # (T, E) when the runs are at the reduced scale
 
     @property
     def is_collapsed(self) -> bool:
@@ -97,9 +97,10 @@ def cell_verdict(pub_a: float | None, pub_r: float | None, ours: Ours | None, *,
         unscored.append("corrected baseline; the code preset is scored")
     if stand_in:
         unscored.append(f"{ours.dataset} stand-in: ranking only")
-    if ours.scale is not None and ours.scale == _reduced_scale():
+    if ours.reduced_scale is not None:
         # docs/results.md §4: a reduced-scale run stands beside the cell and says so, unscored
-        unscored.append(f"reduced scale (T = {ours.scale[0]}, E = {ours.scale[1]})")
+        t, e = ours.reduced_scale
+        unscored.append(f"reduced scale (T = {t}, E = {e})")
     if ours.n < 3:
         unscored.append(f"n = {ours.n} < 3 seeds")
     status = "agree" if a_ok and r_ok else "disagree"
@@ -109,12 +110,6 @@ def cell_verdict(pub_a: float | None, pub_r: float | None, ours: Ours | None, *,
         v.cause = miss_cause(pub_a, pub_r, ours, flags=flags, stand_in=stand_in,
                              other_preset_agrees=other_preset_agrees, a_ok=a_ok, r_ok=r_ok)
     return v
-
-
-def _reduced_scale() -> tuple[int, int]:
-    from fisherguard.report.reproduce import SCALES
-
-    return (SCALES["reduced"]["rounds"], SCALES["reduced"]["local_epochs"])
 
 
 def miss_cause(pub_a: float, pub_r: float, ours: Ours, *, flags: set[str], stand_in: bool,
