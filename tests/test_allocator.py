@@ -56,8 +56,11 @@ def test_retained_memory_removes_page_faults_from_training_steps():
     applied, retained = faults_per_step("retain")
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert applied == "True"
-        # with glibc's defaults the same step faults in about 2 000 pages (measured here)
-        assert retained < 50, retained
+        # Against glibc's defaults measured in the same run, not an absolute count: the
+        # reference varies by machine (1 600-2 000 faults per step here; retained 0.1 here,
+        # 124 on a loaded CI box), the tenfold cut does not.
+        _, default = faults_per_step("default")
+        assert retained < default / 10, (retained, default)
     else:  # nothing to tune: the call says so instead of pretending
         assert applied == "False"
 
