@@ -302,6 +302,8 @@ class Defense:
         return False
 
     def state_dict(self) -> dict[str, Any]:
+        """Cross-round state, ``torch.save``-able; its tensors may be views of the live state
+        (no copy at K = 1000), valid until the next round."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

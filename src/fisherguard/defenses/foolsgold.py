@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from fisherguard.defenses._robust import check_finite, check_seed, load_keys, make_generator
+from fisherguard.defenses.client_rows import ClientRows
 from fisherguard.defenses.base import (PRESETS, SUSPICION, Combined, Defense, RoundInput, Rows,
                                        check_choice, check_range)
 
@@ -69,7 +70,7 @@ class FoolsGold(Defense):
         self.preset = preset
         self.seed = int(seed)
         # paper: history keyed by client id. code: MarsFL's positional rows (defect C4).
-        self._history: dict[int, Tensor] = {}
+        self._history = ClientRows()  # Σ of each client's deltas, float64
         self._positional: Tensor | None = None
         self.streams = streams
         self._gen = make_generator(seed, "foolsgold", streams)
@@ -88,8 +89,11 @@ class FoolsGold(Defense):
             if prev is not None and prev.shape != d.shape:
                 raise ValueError(f"FoolsGold history of client {cid} has {prev.numel()} "
                                  f"parameters, the round has {d.numel()}")
-            self._history[cid] = d.clone() if prev is None else prev + d
-            hist.append(self._history[cid])
+            if prev is None:
+                self._history.set(cid, d.to(torch.float64))
+            else:
+                prev += d
+            hist.append(self._history.row(cid))
         a, v = foolsgold_weights(torch.stack(hist), self.kappa, self.epsilon)
         return self._combined(ri, rows, a, v, deltas, normalise=True)
 
@@ -134,14 +138,15 @@ class FoolsGold(Defense):
         return self.preset == "code"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": {cid: h.clone() for cid, h in self._history.items()},
+        return {"history": {cid: self._history.row(cid) for cid in self._history},  # views, no copy
                 "positional": None if self._positional is None else self._positional.clone(),
                 "generator": self._gen.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_keys(state, ["history", "positional", "generator"], "FoolsGold")
-        self._history = {int(c): torch.as_tensor(h, dtype=torch.float64).clone()
-                         for c, h in state.get("history", {}).items()}
+        self._history = ClientRows()
+        for c, h in state.get("history", {}).items():
+            self._history.set(int(c), torch.as_tensor(h, dtype=torch.float64))
         pos = state.get("positional")
         self._positional = None if pos is None else torch.as_tensor(pos, dtype=torch.float64)
         if state.get("generator") is not None:

@@ -10,6 +10,7 @@ import torch
 
 from fisherguard.clients.l1pull import L1Pull
 from fisherguard.defenses._robust import check_finite, load_keys
+from fisherguard.defenses.client_rows import ClientRows
 from fisherguard.defenses.base import (ClientPlan, Combined, Defense, PlanInput, RoundInput, Rows,
                                        check_choice, check_range)
 
@@ -40,7 +41,7 @@ class RSA(Defense):
         check_choice("client_init", client_init, ("persistent", "global"))
         self.lam, self.mu, self.c = float(lam), float(mu), float(c)
         self.client_init = client_init
-        self._local: dict[int, Tensor] = {}
+        self._local = ClientRows()  # each client's last model (persistent init)
 
     def step_size(self, round_idx: int) -> float:
         return self.c / math.sqrt(round_idx + 1)
@@ -65,7 +66,7 @@ class RSA(Defense):
         step = alpha_t * (self.lam * votes - self.mu * w)
         if self.client_init == "persistent":
             for cid, d in zip(rows.ids, rows.deltas):
-                self._local[cid] = (w + d).to(ri.global_weights.dtype)
+                self._local.set(cid, (w + d).to(ri.global_weights.dtype))
         weights = rows.scatter(torch.full((rows.n,), 1.0 / rows.n, dtype=torch.float64),
                                ri.num_clients)
         diag: dict[str, Any] = {"step_size": alpha_t,
@@ -73,9 +74,10 @@ class RSA(Defense):
         return Combined(weights, w + step, diag)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"local_models": {cid: x.clone() for cid, x in self._local.items()}}
+        return {"local_models": {cid: self._local.row(cid) for cid in self._local}}  # views, no copy
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_keys(state, ["local_models"], "RSA")
-        self._local = {int(c): torch.as_tensor(x).clone()
-                       for c, x in state.get("local_models", {}).items()}
+        self._local = ClientRows()
+        for c, x in state.get("local_models", {}).items():
+            self._local.set(int(c), torch.as_tensor(x))

@@ -17,6 +17,7 @@ from fisherguard.defenses.base import (PRESETS, SUSPICION, Aggregate, ClientPlan
                                        MissingServerDataError, PlanInput, RoundInput, Rows,
                                        check_choice, check_flag, check_range,
                                        fisher_estimator_option, reject_all)
+from fisherguard.defenses.client_rows import ClientRows
 from fisherguard.fisher import IMPORTANCE_METRICS
 
 Tensor = torch.Tensor
@@ -131,8 +132,11 @@ class SDFC(Defense):
         self.label_source = label_source
         self.hardening = hardening
         self.echo_rtol = echo_rtol
-        # client id → (H_k, anchor w_k, round it was computed in): cross-round state (docs/algorithms.md §5.1 step 4)
-        self._history: dict[int, tuple[Tensor, Tensor, int]] = {}
+        # per client: H_k, anchor w_k and the round they were computed in: cross-round state
+        # (docs/algorithms.md §5.1 step 4), in fixed slots so that sampling does not fragment memory
+        self._h = ClientRows()
+        self._anchors = ClientRows()
+        self._computed_in: dict[int, int] = {}
 
     def fisher_options(self) -> dict[str, Any]:
         """Options for ``diagonal_fisher`` on clients and on U (both Fishers alike, docs/algorithms.md §2.4)."""
@@ -146,7 +150,7 @@ class SDFC(Defense):
         if not self.use_fdreg or self.difference == "val_only":
             return {}
         wt = plan_input.global_weights.detach()
-        return {int(cid): wt for cid in plan_input.client_ids if int(cid) not in self._history}
+        return {int(cid): wt for cid in plan_input.client_ids if int(cid) not in self._h}
 
     def plan_clients(self, plan_input: PlanInput) -> dict[int, ClientPlan]:
         """FDReg (Eq. 9) for every client: own H_k and anchor w_k^{t−1}, else H at w^t (docs/algorithms.md §5.5)."""
@@ -157,10 +161,10 @@ class SDFC(Defense):
         val_at_global: Tensor | None = None
         plans: dict[int, ClientPlan] = {}
         for cid in pi.client_ids:
-            hist = self._history.get(int(cid))
-            if hist is not None:
-                h, own_anchor, _ = hist
-                anchor = own_anchor if self.anchor == "own" else wt
+            if int(cid) in self._h:
+                # copies: a view would carry its whole chunk wherever the plan is sent
+                h = self._h.row(int(cid)).clone()
+                anchor = self._anchors.row(int(cid)).clone() if self.anchor == "own" else wt
             else:
                 # [code] round 0, [project] any client without a valid previous round: anchor w^t
                 if val_at_global is None and self.difference != "local_only":
@@ -196,7 +200,7 @@ class SDFC(Defense):
         """Drop the history of every client rejected this round (docs/algorithms.md §5.5); their number."""
         for k in range(ri.num_clients):
             if reasons[k] is not None:
-                self._history.pop(int(ri.client_ids[k]), None)
+                self._forget(int(ri.client_ids[k]))
         return sum(r is not None for r in reasons)
 
     def reject(self, ri: RoundInput, reasons: list[str | None]) -> Aggregate:
@@ -213,7 +217,8 @@ class SDFC(Defense):
         k_all = ri.num_clients
         diag = self._blank_diagnostics(k_all)
         wt = ri.global_weights.to(torch.float64)
-        h_rows: dict[int, Tensor] = {}
+        # H_k as it is kept (float32) and T_k = Σ_v H_k,v in float64, so no m × P float64 block
+        h_rows: dict[int, tuple[Tensor, Tensor]] = {}
         assert ri.fisher is not None
         need_val = self.requires_server_data()
         for k in range(k_all):
@@ -235,17 +240,18 @@ class SDFC(Defense):
                     reasons[k] = "echo"
                     continue
             h = fisher_difference(local, val, self.difference)
-            if not bool(torch.isfinite(h.sum())):
+            total = h.sum()
+            if not bool(torch.isfinite(total)):
                 reasons[k] = "non_finite"  # T_k overflows float64; min-max would give NaN
                 continue
-            h_rows[k] = h
+            h_rows[k] = (h.to(torch.float32), total)
         # a client rejected this round has no valid history for the next (docs/algorithms.md §5.5)
         diag["num_rejected"] = self._forget_rejected(ri, reasons)
         idx = sorted(h_rows)
         if not idx:
             return Combined.unchanged(ri, "no_valid_clients", diagnostics=diag)
 
-        totals = torch.stack([h_rows[k].sum() for k in idx])
+        totals = torch.stack([h_rows[k][1] for k in idx])
         if self.use_fdagg:
             alpha = fdagg_weights(totals, self.fdagg_weights)
         else:
@@ -260,24 +266,33 @@ class SDFC(Defense):
             diag[SUSPICION][k] = float(totals[pos])
             diag["weight"][k] = float(alpha[pos])
             cid = int(ri.client_ids[k])
-            self._history[cid] = (h_rows[k].to(torch.float32).clone(),
-                                  (wt + upd[pos]).to(ri.global_weights.dtype).clone(),
-                                  int(ri.round_idx))
+            self._remember(cid, h_rows[k][0],
+                           (wt + upd[pos]).to(ri.global_weights.dtype), int(ri.round_idx))
         return Combined(weights, new, diag)
+
+    def _remember(self, cid: int, h: Tensor, anchor: Tensor, round_idx: int) -> None:
+        self._h.set(cid, h)
+        self._anchors.set(cid, anchor)
+        self._computed_in[cid] = round_idx
+
+    def _forget(self, cid: int) -> None:
+        self._h.pop(cid)
+        self._anchors.pop(cid)
+        self._computed_in.pop(cid, None)
 
     # ------------------------------------------------------------------ cross-round state
 
     def state_dict(self) -> dict[str, Any]:
-        """H_k and anchors per client as plain tensors and lists (``torch.save``-able)."""
-        ids = sorted(self._history)
+        """H_k and anchors per client as lists of tensors (views of the store, ``torch.save``-able)."""
+        ids = list(self._h)
         return {"client_ids": ids,
-                "fisher_difference": [self._history[c][0] for c in ids],
-                "anchors": [self._history[c][1] for c in ids],
-                "rounds": [self._history[c][2] for c in ids]}
+                "fisher_difference": [self._h.row(c) for c in ids],
+                "anchors": [self._anchors.row(c) for c in ids],
+                "rounds": [self._computed_in[c] for c in ids]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._h, self._anchors, self._computed_in = ClientRows(), ClientRows(), {}
         if not state:
-            self._history = {}
             return
         keys = {"client_ids", "fisher_difference", "anchors", "rounds"}
         if set(state) != keys:
@@ -285,8 +300,8 @@ class SDFC(Defense):
         ids, hs, ws, rs = (state[k] for k in ("client_ids", "fisher_difference", "anchors", "rounds"))
         if not len(ids) == len(hs) == len(ws) == len(rs):
             raise ValueError("SDFC state lists differ in length")
-        self._history = {int(c): (torch.as_tensor(h).clone(), torch.as_tensor(w).clone(), int(r))
-                         for c, h, w, r in zip(ids, hs, ws, rs)}
+        for c, h, w, r in zip(ids, hs, ws, rs):
+            self._remember(int(c), torch.as_tensor(h), torch.as_tensor(w), int(r))
 
 
 def _asked_fisher(pi: PlanInput, cid: int, like: Tensor) -> Tensor:
