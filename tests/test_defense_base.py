@@ -142,3 +142,14 @@ def test_clients_never_import_defenses() -> None:
             else:
                 continue
             assert not any(n.startswith("fisherguard.defenses") for n in names), (path.name, names)
+
+
+def test_weighted_sum_works_in_column_blocks_of_any_size() -> None:
+    from fisherguard.defenses.base import weighted_sum
+
+    rows = torch.arange(30, dtype=torch.float32).reshape(3, 10)  # small integers: exact sums
+    alpha = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
+    expected = 0.5 * rows[0].double() + 0.25 * rows[1].double() + 0.25 * rows[2].double()
+    for block in (1, 3, 10, 64):
+        got = weighted_sum(alpha, rows, block)
+        assert got.dtype == torch.float64 and torch.equal(got, expected)

@@ -271,3 +271,36 @@ def _sized(real: dict[str, np.ndarray], fisher: torch.Tensor) -> RoundInput:
     return RoundInput(global_weights=torch.zeros(p, dtype=D), updates=upd.contiguous(),
                       num_samples=torch.tensor(real["fdcr_counts"][-1], dtype=D),
                       client_ids=list(range(10)), fisher=fisher, lr=0.01)
+
+
+# ------------------------------------------------------------------ duplicate uploads (§8.2)
+
+
+def test_duplicate_rows_by_the_relative_distance_of_update_and_fisher() -> None:
+    from fisherguard.defenses.fdcr import duplicate_rows
+
+    upd = torch.tensor([[3.0, 4.0], [3.0, 4.0], [3.0, 4.0 + 1e-3], [0.0, 1.0]], dtype=D)
+    fis = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]], dtype=D)
+    assert duplicate_rows(upd, fis, 0.0) == [0, 1]  # bit-identical only
+    # rows 0/2: ‖ΔΔ‖ = 1e-3 against a mean norm of ≈ 5: a copy at rtol 1e-3, not at 1e-4
+    assert duplicate_rows(upd, fis, 1e-3) == [0, 1, 2]
+    assert duplicate_rows(upd, fis, 1e-4) == [0, 1]
+    fis[1, 1] = 0.5  # same update, another Fisher: not a copy
+    assert duplicate_rows(upd, fis, 0.0) == []
+
+
+def test_copied_uploads_are_refused_and_honest_ones_never(real) -> None:
+    honest = fdcr_round(real)
+    # 10 real honest uploads: no pair is a copy, even at a tolerance 10 000× the default
+    assert "duplicate" not in FDCR(reject_duplicates=True, duplicate_rtol=1e-2).aggregate(honest).reasons
+    # clients 7-9 upload client 7's (Δ, F), as the fdcr-steer colluders do
+    upd, fis = honest.updates.clone(), honest.fisher.clone()
+    upd[8:] = upd[7]
+    fis[8:] = fis[7]
+    steered = RoundInput(global_weights=honest.global_weights, updates=upd,
+                         num_samples=honest.num_samples, client_ids=honest.client_ids,
+                         fisher=fis, lr=honest.lr)
+    agg = FDCR(reject_duplicates=True).aggregate(steered)
+    assert agg.reasons[7:] == ["duplicate"] * 3 and float(agg.client_weights[7:].sum()) == 0.0
+    assert "duplicate" not in agg.reasons[:7]
+    assert "duplicate" not in FDCR().aggregate(steered).reasons  # off by default

@@ -43,6 +43,10 @@ TIE_RTOL = 1e-12
 # round median / 10. Honest real uploads reached S/median ≥ 0.259 and L/median ≥ 0.377
 # (tests/fixtures/fisher_real.npz; docs/algorithms.md §8.2).
 SUPPORT_RATIO = 10.0
+# reject_duplicates: two clients whose Δ and F both differ by at most this fraction of their
+# norms count as copies. Honest clients train on different data with their own seeds; only
+# uploads built to be alike come this close (the `fdcr-steer` colluders are bit-identical).
+DUPLICATE_RTOL = 1e-6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +189,21 @@ def spiky_rows(support: Tensor, level: Tensor, ratio: float) -> list[int]:
             if float(support[pos]) < med_s / ratio or float(level[pos]) < med_l / ratio]
 
 
+def duplicate_rows(updates: Tensor, fisher: Tensor, rtol: float) -> list[int]:
+    """Rows whose (Δ_k, F_k) lies within ``rtol`` × the pair's mean norm of another row's, for
+    Δ and F alike (0: bit-identical): the copies colluders upload to steer FINCH (docs/attacks.md §4.8)."""
+    out: set[int] = set()
+    n = updates.shape[0]
+    parts = [updates.to(torch.float64), fisher.to(torch.float64)]
+    norms = [x.norm(dim=1) for x in parts]
+    for i in range(n):
+        for j in range(i + 1, n):
+            if all(float((x[i] - x[j]).norm()) <= rtol * 0.5 * float(nx[i] + nx[j])
+                   for x, nx in zip(parts, norms)):
+                out.update((i, j))
+    return sorted(out)
+
+
 def fpra_rescale(updates: Tensor, importance: Tensor) -> Tensor:
     """Rescaled updates 2σ(I_k) ⊙ Δ_k, i.e. ŵ_k = w^t + 2σ(I_k) ⊙ Δ_k (FDCR Eq. 12, code's sign)."""
     return 2.0 * torch.sigmoid(importance.to(torch.float64)) * updates.to(torch.float64)
@@ -288,7 +307,9 @@ class FDCR(Defense):
     alone never removes a client; clients are kept by id across rounds). ``z_threshold`` 3.5 is
     Iglewicz & Hoaglin's outlier bound, not tuned. ``two_sided`` (both z rules; default off)
     also removes a client whose statistic is below −``z_threshold``, with the reason
-    ``low_discrepancy``. The two candidate rules skip the silhouette
+    ``low_discrepancy``. ``reject_duplicates`` (default off) refuses, with the reason
+    ``duplicate``, every client whose Δ and F lie within ``duplicate_rtol`` of another's
+    (``duplicate_rows``). The two candidate rules skip the silhouette
     gate (they are the decision rule themselves); ``max_drop_fraction`` applies to every rule.
     With them FPRA counts a round without removals as a single cluster, ``cluster`` is 1 for a
     removed client and 0 otherwise, and removals have the reason ``high_discrepancy``; the
@@ -319,6 +340,7 @@ class FDCR(Defense):
                  fisher_estimator: str | None = None, label_source: str = "dataset",
                  seed: int = 0, rule: str = "finch", z_threshold: float = Z_THRESHOLD,
                  min_rounds: int = CUMULATIVE_MIN_ROUNDS, two_sided: bool = False,
+                 reject_duplicates: bool = False, duplicate_rtol: float = DUPLICATE_RTOL,
                  streams: str = "named") -> None:
         check_choice("preset", preset, PRESETS)
         code = preset == "code"
@@ -362,6 +384,8 @@ class FDCR(Defense):
             raise DefenseConfigError(f"z_threshold must be finite, got {z_threshold!r}")
         check_range("min_rounds", min_rounds, low=1, integer=True)
         check_flag("two_sided", two_sided)
+        check_flag("reject_duplicates", reject_duplicates)
+        check_range("duplicate_rtol", duplicate_rtol, low=0.0, high=1.0)
         if two_sided and rule == "finch":
             raise DefenseConfigError("two_sided applies to the rules 'robust-z' and 'cumulative', "
                                      "not to 'finch'")
@@ -389,6 +413,8 @@ class FDCR(Defense):
         self.z_threshold = float(z_threshold)
         self.min_rounds = int(min_rounds)
         self.two_sided = bool(two_sided)
+        self.reject_duplicates = bool(reject_duplicates)
+        self.duplicate_rtol = float(duplicate_rtol)
         # rule cumulative: client id → [Σ_t clip(z_t), rounds scored]; absent clients keep theirs
         self._cumulative: dict[int, list[float]] = {}
         self.streams = streams
@@ -441,6 +467,9 @@ class FDCR(Defense):
         if self.hardening == "on" and self.support_ratio is not None and len(idx) >= 3:
             for pos in spiky_rows(support, level, self.support_ratio):
                 reasons[idx[pos]] = "spiky"
+        if self.reject_duplicates and len(idx) >= 2:
+            for pos in duplicate_rows(ri.updates[idx], fisher[idx], self.duplicate_rtol):
+                reasons[idx[pos]] = reasons[idx[pos]] or "duplicate"
         for pos, k in enumerate(idx):
             diag["importance_mass"][k] = float(mass[pos])
             diag["importance_support"][k] = float(support[pos])

@@ -16,7 +16,7 @@ from fisherguard.clients.fdreg import FDReg
 from fisherguard.defenses.base import (PRESETS, SUSPICION, Aggregate, ClientPlan, Combined, Defense,
                                        MissingServerDataError, PlanInput, RoundInput, Rows,
                                        check_choice, check_flag, check_range,
-                                       fisher_estimator_option, reject_all)
+                                       fisher_estimator_option, reject_all, weighted_sum)
 from fisherguard.defenses.client_rows import ClientRows
 from fisherguard.fisher import IMPORTANCE_METRICS
 
@@ -257,8 +257,7 @@ class SDFC(Defense):
         else:
             n = ri.num_samples.to(torch.float64)[idx]
             alpha = n / n.sum()
-        upd = ri.updates[idx].to(torch.float64)
-        new = wt + (alpha.unsqueeze(1) * upd).sum(0)
+        new = wt + weighted_sum(alpha, ri.updates[idx])
         weights = torch.zeros(k_all, dtype=torch.float64)
         weights[idx] = alpha
         for pos, k in enumerate(idx):
@@ -267,7 +266,8 @@ class SDFC(Defense):
             diag["weight"][k] = float(alpha[pos])
             cid = int(ri.client_ids[k])
             self._remember(cid, h_rows[k][0],
-                           (wt + upd[pos]).to(ri.global_weights.dtype), int(ri.round_idx))
+                           (wt + ri.updates[k].to(torch.float64)).to(ri.global_weights.dtype),
+                           int(ri.round_idx))
         return Combined(weights, new, diag)
 
     def _remember(self, cid: int, h: Tensor, anchor: Tensor, round_idx: int) -> None:
