@@ -82,9 +82,6 @@ class ClientRows:
         if s is not None:
             self._free.append(s)
 
-    def clear(self) -> None:
-        self.__init__()  # type: ignore[misc]
-
     def _take_slot(self, like: Tensor) -> int:
         if not self._free:
             if not self._chunks:
