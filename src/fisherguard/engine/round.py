@@ -174,6 +174,9 @@ class Server:
         # begin_round, the upload stage, and the attackers' own training hooks (summed over them)
         attack_s = (start.attack_s + time.perf_counter() - t_att
                     + sum(u.timing.get("attack_s", 0.0) for u in by_id.values()))
+        # the plans (SDFC: a copy of H_k and of the anchor per client) are done with once the
+        # attack stage has read them; letting them go lowers the aggregation's peak memory
+        start.plans.clear()
         ordered = [by_id.get(k, Upload(k, reason="missing")) for k in ids]
         ri = RoundInput.from_uploads(
             self.weights, [None if u.weights is None else _update(u.weights, self.weights)
