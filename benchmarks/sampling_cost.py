@@ -23,7 +23,8 @@ POOL = 59_744  # Fashion-MNIST's client pool under the `paper` preset (60 000 âˆ
 CELLS = [(10, 1.0), (10, 0.1), (100, 1.0), (100, 0.1), (1000, 0.1)]
 
 
-def cell(defense: str, clients: int, fraction: float, samples: int, rounds: int) -> dict:
+def cell(defense: str, clients: int, fraction: float, samples: int, rounds: int,
+         hardening: str | None = None, retain: bool = True) -> dict:
     from fisherguard import config
     from fisherguard.engine.runner import run
     from fisherguard.results import RunDir
@@ -38,8 +39,10 @@ def cell(defense: str, clients: int, fraction: float, samples: int, rounds: int)
         "partition": {"beta": 0.0},
         "federation": {"clients": clients, "fraction": fraction, "rounds": rounds,
                        "local_epochs": 2, "batch_size": 16},
-        "attack": {"name": "badnets", "fraction": 0.3}, "defense": defense,
-        "runtime": {"workers": 1}})
+        "attack": {"name": "badnets", "fraction": 0.3},
+        # hardening off: no client is rejected and forgotten, so SDFC's state holds every client seen
+        "defense": {"name": defense, "options": {} if hardening is None else {"hardening": hardening}},
+        "runtime": {"workers": 1, "retain_memory": retain}})
     with tempfile.TemporaryDirectory() as d:
         run(cfg, d, progress=None)
         recs = RunDir(d).rounds()
@@ -58,18 +61,24 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=6000, help="training samples a round")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--cells", default=",".join(f"{k}:{f}" for k, f in CELLS))
+    p.add_argument("--hardening", choices=["on", "off"], default=None,
+                   help="the defense's hardening option (default: the defense's own)")
+    p.add_argument("--no-retain", action="store_true", help="runtime.retain_memory: false")
     p.add_argument("--out", default=None)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process's cell
     a = p.parse_args()
     if a.one:
         d, k, f = a.one.split(":")
-        print(json.dumps(cell(d, int(k), float(f), a.samples, a.rounds)))
+        print(json.dumps(cell(d, int(k), float(f), a.samples, a.rounds, a.hardening,
+                              not a.no_retain)))
         return
     rows = []
     for d in a.defense:
         for spec in a.cells.split(","):
+            extra = (["--hardening", a.hardening] if a.hardening else []) + (
+                ["--no-retain"] if a.no_retain else [])
             out = subprocess.run([sys.executable, __file__, "--one", f"{d}:{spec}",
-                                  "--samples", str(a.samples), "--rounds", str(a.rounds)],
+                                  "--samples", str(a.samples), "--rounds", str(a.rounds), *extra],
                                  capture_output=True, text=True)
             if out.returncode:
                 print(out.stderr[-2000:], file=sys.stderr)
