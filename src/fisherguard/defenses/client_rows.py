@@ -3,10 +3,11 @@
 One tensor per client per round fragments the heap under client sampling: every round frees
 the sampled clients' rows and allocates new ones between the round's short-lived buffers, and
 the freed holes rarely fit again. In a churn of 100 of 1000 clients a round (P = 92 500, two
-rows each), per-client tensors left the process at 1.57 GB resident for 0.68 GB of state after
-30 rounds; the same state in fixed slots stayed at 0.98 GB (docs/sampling.md §7). Rows therefore
-live in fixed-size chunks allocated once; a client keeps its slot while it is held, a dropped
-client's slot is reused, and memory follows the number of clients held, never K.
+rows each), per-client tensors left the process at 1.59 GiB resident for 0.66 GiB of state after
+30 rounds; the same state in fixed slots stayed at 0.96 GiB (``benchmarks/state_churn.py``,
+docs/sampling.md §7). Rows therefore live in fixed-size chunks allocated once; a client keeps
+its slot while it is held, a dropped client's slot is reused, and memory follows the number of
+clients held, never K.
 """
 
 from __future__ import annotations
