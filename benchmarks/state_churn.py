@@ -12,6 +12,7 @@ mode, so the allocator starts clean:
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import sys
 
 def rss_mib() -> float:
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def churn(mode: str, rounds: int, clients: int, sampled: int, params: int, retain: bool) -> None:
