@@ -24,7 +24,8 @@ CELLS = [(10, 1.0), (10, 0.1), (100, 1.0), (100, 0.1), (1000, 0.1)]
 
 
 def cell(defense: str, clients: int, fraction: float, samples: int, rounds: int,
-         hardening: str | None = None, retain: bool = True) -> dict:
+         hardening: str | None = None, retain: bool = True,
+         val_fisher_samples: int | None = None) -> dict:
     from fisherguard import config
     from fisherguard.engine.runner import run
     from fisherguard.results import RunDir
@@ -41,7 +42,9 @@ def cell(defense: str, clients: int, fraction: float, samples: int, rounds: int,
                        "local_epochs": 2, "batch_size": 16},
         "attack": {"name": "badnets", "fraction": 0.3},
         # hardening off: no client is rejected and forgotten, so SDFC's state holds every client seen
-        "defense": {"name": defense, "options": {} if hardening is None else {"hardening": hardening}},
+        "defense": {"name": defense, "options": {
+            **({} if hardening is None else {"hardening": hardening}),
+            **({} if val_fisher_samples is None else {"val_fisher_samples": val_fisher_samples})}},
         "runtime": {"workers": 1, "retain_memory": retain}})
     with tempfile.TemporaryDirectory() as d:
         run(cfg, d, progress=None)
@@ -50,6 +53,9 @@ def cell(defense: str, clients: int, fraction: float, samples: int, rounds: int,
     return {"defense": defense, "K": clients, "fraction": fraction, "sampled": m,
             "pool": subset, "samples_per_round": sum(last["clients"]["num_samples"]),
             "round_s": [r["wall_time_s"] for r in recs],
+            # the engine's own split of each round: training + client Fishers, server, evaluation
+            "timing": [{k: round(v, 3) for k, v in r["timing"].items() if k.endswith("_s")
+                        or k.endswith("_summed")} for r in recs],
             "state_bytes": (last.get("sampling") or {}).get("defense_state_bytes"),
             "clients_seen": (last.get("sampling") or {}).get("clients_seen"),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -64,19 +70,22 @@ def main() -> None:
     p.add_argument("--hardening", choices=["on", "off"], default=None,
                    help="the defense's hardening option (default: the defense's own)")
     p.add_argument("--no-retain", action="store_true", help="runtime.retain_memory: false")
+    p.add_argument("--val-fisher-samples", type=int, default=None,
+                   help="SDFC only: M_k(U) on this many samples of U a round (default all)")
     p.add_argument("--out", default=None)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process's cell
     a = p.parse_args()
     if a.one:
         d, k, f = a.one.split(":")
         print(json.dumps(cell(d, int(k), float(f), a.samples, a.rounds, a.hardening,
-                              not a.no_retain)))
+                              not a.no_retain, a.val_fisher_samples if d == "sdfc" else None)))
         return
     rows = []
     for d in a.defense:
         for spec in a.cells.split(","):
             extra = (["--hardening", a.hardening] if a.hardening else []) + (
-                ["--no-retain"] if a.no_retain else [])
+                ["--no-retain"] if a.no_retain else []) + (
+                ["--val-fisher-samples", str(a.val_fisher_samples)] if a.val_fisher_samples else [])
             out = subprocess.run([sys.executable, __file__, "--one", f"{d}:{spec}",
                                   "--samples", str(a.samples), "--rounds", str(a.rounds), *extra],
                                  capture_output=True, text=True)

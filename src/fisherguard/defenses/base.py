@@ -60,6 +60,10 @@ class ServerData(Protocol):
     def fisher(self, weights: Tensor) -> Tensor:
         """Diagonal Fisher (P,) of the model with these flat weights on U (docs/algorithms.md §2)."""
 
+    def subset(self, size: int) -> ServerData:
+        """``size`` samples of U drawn for this round (U itself when ``size`` ≥ |U|): the same
+        samples for every model evaluated on it."""
+
     def train(self, weights: Tensor, epochs: int) -> Tensor:
         """Flat weights after ``epochs`` of the clients' SGD on U, starting from ``weights``."""
 

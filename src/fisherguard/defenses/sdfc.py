@@ -83,7 +83,10 @@ class SDFC(Defense):
     abs_diff|local_only|val_only; ``importance_metric`` squared|abs; ``fisher_estimator``
     per_sample|official_label_mixed (paper / code); ``label_source``; ``hardening`` on|off;
     ``echo_rtol`` (None disables the echo check, which runs with ``hardening = on`` and
-    ``difference = abs_diff`` only: the other variants have no M(D) − M(U) to echo).
+    ``difference = abs_diff`` only: the other variants have no M(D) − M(U) to echo);
+    ``val_fisher_samples`` (None: M_k(U) on all of U, the paper; n: on n samples of U drawn
+    each round, the same for every upload of the round, so the server's cost per round stops
+    growing with |U| × the clients in it, docs/sampling.md §7).
 
     With ``use_fdagg = false`` the server falls back to FedAvg's data-size weights n_k/Σn (the
     authors' framework's default aggregation); FDAgg itself ignores n_k.
@@ -104,7 +107,8 @@ class SDFC(Defense):
                  use_fdagg: bool = True, difference: str = "abs_diff",
                  importance_metric: str = "squared", fisher_estimator: str | None = None,
                  label_source: str = "dataset", hardening: str = "on",
-                 echo_rtol: float | None = ECHO_RTOL) -> None:
+                 echo_rtol: float | None = ECHO_RTOL,
+                 val_fisher_samples: int | None = None) -> None:
         check_choice("preset", preset, PRESETS)
         code = preset == "code"
         lambda_reg = lambda_reg if lambda_reg is not None else (1.0 if code else 5.0)
@@ -119,6 +123,7 @@ class SDFC(Defense):
         fisher_estimator = fisher_estimator_option(fisher_estimator, label_source, code=code)
         check_choice("hardening", hardening, ("on", "off"))
         check_range("echo_rtol", echo_rtol, low=0.0, high=1.0, low_open=True, allow_none=True)
+        check_range("val_fisher_samples", val_fisher_samples, low=1, integer=True, allow_none=True)
 
         self.preset = preset
         self.lambda_reg = float(lambda_reg)
@@ -132,6 +137,7 @@ class SDFC(Defense):
         self.label_source = label_source
         self.hardening = hardening
         self.echo_rtol = echo_rtol
+        self.val_fisher_samples = None if val_fisher_samples is None else int(val_fisher_samples)
         # per client: H_k, anchor w_k and the round they were computed in: cross-round state
         # (docs/algorithms.md §5.1 step 4), in fixed slots so that sampling does not fragment memory
         self._h = ClientRows()
@@ -221,12 +227,15 @@ class SDFC(Defense):
         h_rows: dict[int, tuple[Tensor, Tensor]] = {}
         assert ri.fisher is not None
         need_val = self.requires_server_data()
+        u = ri.server_data
+        if need_val and self.val_fisher_samples is not None:
+            u = u.subset(self.val_fisher_samples)  # type: ignore[union-attr]
         for k in range(k_all):
             if reasons[k] is not None:
                 continue
             wk = wt + ri.updates[k].to(torch.float64)
             local = ri.fisher[k].to(torch.float64)
-            val = (ri.server_data.fisher(wk.to(ri.global_weights.dtype)).detach().to(torch.float64)  # type: ignore[union-attr]
+            val = (u.fisher(wk.to(ri.global_weights.dtype)).detach().to(torch.float64)  # type: ignore[union-attr]
                    if need_val else None)
             if val is not None and (val.numel() != local.numel()
                                     or not bool(torch.isfinite(val).all())):

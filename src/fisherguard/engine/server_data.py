@@ -49,12 +49,28 @@ class ValidationSet:
     def _inputs(self, g: torch.Generator) -> torch.Tensor:
         return self._pipeline.train(self._images, g) if self._augment else self._fixed
 
-    def fisher(self, weights: torch.Tensor) -> torch.Tensor:
+    def fisher(self, weights: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """M(U; w), or M over the samples ``rows`` of U (``subset``)."""
         from fisherguard.fisher import diagonal_fisher
 
         g = self._stream("fisher")
-        return diagonal_fisher(self._model, weights, self._inputs(g), self._labels,
-                               generator=g, **self._fisher_options)
+        if rows is None:
+            x, y = self._inputs(g), self._labels
+        else:  # augment only the rows used, so a subset costs its own size
+            x = (self._pipeline.train(self._images[rows], g) if self._augment
+                 else self._fixed[rows])  # type: ignore[index]
+            y = self._labels[rows]
+        return diagonal_fisher(self._model, weights, x, y, generator=g, **self._fisher_options)
+
+    def subset(self, size: int) -> ValidationSet | ValidationSubset:
+        """U itself when ``size`` ≥ |U|, else ``size`` samples of U drawn afresh from the round's
+        stream, for a defense that evaluates many models on the same subset (docs/sampling.md §7)."""
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"subset size must be a positive integer, got {size!r}")
+        if size >= self.size:
+            return self
+        rows = torch.randperm(self.size, generator=self._stream("subset"))[:size].sort().values
+        return ValidationSubset(self, rows)
 
     def peek_fisher(self, weights: torch.Tensor) -> torch.Tensor:
         """M(U; w) from the stream the server's next ``fisher`` call will draw, without moving
@@ -84,3 +100,15 @@ class ValidationSet:
         logp = logits.log_softmax(1)
         entropy = float(-(logp.exp() * logp).sum(1).mean())
         return loss, entropy
+
+
+class ValidationSubset:
+    """``size`` fixed samples of a ``ValidationSet``: its Fisher at any weights (``ServerData.fisher``)."""
+
+    def __init__(self, parent: ValidationSet, rows: torch.Tensor) -> None:
+        self._parent = parent
+        self.rows = rows
+        self.size = int(rows.numel())
+
+    def fisher(self, weights: torch.Tensor) -> torch.Tensor:
+        return self._parent.fisher(weights, self.rows)
