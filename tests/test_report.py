@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -265,3 +266,22 @@ def test_report_index_holds_each_results_directory_table_and_its_plots(tmp_path)
     with pytest.raises(SystemExit):
         main(["report", str(runs), "--out", str(out), "--plots", "some"])
     assert main(["report", str(runs), "--out", str(out), "--formats", "gif"]) != 0
+
+
+def test_oracle_run_stands_beside_fdcr_although_its_summary_names_it_for_display(tmp_path):
+    """A real fdcr-oracle run's summary carries the display label (fdcr.ORACLE_LABEL), not the
+    defense's name; the report files it by its config's name and shows the row."""
+    from fisherguard.defenses.fdcr import ORACLE_LABEL
+
+    runs = tmp_path / "runs"
+    for s in range(3):
+        fake_run(runs, "fdcr-t4", "fdcr", "usps", 0.5, 30, s, A=95.9, R=20.0)
+    d = fake_run(runs, "fdcr-t4", "fdcr-oracle", "usps", 0.5, 30, 0, A=96.2, R=90.1)
+    summary = json.loads((d / "summary.json").read_text())
+    (d / "summary.json").write_text(json.dumps({**summary, "defense": ORACLE_LABEL}))
+    out = tmp_path / "report"
+    assert main(["report", str(runs), "--out", str(out)]) == 0
+    rows = [r for r in csv.DictReader((out / "fdcr-t4-paper.csv").open())
+            if r["dataset"] == "usps" and r["beta"] == "0.5" and r["upsilon"] == "30"]
+    oracle = [r for r in rows if r["method"] == "fdcr-oracle"]
+    assert len(oracle) == 1 and oracle[0]["R ours"].startswith("90.10")

@@ -42,7 +42,9 @@ def collect_runs(roots: Iterable[str | Path],
             cfg = (yaml.safe_load(cfg_file.read_text()) or {}) if cfg_file.is_file() else {}
             dfn = cfg.get("defense") or {}
             opts = dict(dfn.get("options") or {}) if isinstance(dfn, dict) else {}
-            run = dict(s, _dir=d, _options=opts)
+            # the config's defense name: a summary may carry a display name (the oracle's)
+            name = dfn.get("name") if isinstance(dfn, dict) else dfn
+            run = dict(s, _dir=d, _options=opts, _defense=name or s.get("defense"))
             why = ("not finished" if not s.get("complete", False) else
                    "no resolved config" if not cfg else None)
             scale = None if why else protocol_scale(run, cfg)
@@ -86,7 +88,7 @@ def protocol_scale(run: dict[str, Any], cfg: dict[str, Any]) -> tuple[int, int] 
 def method_of(run: dict[str, Any]) -> str | None:
     """The method id whose defense and options the run has exactly (docs/results.md §1)."""
     for mid, (defense, opts) in published.METHODS.items():
-        if run.get("defense") == defense and run.get("_options", {}) == opts:
+        if run.get("_defense", run.get("defense")) == defense and run.get("_options", {}) == opts:
             return mid
     return None
 
