@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -61,6 +62,7 @@ from fisherguard.engine import federation  # noqa: E402
 from fisherguard.engine.runner import run as run_experiment  # noqa: E402
 from fisherguard.fisher import diagonal_fisher, per_sample_loop_fisher  # noqa: E402
 from fisherguard.models import build_model, flatten, load_flat, num_params  # noqa: E402
+from fisherguard.results import RunDir  # noqa: E402
 from fisherguard.seeding import torch_stream  # noqa: E402
 
 Tensor = torch.Tensor
@@ -104,8 +106,8 @@ DEFAULT_FULL_WORKERS = 2
 
 
 def paper_config(*, epochs: int, rounds: int | None = None, train_subset: int | None = None,
-                 synthetic: bool = False, workers: int = 1, threads: int | None = None
-                 ) -> config.Config:
+                 synthetic: bool = False, workers: int = 1, threads: int | None = None,
+                 group_size: int | None = None) -> config.Config:
     """The Fashion-MNIST paper configuration with FDCR, seed 0, and the given overrides."""
     raw = yaml.safe_load(PAPER_CONFIG.read_text())
     sets: dict[str, Any] = {"defense": "fdcr", "experiment.seed": SEED, "runtime.engine": "inprocess",
@@ -113,6 +115,8 @@ def paper_config(*, epochs: int, rounds: int | None = None, train_subset: int | 
                             "runtime.workers": workers, "runtime.threads": threads}
     if rounds is not None:
         sets["federation.rounds"] = rounds
+    if group_size is not None:
+        sets["runtime.group_size"] = group_size
     if synthetic:  # the same size as Fashion-MNIST: 60 000 training and 10 000 test images
         sets.update({"data.dataset": "synthetic", "data.synthetic_train": 60000,
                      "data.synthetic_test": 10000})
@@ -665,6 +669,12 @@ def run_full(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) -
         deviations.append(f"train_subset = {args.train_subset}")
     cfg = paper_config(epochs=epochs, rounds=args.rounds, train_subset=args.train_subset,
                        workers=workers, threads=threads)
+    # workers take whole groups: with the default group_size (10) and K = 10 the one group goes to
+    # one worker and the other idles, so the run gets ⌈K / workers⌉ clients a group, as the quick
+    # mode's engine does (build_engine; docs/performance.md §3)
+    group_size = args.group_size or -(-cfg.federation.clients // workers)
+    cfg = paper_config(epochs=epochs, rounds=args.rounds, train_subset=args.train_subset,
+                       workers=workers, threads=threads, group_size=group_size)
     f = cfg.federation
     net = build_model("simplecnn", cfg.data.channels)
     shape = (cfg.data.channels, 32, 32)
@@ -674,9 +684,9 @@ def run_full(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) -
           "time includes start-up (data loading, partitioning), not the interpreter's")
     print(f"  model SimpleCNN, input {shape[0]}×{shape[1]}×{shape[2]}, {num_params(net)} parameters, "
           f"{flops / 1e6:.3f} MFLOP training per sample")
-    print(f"  K = {f['clients']}, E = {f['local_epochs']}, T = {f['rounds']}, batch {f['batch_size']}, "
+    print(f"  K = {f.clients}, E = {f.local_epochs}, T = {f.rounds}, batch {f.batch_size}, "
           f"eval every round; runtime: trainer {cfg.runtime.trainer}, workers {workers} × "
-          f"threads {threads}")
+          f"threads {threads}, group_size {group_size}")
     if deviations:
         print(f"  NOTE: not the target configuration ({', '.join(deviations)}); no PASS/MISS")
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="fisherguard-bench-full-"))
@@ -687,6 +697,7 @@ def run_full(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) -
             summary = run_experiment(cfg, out_dir, label="bench-full", progress=sys.stderr)
             wall = time.perf_counter() - t0
         partition = json.loads((out_dir / "partition.json").read_text())
+        timing = [r.get("timing", {}) for r in RunDir(out_dir).rounds()]
     finally:
         if not args.out:
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -712,6 +723,13 @@ def run_full(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) -
           f"Fisher pass) × Σn {total_n} × {flops / 1e6:.3f} MFLOP / {gflops2:.0f} GFLOP/s")
     print("                             (assumption: the exact Fisher costs one training pass per sample)")
     print(f"  target 4  wall / bound     {ratio:.2f}x  target <= 2.4x (stretch 1.5x)  {benchlib.verdict(ok_ratio)}")
+    for key, what in (("train_and_fisher_s", "training + client Fisher (wall)"),
+                      ("fisher_s_summed", "client Fisher, summed over clients"),
+                      ("aggregate_s", "aggregation"), ("eval_s", "evaluation")):
+        vals = [t[key] for t in timing if key in t]
+        if vals:
+            print(f"  per round  {what:<36} median {statistics.median(vals):6.1f} s "
+                  f"(min {min(vals):.1f}, max {max(vals):.1f})")
     s = {"epochs": f.local_epochs, "rounds": n, "clients": f.clients, "workers": workers,
          "threads": threads, "defense": "fdcr", "seed": SEED, "deviations": deviations,
          "input": list(shape), "params": num_params(net)}
@@ -738,6 +756,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=DEFAULT_FULL_WORKERS,
                    help=f"--full: runtime.workers (default {DEFAULT_FULL_WORKERS})")
     p.add_argument("--threads", type=int, help="--full: runtime.threads (default cores / workers)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="--full: runtime.group_size (default ⌈K / workers⌉, one group per worker)")
     p.add_argument("--out", help="--full: keep the run directory here (default: a removed temp dir)")
     p.add_argument("--epochs", type=int, help="override E (development; labelled in the output)")
     p.add_argument("--rounds", type=int, help="--full: override T (development; no PASS/MISS)")
