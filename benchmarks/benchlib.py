@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -361,3 +362,21 @@ class JsonLines:
 
     def close(self) -> None:
         self._fh.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# a loopback-only network namespace (Ray binds ports on every interface, docs/flower.md §8.0)
+
+NETNS_VAR = "FISHERGUARD_BENCH_NETNS"
+
+
+def rerun_in_netns() -> int | None:
+    """Run this script again, without ``--netns``, inside a private network namespace that has
+    only loopback (root, or user namespaces) and return its exit code; None inside it already."""
+    if os.environ.get(NETNS_VAR) == "1":
+        return None
+    ns = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-rn"]
+    argv = [a for a in sys.argv[1:] if a != "--netns"]
+    return subprocess.call(ns + ["sh", "-c", 'ip link set lo up && exec "$@"', "sh",
+                                 sys.executable, *sys.argv[:1], *argv],
+                           env={**os.environ, NETNS_VAR: "1"})

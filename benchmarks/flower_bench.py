@@ -119,12 +119,8 @@ def main() -> int:
                     help="re-run inside a private loopback-only network namespace")
     args = ap.parse_args()
     args.deployment = args.deployment or args.deployment_only
-    if args.netns and os.environ.get("FISHERGUARD_BENCH_NETNS") != "1":
-        ns = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-rn"]
-        argv = [a for a in sys.argv[1:] if a != "--netns"]
-        env = {**os.environ, "FISHERGUARD_BENCH_NETNS": "1"}
-        return subprocess.call(ns + ["sh", "-c", 'ip link set lo up && exec "$@"', "sh",
-                                     sys.executable, *sys.argv[:1], *argv], env=env)
+    if args.netns and (code := benchlib.rerun_in_netns()) is not None:
+        return code
 
     import yaml
 

@@ -75,12 +75,8 @@ def main() -> int:
     ap.add_argument("--netns", action="store_true",
                     help="re-run inside a private loopback-only network namespace")
     a = ap.parse_args()
-    if a.netns and os.environ.get("FISHERGUARD_BENCH_NETNS") != "1":
-        ns = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-rn"]
-        argv = [x for x in sys.argv[1:] if x != "--netns"]
-        env = {**os.environ, "FISHERGUARD_BENCH_NETNS": "1"}
-        return subprocess.call(ns + ["sh", "-c", 'ip link set lo up && exec "$@"', "sh",
-                                     sys.executable, *sys.argv[:1], *argv], env=env)
+    if a.netns and (code := benchlib.rerun_in_netns()) is not None:
+        return code
 
     import torch
     import yaml
