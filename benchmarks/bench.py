@@ -106,8 +106,8 @@ DEFAULT_FULL_WORKERS = 2
 
 
 def paper_config(*, epochs: int, rounds: int | None = None, train_subset: int | None = None,
-                 synthetic: bool = False, workers: int = 1, threads: int | None = None,
-                 group_size: int | None = None) -> config.Config:
+                 synthetic: bool = False, workers: int = 1, threads: int | None = None
+                 ) -> config.Config:
     """The Fashion-MNIST paper configuration with FDCR, seed 0, and the given overrides."""
     raw = yaml.safe_load(PAPER_CONFIG.read_text())
     sets: dict[str, Any] = {"defense": "fdcr", "experiment.seed": SEED, "runtime.engine": "inprocess",
@@ -115,8 +115,6 @@ def paper_config(*, epochs: int, rounds: int | None = None, train_subset: int | 
                             "runtime.workers": workers, "runtime.threads": threads}
     if rounds is not None:
         sets["federation.rounds"] = rounds
-    if group_size is not None:
-        sets["runtime.group_size"] = group_size
     if synthetic:  # the same size as Fashion-MNIST: 60 000 training and 10 000 test images
         sets.update({"data.dataset": "synthetic", "data.synthetic_train": 60000,
                      "data.synthetic_test": 10000})
@@ -673,8 +671,7 @@ def run_full(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) -
     # one worker and the other idles, so the run gets ⌈K / workers⌉ clients a group, as the quick
     # mode's engine does (build_engine; docs/performance.md §3)
     group_size = args.group_size or -(-cfg.federation.clients // workers)
-    cfg = paper_config(epochs=epochs, rounds=args.rounds, train_subset=args.train_subset,
-                       workers=workers, threads=threads, group_size=group_size)
+    cfg = cfg.replace({"runtime.group_size": group_size})
     f = cfg.federation
     net = build_model("simplecnn", cfg.data.channels)
     shape = (cfg.data.channels, 32, 32)
