@@ -694,7 +694,8 @@ def run_full(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) -
             summary = run_experiment(cfg, out_dir, label="bench-full", progress=sys.stderr)
             wall = time.perf_counter() - t0
         partition = json.loads((out_dir / "partition.json").read_text())
-        timing = [r.get("timing", {}) for r in RunDir(out_dir).rounds()]
+        timing = [{**r.get("timing", {}), **r.get("timing", {}).get("phases", {})}
+              for r in RunDir(out_dir).rounds()]
     finally:
         if not args.out:
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -720,8 +721,19 @@ def run_full(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) -
           f"Fisher pass) × Σn {total_n} × {flops / 1e6:.3f} MFLOP / {gflops2:.0f} GFLOP/s")
     print("                             (assumption: the exact Fisher costs one training pass per sample)")
     print(f"  target 4  wall / bound     {ratio:.2f}x  target <= 2.4x (stretch 1.5x)  {benchlib.verdict(ok_ratio)}")
+    for t in timing:  # the workers' idle time: each one's gap to the slowest of the round
+        busy = t.get("worker_busy_s") or []
+        if busy:
+            t["worker_idle_s_summed"] = sum(max(busy) - b for b in busy)
+            t["dispatch_s"] = t["train_and_fisher_s"] - max(busy)
     for key, what in (("train_and_fisher_s", "training + client Fisher (wall)"),
-                      ("fisher_s_summed", "client Fisher, summed over clients"),
+                      ("stage_s_summed", "  batch staging, summed over groups"),
+                      ("forward_s_summed", "  forward, summed over groups"),
+                      ("backward_s_summed", "  backward, summed over groups"),
+                      ("optim_s_summed", "  optimiser + bookkeeping, summed"),
+                      ("fisher_s_summed", "  client Fisher, summed over clients"),
+                      ("worker_idle_s_summed", "  workers idle (gap to the slowest)"),
+                      ("dispatch_s", "  dispatch (wall - slowest worker)"),
                       ("aggregate_s", "aggregation"), ("eval_s", "evaluation")):
         vals = [t[key] for t in timing if key in t]
         if vals:

@@ -412,5 +412,8 @@ def test_trigger_attacks_are_accepted_on_flower_engines(name, engine):
 
 @pytest.mark.integration
 def test_a3fl_grouped_trainer_equals_per_client(tmp_path):
-    # the live trigger is read at each draw by both trainers
-    grouped_equals_per_client(tmp_path, "a3fl", BUDGET["a3fl"])
+    # the live trigger is read at each draw by both trainers. The trigger's sign steps turn a
+    # rounding-level gradient difference into a whole step on a pixel now and then, so the two
+    # trainers' rounding shows more here than elsewhere: 7.3e-5 on a 2-core AVX-512 Xeon, under
+    # 1e-5 on an AVX2 machine; a trigger read at the wrong moment moves weights by orders more
+    grouped_equals_per_client(tmp_path, "a3fl", BUDGET["a3fl"], atol=5e-4)

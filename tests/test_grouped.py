@@ -321,3 +321,39 @@ def _children(pid):
             return [int(x) for x in f.read().split()]
     except FileNotFoundError:
         return []
+
+
+class _Sized:
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+
+def _sized_jobs(sizes):
+    return [ClientJob(i, torch.zeros(1), _Sized(n), torch.Generator()) for i, n in enumerate(sizes)]
+
+
+def test_groups_balance_local_steps_and_list_each_group_largest_first():
+    # the full paper run's round-1 client sizes (Fashion-MNIST, β = 0.5, seed 0); one batch = 64
+    sizes = [4057, 6632, 6596, 6419, 5301, 5372, 6135, 3391, 4177, 5920]
+    plan = TrainPlan(epochs=1, batch_size=64)
+    steps = [n // 64 for n in sizes]
+    groups = make_groups(_sized_jobs(sizes), plan, 5)
+    assert sorted(i for g in groups for i in g) == list(range(10))
+    assert [len(g) for g in groups] == [5, 5]
+    for g in groups:
+        assert [steps[i] for i in g] == sorted((steps[i] for i in g), reverse=True)
+    loads = [sum(steps[i] for i in g) for g in groups]
+    # by hand, steps 1:103 2:103 3:100 6:95 9:92 5:83 4:82 8:65 0:63 7:52 dealt to the lighter
+    # group (A on ties): 1→A 103, 2→B 103, 3→A 203, 6→B 198, 9→B 290, 5→A 286, 4→A 368,
+    # 8→B 355, 0→B 418 (B full), 7→A 420
+    assert groups == [[1, 3, 5, 4, 7], [2, 6, 9, 8, 0]]
+    assert loads == [420, 418]  # consecutive chunks of the sorted sizes: 493 against 345
+    # one group: the clients largest first (ties in job order), whatever the group size above m
+    one = make_groups(_sized_jobs([64, 640, 64, 128]), plan, 10)
+    assert one == [[1, 3, 0, 2]]
+    # groups never exceed the size, and a size-1 grouping is every client alone, largest first
+    assert make_groups(_sized_jobs([64, 640, 64, 128]), plan, 1) == [[1], [3], [0], [2]]
+    assert [len(g) for g in make_groups(_sized_jobs([64] * 7), plan, 3)] == [3, 2, 2]

@@ -23,6 +23,9 @@ from fisherguard.clients.training import (ClientJob, ClientResult, TrainPlan, cl
 from fisherguard.models import SimpleCNN, flatten, trainable
 
 Tensor = torch.Tensor
+# a grouped step's phases, timed per group: batch staging (augmentation, stacking, layout),
+# forward, backward, optimiser step with the loss bookkeeping and the group's shrinking
+PHASES = ("stage", "forward", "backward", "optim")
 
 
 def supports(model: nn.Module) -> bool:
@@ -66,18 +69,31 @@ def client_losses(params: list[Tensor], x: Tensor, y: Tensor, *, summed_conv1: b
 
 
 def make_groups(jobs: list[ClientJob], plan: TrainPlan, group_size: int) -> list[list[int]]:
-    """A round's ensembles as job indices: largest first (ties in job order), cut into consecutive
-    chunks of ``group_size``.
+    """A round's ensembles as job indices: ⌈m / group_size⌉ groups of at most ``group_size``
+    clients with balanced local steps, each listed largest first (ties in job order).
 
+    Clients are dealt longest-processing-time first: largest first, each to the group with the
+    fewest steps so far among those not yet full (lowest index on ties). Consecutive chunks of the
+    sorted clients would put the largest ones together and leave the worker holding the smaller
+    group idle for about a third of the round (docs/performance.md §8.2).
     A function of the jobs and ``group_size`` alone, never of the worker count: a client's float
     rounding depends on the ensemble it trains in (the grouped convolution's kernel differs with
     the group's size and members), so the groups are fixed first and workers take whole groups.
-    Largest first also keeps each group's active clients a prefix, so shrinking is a slice.
+    Largest first within a group keeps its active clients a prefix, so shrinking is a slice.
+    With one group (m ≤ group_size) this is the round's clients sorted largest first.
     """
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
-    order = sorted(range(len(jobs)), key=lambda i: -num_steps(len(jobs[i].data), plan))
-    return [order[s:s + group_size] for s in range(0, len(order), group_size)]
+    steps = [num_steps(len(j.data), plan) for j in jobs]
+    order = sorted(range(len(jobs)), key=lambda i: -steps[i])
+    groups: list[list[int]] = [[] for _ in range(-(-len(jobs) // group_size))]
+    loads = [0] * len(groups)
+    for i in order:
+        g = min((k for k in range(len(groups)) if len(groups[k]) < group_size),
+                key=lambda k: loads[k])
+        groups[g].append(i)
+        loads[g] += steps[i]
+    return groups
 
 
 class GroupedTrainer:
@@ -120,7 +136,7 @@ class GroupedTrainer:
         active = sum(1 for n in steps if n > 0)  # a prefix: jobs arrive largest first
         params = self._stack(jobs[:active]) if active else []
         opt = make_optimizer(params, plan) if active else None
-        streams = [client_batches(j, plan) for j in jobs]
+        streams = [client_batches(j, plan, first_channel=summed) for j in jobs]
         finals: list[Tensor | None] = [None] * len(jobs)
         stats: list[dict[str, float]] = [{"loss": float("nan")} for _ in jobs]
         for i, j in enumerate(jobs):
@@ -129,17 +145,24 @@ class GroupedTrainer:
         for i in range(active, len(jobs)):  # no full batch: the client returns its start weights
             finals[i] = jobs[i].start_weights.detach().to(torch.float32).clone()
         step = 0
+        # where the group's time goes (docs/performance.md §8.2): batch staging, forward, backward,
+        # optimiser and bookkeeping; perf_counter costs well under a microsecond a call
+        phases = dict.fromkeys(PHASES, 0.0)
         while active > 0:
+            ta = time.perf_counter()
             xs, ys = [], []
             for i in range(active):
                 x, y = next(streams[i])
-                xs.append(x[:, :1] if summed else x)
+                xs.append(x)
                 ys.append(y)
-            # (B, G·C, H, W) in channels_last: each client's channels side by side per pixel
-            xg = torch.stack(xs, 1).flatten(1, 2).contiguous(memory_format=torch.channels_last)
+            # (B, G·C, H, W) in channels_last: each client's channels side by side per pixel,
+            # written in one copy (a lone client keeps the strides torch gives it, as before)
+            xg = (xs[0].contiguous(memory_format=torch.channels_last) if len(xs) == 1 else
+                  torch.cat([x.permute(0, 2, 3, 1) for x in xs], -1).permute(0, 3, 1, 2))
             yg = torch.stack(ys)  # (G, B)
             assert opt is not None
             opt.zero_grad(set_to_none=True)
+            tb = time.perf_counter()
             ce = client_losses(params, xg, yg, summed_conv1=summed)
             loss = ce.sum()
             pens = []
@@ -148,7 +171,9 @@ class GroupedTrainer:
                     pen = jobs[i].regulariser.penalty([p[i] for p in params])
                     pens.append((i, pen))
                     loss = loss + pen
+            tc = time.perf_counter()
             loss.backward()
+            td = time.perf_counter()
             opt.step()
             step += 1
             ce_d = ce.detach()
@@ -162,12 +187,17 @@ class GroupedTrainer:
                     finals[i] = flatten([p[i] for p in params]).clone()
                 params, opt = self._shrink(params, opt, remaining, plan)
                 active = remaining
+            te = time.perf_counter()
+            for name, a, b in zip(PHASES, (ta, tb, tc, td), (tb, tc, td, te)):
+                phases[name] += b - a
         elapsed = time.perf_counter() - t0
         results = []
         for i, j in enumerate(jobs):
             w = finals[i]
             assert w is not None
             results.append(finish_job(j, w, steps[i], stats[i], self.fisher_model, elapsed))
+        if results:  # the group's phases once, on its first member (a round record sums them)
+            results[0].timing.update({f"{k}_s": v for k, v in phases.items()})
         return results
 
     @staticmethod

@@ -15,6 +15,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -98,6 +99,7 @@ def _init_worker() -> None:
 def _work(task: tuple[list[list[_Spec]], TrainPlan]) -> list[list[ClientResult]]:
     groups, plan = task
     data: list[ClientDataset] = _SHARED["datasets"]
+    t0 = time.perf_counter()
     out = []
     for specs in groups:  # one group at a time: the same ensembles as in a single process
         jobs = [ClientJob(s.client_id, s.start_weights, data[s.dataset],
@@ -106,6 +108,8 @@ def _work(task: tuple[list[list[_Spec]], TrainPlan]) -> list[list[ClientResult]]
                           if s.fisher_options is not None and s.fisher_state is not None else None)
                 for s in specs]
         out.append(_SHARED["trainer"].train_round(jobs, plan))
+    if out and out[0]:  # this worker's busy time, once: the round's idle time is the gap to the slowest
+        out[0][0].timing["worker_s"] = time.perf_counter() - t0
     return out
 
 

@@ -73,12 +73,24 @@ class ClientDataset:
             return True
         return self.trigger.channel_uniform
 
-    def batch(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, idx: torch.Tensor, generator: torch.Generator, *, first_channel: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples ``idx`` as the model sees them; ``first_channel``: only channel 0 (N, 1, H, W),
+        for the grouped trainer's summed conv1 on replicated channels."""
         if self.frozen is not None:
-            return self.frozen[idx], self.labels[idx]
+            x = self.frozen[idx]
+            return (x[:, :1] if first_channel else x), self.labels[idx]
         assert self.images is not None
-        x = self.pipeline.train(self.images[idx], generator)
-        return self._stamp(x, idx), self.labels[idx]
+        if first_channel and self.pipeline.grey and not self._any_poisoned(idx):
+            # a grey image's channels are one normalised copy each: channel 0 alone is the same
+            # numbers for a third of the work (docs/performance.md §8.2)
+            one = Pipeline(grey=True, out_channels=1)
+            return one.train(self.images[idx], generator), self.labels[idx]
+        x = self._stamp(self.pipeline.train(self.images[idx], generator), idx)
+        return (x[:, :1] if first_channel else x), self.labels[idx]
+
+    def _any_poisoned(self, idx: torch.Tensor) -> bool:
+        return self.poisoned is not None and self.trigger is not None and bool(self.poisoned[idx].any())
 
     def fisher_data(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """All n_k samples without random augmentation (docs/algorithms.md §2.4); with a
@@ -178,7 +190,8 @@ def finish_job(job: ClientJob, weights: torch.Tensor, steps: int, stats: dict[st
     return ClientResult(job.client_id, weights, steps, stats, fisher, timing)
 
 
-def client_batches(job: ClientJob, plan: TrainPlan) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def client_batches(job: ClientJob, plan: TrainPlan, *, first_channel: bool = False
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The client's mini-batches in training order, drawing from its own generator only.
 
     Every trainer consumes a client's stream in this order (epoch permutation, then each batch's
@@ -186,7 +199,7 @@ def client_batches(job: ClientJob, plan: TrainPlan) -> Iterator[tuple[torch.Tens
     """
     for _ in range(plan.epochs):
         for idx in epoch_batches(len(job.data), plan.batch_size, job.generator):
-            yield job.data.batch(idx, job.generator)
+            yield job.data.batch(idx, job.generator, first_channel=first_channel)
 
 
 def num_steps(n: int, plan: TrainPlan) -> int:

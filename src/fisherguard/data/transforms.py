@@ -60,19 +60,18 @@ class Normaliser:
 
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator, *, flip: bool) -> torch.Tensor:
     """Zero-pad by 4 and cut a random 32×32 window per image (and flip half of them, CIFAR-10)."""
-    b, c = x.shape[:2]
+    b = x.shape[0]
     padded = F.pad(x, (PAD, PAD, PAD, PAD))
     oy = torch.randint(0, 2 * PAD + 1, (b,), generator=generator)
     ox = torch.randint(0, 2 * PAD + 1, (b,), generator=generator)
-    ar = torch.arange(SIZE)
-    rows = (oy[:, None] + ar)[:, :, None]  # (B, 32, 1)
-    cols = (ox[:, None] + ar)[:, None, :]  # (B, 1, 32)
+    # every window as a view (B, 9, 9, C, 32, 32); one gather of whole windows is ≈4× faster than
+    # indexing each pixel's row and column (docs/performance.md §8.2)
+    windows = padded.unfold(2, SIZE, 1).unfold(3, SIZE, 1).permute(0, 2, 3, 1, 4, 5)
+    out = windows[torch.arange(b), oy, ox]  # (B, C, 32, 32)
     if flip:
         do = torch.rand(b, generator=generator) < 0.5
-        cols = torch.where(do[:, None, None], cols.flip(-1), cols)
-    bi = torch.arange(b)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[bi, rows, cols]  # (B, 32, 32, C)
-    return out.permute(0, 3, 1, 2).contiguous()
+        out = torch.where(do[:, None, None, None], out.flip(-1), out)
+    return out.contiguous()
 
 
 @dataclass(frozen=True)

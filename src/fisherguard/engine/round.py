@@ -23,6 +23,7 @@ from typing import Any, Callable, TextIO
 import torch
 
 from fisherguard import metrics
+from fisherguard.clients.grouped import PHASES
 from fisherguard.clients.training import ClientDataset, LocalTrainer, SequentialTrainer, Upload
 from fisherguard.config import Config
 from fisherguard.defenses.base import (FAILURE_REASONS, SUSPICION, ClientPlan, PlanInput,
@@ -200,6 +201,7 @@ class Server:
         record["timing"] = {"plan_s": start.plan_s, "train_and_fisher_s": collect_s,
                             "fisher_s_summed": sum(u.timing.get("fisher_s", 0.0) for u in ordered),
                             "aggregate_s": t_eval - t_agg, "eval_s": t_done - t_eval,
+                            "phases": train_phases(ordered),
                             # the attack's own work (trigger updates, upload stage) and its share
                             "attack_s": attack_s,
                             "attack_share": attack_s / max(record["wall_time_s"], 1e-9)}
@@ -304,6 +306,20 @@ def summarise(run_dir: RunDir, cfg: Config, label: str) -> dict[str, Any]:
         summary["defense"] = ORACLE_LABEL
     run_dir.write_summary(summary)
     return summary
+
+
+def train_phases(uploads: list[Upload]) -> dict[str, Any]:
+    """The grouped trainer's phase times summed over the round's groups, and each worker's busy
+    time, where the trainer reported them (docs/performance.md §8.2)."""
+    out: dict[str, Any] = {}
+    for phase in PHASES:
+        vals = [u.timing[f"{phase}_s"] for u in uploads if f"{phase}_s" in u.timing]
+        if vals:
+            out[f"{phase}_s_summed"] = sum(vals)
+    busy = [u.timing["worker_s"] for u in uploads if "worker_s" in u.timing]
+    if busy:
+        out["worker_busy_s"] = busy
+    return out
 
 
 def state_bytes(state: Any) -> int:
