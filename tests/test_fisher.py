@@ -258,3 +258,18 @@ def test_bad_options_raise() -> None:
     with pytest.raises(ValueError):
         diagonal_fisher(m, EX_W, EX_X, EX_Y, estimator="official_label_mixed",
                         label_source="model_sample")
+
+
+@pytest.mark.parametrize("channels,padding", [(1, 0), (1, 2), (3, 1)])
+def test_per_sample_kernel_gradients_equal_each_samples_own_autograd(channels, padding):
+    from fisherguard.fisher import _per_sample_kernel_grads
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(channels, 4, 3, padding=padding)
+    a = torch.randn(5, channels, 9, 9)
+    g = torch.randn(5, 4, *conv(a).shape[2:])
+    per = _per_sample_kernel_grads(conv, a, g)
+    for i in range(5):
+        conv.zero_grad()
+        (conv(a[i:i + 1]) * g[i:i + 1]).sum().backward()
+        assert torch.allclose(per[i], conv.weight.grad, atol=1e-5, rtol=1e-5)

@@ -240,6 +240,8 @@ def _per_sample_hooks(model: nn.Module, weights: Tensor, x: Tensor, y: Tensor, l
         with _mode(model, False):
             for sl in _chunks(n, chunk_size):
                 xc, yc = x[sl], y[sl].long()
+                if xc.dim() == 4:  # the convolutions and pools run ≈5 % faster on channels_last
+                    xc = xc.contiguous(memory_format=torch.channels_last)
                 seen.clear()
                 with torch.enable_grad():
                     logp = torch.log_softmax(functional_call(model, (params, buffers), (xc,)), -1)
@@ -265,6 +267,25 @@ def _per_sample_hooks(model: nn.Module, weights: Tensor, x: Tensor, y: Tensor, l
     return torch.cat([acc[k].reshape(-1) for k in params]) / n
 
 
+def _per_sample_kernel_grads(mod: nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
+    """Each sample's kernel gradient (N, O, C, kh, kw) of a groups=1 convolution from its input a_i
+    and output gradient g_i: g_i · unfold(a_i)ᵀ.
+
+    A one-channel input with stride 1 and no dilation (SimpleCNN's folded conv1) takes one grouped
+    convolution instead, a sample a group with g_i as its kernels: ≈10 % off the whole client
+    Fisher (docs/performance.md §8.2); unfolding a many-channel input costs the same as that.
+    """
+    nb, out_ch = g.shape[0], g.shape[1]
+    c, (kh, kw) = a.shape[1], mod.kernel_size
+    if c == 1 and mod.stride == (1, 1) and mod.dilation == (1, 1):
+        ph, pw = mod.padding  # type: ignore[misc]
+        inp = F.pad(a, (pw, pw, ph, ph)).reshape(1, nb, a.shape[2] + 2 * ph, a.shape[3] + 2 * pw)
+        out = F.conv2d(inp, g.reshape(nb * out_ch, 1, *g.shape[2:]), groups=nb)  # (1, N·O, kh, kw)
+        return out.view(nb, out_ch, 1, kh, kw)
+    cols = F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
+    return torch.bmm(g.reshape(nb, out_ch, -1), cols.transpose(1, 2)).view(nb, out_ch, c, kh, kw)
+
+
 def _accumulate_layer(mod: nn.Module, a: Tensor, g: Tensor, wgt: Tensor | None, squared: bool,
                       acc: dict[str, Tensor], name_of: dict[int, str]) -> None:
     """Add Σ_i w_i·s_i² (or w_i·|s_i|) of one layer's weight and bias to ``acc``."""
@@ -285,9 +306,7 @@ def _accumulate_layer(mod: nn.Module, a: Tensor, g: Tensor, wgt: Tensor | None, 
     nb, out_ch = g.shape[0], g.shape[1]
     gl = g.reshape(nb, out_ch, -1)
     if mod.weight.requires_grad:
-        cols = F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=mod.padding,
-                        stride=mod.stride)
-        per = f(torch.bmm(gl, cols.transpose(1, 2)))  # (N, O, C·kh·kw): one sample's kernel gradient
+        per = f(_per_sample_kernel_grads(mod, a, g).reshape(nb, out_ch, -1))  # (N, O, C·kh·kw)
         if wgt is not None:
             per = per * wgt.float().reshape(-1, 1, 1)
         acc[name_of[id(mod.weight)]] += per.sum(0).reshape(mod.weight.shape)
