@@ -104,7 +104,7 @@ table-forgery: data
 
 # Benchmarks (spec performance.md §8–§9), not part of `make test`. `bench`: targets 1 and 2 in the
 # labelled quick mode (E = 2), then the Flower comparison when benchmarks/flower_bench.py exists;
-# `bench-full`: the 50-round paper run once, with progress (BENCH_ARGS="--workers 1" etc. to vary);
+# `bench-full`: the kernel floor, then the 50-round paper run once, with progress and the round split (BENCH_ARGS="--workers 1" etc. to vary);
 # `bench-floor`: the convolution-kernel floor of that run on this CPU (also inside `bench`).
 bench: data
 	$(PY) benchmarks/bench.py --quick $(BENCH_ARGS)
@@ -120,6 +120,7 @@ bench-floor: install
 	$(PY) benchmarks/kernel_floor.py $(FLOOR_ARGS)
 
 bench-full: data
+	$(PY) benchmarks/kernel_floor.py $(FLOOR_ARGS)
 	$(PY) benchmarks/bench.py --full $(BENCH_ARGS)
 
 # The results document: docs/report/index.md (published-table verdicts, each results/ directory's

@@ -739,6 +739,9 @@ def run_full(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) -
         if vals:
             print(f"  per round  {what:<36} median {statistics.median(vals):6.1f} s "
                   f"(min {min(vals):.1f}, max {max(vals):.1f})")
+    target2_report(jl, timing, epochs=f.local_epochs, workers=workers,
+                   samples_per_round=sum(num_steps(k, f.batch_size) for k in partition["sizes"])
+                   * f.batch_size * f.local_epochs, target=target)
     s = {"epochs": f.local_epochs, "rounds": n, "clients": f.clients, "workers": workers,
          "threads": threads, "defense": "fdcr", "seed": SEED, "deviations": deviations,
          "input": list(shape), "params": num_params(net)}
@@ -748,6 +751,76 @@ def run_full(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) -
              ok=ok_ratio, settings=s, bound_s=bound, sgemm_gflops_2thr=gflops2,
              fisher_flops_factor=FISHER_FLOPS_FACTOR, train_flops_per_sample=flops)
     return 0
+
+
+FLOOR_AGE_S = 12 * 3600  # a kernel floor older than this is not "measured just before"
+TRAIN_OVER_FLOOR_TARGET = 1.3
+FISHER_EPOCHS_TARGET = 1.2
+
+
+def num_steps(n: int, batch: int) -> int:
+    return n // batch  # full batches a client trains on per epoch (the last partial one dropped)
+
+
+def latest_floor() -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The newest `make bench-floor` result on this machine (its run line and system line), if it
+    is recent and was measured on this CPU with this torch."""
+    here = benchlib.system_info()
+    files = sorted((Path(__file__).resolve().parent / "results").glob("kernel-floor-*.jsonl"),
+                   key=lambda q: q.stat().st_mtime, reverse=True)
+    for path in files:
+        if time.time() - path.stat().st_mtime > FLOOR_AGE_S:
+            return None
+        lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        system = next((x for x in lines if x["name"] == "system"), None)
+        best = next((x for x in lines if x["name"] == "floor/run"), None)
+        run = next((x for x in lines if best is not None
+                    and x["name"] == f"floor/g{best.get('group')}/run"), None)
+        if system is None or run is None:
+            continue
+        info = system["settings"]
+        if (info.get("cpu"), info.get("isa"), info.get("torch")) == (here["cpu"], here["isa"],
+                                                                      here["torch"]):
+            return run, info
+    return None
+
+
+def target2_report(jl: benchlib.JsonLines, timing: list[dict[str, Any]], *, epochs: int,
+                   workers: int, samples_per_round: int, target: bool) -> None:
+    """Issue 17 target 2: the run's training per round against the kernel floor `make bench-floor`
+    measured just before on this machine, and the client Fisher in local epochs, from the
+    grouped trainer's phase times in the run's own records (docs/performance.md §8.2)."""
+    phases = ("stage_s_summed", "forward_s_summed", "backward_s_summed", "optim_s_summed")
+    rows = [t for t in timing if all(k in t for k in phases)]
+    if not rows:
+        print("  target 2  no phase times in the records (not the grouped trainer): not measured")
+        return
+    train = statistics.median(sum(t[k] for k in phases) for t in rows)  # CPU-s a round, all workers
+    fisher = statistics.median(t.get("fisher_s_summed", 0.0) for t in rows)
+    epochs_ratio = fisher / (train / epochs)
+    ok_f = epochs_ratio <= FISHER_EPOCHS_TARGET if target else None
+    floor = latest_floor()
+    if floor is None:
+        print("  target 2  training / kernel floor: no recent kernel floor of this CPU in "
+              "benchmarks/results (run `make bench-floor` first)")
+    else:
+        run, _ = floor
+        # the kernels' time per sample at their best group size, over the floor's workers
+        per_round = run["per_sample_s"] * samples_per_round / run["workers"]
+        ratio = (train / workers) / per_round
+        ok_t = ratio <= TRAIN_OVER_FLOOR_TARGET if target else None
+        print(f"  target 2  training / kernel floor  {ratio:.2f}x = {train / workers:.1f} s a round "
+              f"({train:.1f} CPU-s over {workers} workers; staging, forward, backward, optimiser) / "
+              f"{per_round:.2f} s (floor {run['run']['id']}, group size {run.get('group')})  "
+              f"target <= {TRAIN_OVER_FLOOR_TARGET}  {benchlib.verdict(ok_t)}")
+        jl.write("target2/train_over_kernel_floor", ratio, "x", target=f"<= {TRAIN_OVER_FLOOR_TARGET}",
+                 ok=ok_t, train_cpu_s=train, floor_round_s=per_round, floor_run=run["run"]["id"])
+    print(f"  target 2  client Fisher            {epochs_ratio:.2f} local epochs = {fisher:.1f} s / "
+          f"({train:.1f} s / E = {epochs}) per round, CPU-s summed  target <= {FISHER_EPOCHS_TARGET}  "
+          f"{benchlib.verdict(ok_f)}")
+    jl.write("target2/fisher_local_epochs_full_run", epochs_ratio, "epochs",
+             target=f"<= {FISHER_EPOCHS_TARGET}", ok=ok_f, fisher_s=fisher, train_s=train,
+             samples_per_round=samples_per_round)
 
 
 # ---------------------------------------------------------------------------------------------
