@@ -740,7 +740,8 @@ def run_full(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) -
             print(f"  per round  {what:<36} median {statistics.median(vals):6.1f} s "
                   f"(min {min(vals):.1f}, max {max(vals):.1f})")
     target2_report(jl, timing, epochs=f.local_epochs, workers=workers,
-                   samples_per_round=sum(num_steps(k, f.batch_size) for k in partition["sizes"])
+                   # full batches only: the last partial one is dropped
+                   samples_per_round=sum(k // f.batch_size for k in partition["sizes"])
                    * f.batch_size * f.local_epochs, target=target)
     s = {"epochs": f.local_epochs, "rounds": n, "clients": f.clients, "workers": workers,
          "threads": threads, "defense": "fdcr", "seed": SEED, "deviations": deviations,
@@ -756,10 +757,6 @@ def run_full(args: argparse.Namespace, jl: benchlib.JsonLines, gflops2: float) -
 FLOOR_AGE_S = 12 * 3600  # a kernel floor older than this is not "measured just before"
 TRAIN_OVER_FLOOR_TARGET = 1.3
 FISHER_EPOCHS_TARGET = 1.2
-
-
-def num_steps(n: int, batch: int) -> int:
-    return n // batch  # full batches a client trains on per epoch (the last partial one dropped)
 
 
 def latest_floor() -> tuple[dict[str, Any], dict[str, Any]] | None:
