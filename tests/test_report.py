@@ -285,3 +285,13 @@ def test_oracle_run_stands_beside_fdcr_although_its_summary_names_it_for_display
             if r["dataset"] == "usps" and r["beta"] == "0.5" and r["upsilon"] == "30"]
     oracle = [r for r in rows if r["method"] == "fdcr-oracle"]
     assert len(oracle) == 1 and oracle[0]["R ours"].startswith("90.10")
+
+
+def test_rank_line_says_when_the_papers_best_is_the_oracle_run():
+    from fisherguard.report.tables import _rank_line
+    from fisherguard.report.verdict import ColumnRank
+
+    line = _rank_line(ColumnRank("usps", 0.5, 4, "fdcr-oracle", ["rlr", "fltrust", "bulyan"], True))
+    assert "paper's best: fdcr-oracle (the published FDCR row" in line and "§5.3" in line
+    plain = _rank_line(ColumnRank("usps", 0.5, 4, "rlr", ["rlr"], True))
+    assert "paper's best: rlr; our top 3: rlr" in plain
