@@ -39,6 +39,22 @@ def final_weights(raw: dict[str, Any], defense: str, out: Path) -> torch.Tensor:
     return torch.load(out / "checkpoint.pt", weights_only=False)["weights"]
 
 
+def machine() -> str:
+    """This CPU and torch, as far as float rounding goes: the CPU's model name and feature flags
+    and torch's version, hashed (kernels and their rounding are picked from these)."""
+    model, flags = "unknown", ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "unknown":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    key = f"{model}|{flags}|{torch.__version__}|{torch.backends.cpu.get_cpu_capability()}"
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
 def digest(weights: torch.Tensor) -> str:
     return hashlib.sha256(weights.detach().contiguous().numpy().tobytes()).hexdigest()[:16]
 
@@ -60,6 +76,7 @@ def main() -> None:
         raw.pop("variants")
         raw["federation"]["rounds"] = args.rounds
         raw["runtime"] = {"threads": 1}
+    print(f"machine {machine()} ({torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__})")
     with tempfile.TemporaryDirectory() as tmp:
         for name, d in digests(raw, Path(tmp)).items():
             print(f"{name:12s} {d}")
