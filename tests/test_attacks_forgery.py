@@ -362,6 +362,21 @@ def test_sdfc_with_f_val_echo_recovers_the_server_fisher_through_the_engine(tmp_
 
 
 @pytest.mark.integration
+def test_fdcr_consistency_rule_refuses_the_echo_probe_through_the_engine(tmp_path):
+    # under FDCR no H comes back, so f-val-echo uploads its probe ramp every round: a Fisher
+    # that does not rank the coordinates the update moved (docs/algorithms.md §8.2)
+    _, rounds, w = run_attack(tmp_path, "badnets+f-val-echo", **{
+        "defense.name": "fdcr", "defense.options": {"fisher_update_consistency": 0.35}})
+    assert len(rounds) == 2 and bool(torch.isfinite(w).all())
+    for r in rounds:
+        reasons, rho = r["clients"]["reasons"], r["diagnostics"]["update_consistency"]
+        assert [reasons[k] for k in (3, 4)] == ["inconsistent"] * 2
+        assert all(rho[k] < 0.35 for k in (3, 4))
+        assert "inconsistent" not in reasons[:3]  # the honest clients
+        assert r["detection"]["attacker_share"] == 0.0
+
+
+@pytest.mark.integration
 def test_fedavg_with_count_inflation_gives_attackers_the_weight(tmp_path):
     _, rounds, _ = run_attack(tmp_path, "badnets+count-inflation", **{"defense.name": "fedavg"})
     counts = rounds[0]["clients"]["num_samples"]

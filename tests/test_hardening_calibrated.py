@@ -304,3 +304,43 @@ def test_copied_uploads_are_refused_and_honest_ones_never(real) -> None:
     assert agg.reasons[7:] == ["duplicate"] * 3 and float(agg.client_weights[7:].sum()) == 0.0
     assert "duplicate" not in agg.reasons[:7]
     assert "duplicate" not in FDCR().aggregate(steered).reasons  # off by default
+
+
+# ------------------------------------------------------------------ Fisher/update consistency (§8.2)
+
+
+def test_update_consistency_is_spearman_with_mean_ranks_for_ties() -> None:
+    from fisherguard.defenses.fdcr import average_ranks, update_consistency
+
+    assert average_ranks(torch.tensor([3.0, 1.0, 3.0, 2.0, 3.0])).tolist() == [3, 0, 3, 1, 3]
+    # I ranks [0, 1.5, 1.5, 3], |Δ| ranks [1, 3, 2, 0]: centred dot −1.5 over √4.5·√5 = −1/√10
+    imp = torch.tensor([[0.1, 0.4, 0.4, 0.9], [0.0, 0.5, 0.5, 1.0]], dtype=D)
+    upd = torch.tensor([[-1.0, 3.0, 2.0, 0.5], [7.0, 7.0, -7.0, 7.0]], dtype=D)
+    rho = update_consistency(imp, upd)
+    assert float(rho[0]) == pytest.approx(-1 / 10 ** 0.5, abs=1e-15)
+    assert float(rho[1]) == 0.0  # |Δ| ranks nothing: no evidence either way
+
+
+def test_consistency_rule_refuses_a_fisher_unrelated_to_the_update_never_an_honest_one(real):
+    from fisherguard.attacks.val_echo import probe
+
+    honest = fdcr_round(real)
+    agg = FDCR(fisher_update_consistency=0.35).aggregate(honest)
+    assert "inconsistent" not in agg.reasons
+    # the fixture's ten honest uploads: ρ from 0.70 to 0.78 (docs/algorithms.md §8.2)
+    assert min(agg.diagnostics["update_consistency"]) > 0.7
+    # what f-val-echo uploads when no H comes back (under FDCR): the probe ramp
+    fis = honest.fisher.clone()
+    fis[7:] = probe(fis[0])
+    forged = RoundInput(global_weights=honest.global_weights, updates=honest.updates,
+                        num_samples=honest.num_samples, client_ids=honest.client_ids,
+                        fisher=fis, lr=honest.lr)
+    agg = FDCR(fisher_update_consistency=0.35).aggregate(forged)
+    assert agg.reasons[7:] == ["inconsistent"] * 3 and float(agg.client_weights[7:].sum()) == 0.0
+    assert "inconsistent" not in agg.reasons[:7]
+    assert all(r < 0.35 for r in agg.diagnostics["update_consistency"][7:])
+    # off by default (no ρ computed); −1 records ρ and refuses nobody
+    assert "update_consistency" not in FDCR().aggregate(forged).diagnostics
+    assert "inconsistent" not in FDCR(fisher_update_consistency=-1.0).aggregate(forged).reasons
+    with pytest.raises(DefenseConfigError, match="fisher_update_consistency"):
+        FDCR(fisher_update_consistency=1.5)

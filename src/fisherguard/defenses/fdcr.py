@@ -189,6 +189,31 @@ def spiky_rows(support: Tensor, level: Tensor, ratio: float) -> list[int]:
             if float(support[pos]) < med_s / ratio or float(level[pos]) < med_l / ratio]
 
 
+def average_ranks(x: Tensor) -> Tensor:
+    """Ranks 0…n−1 of a vector's entries, tied entries sharing their mean rank (Spearman's rule)."""
+    values, order = torch.sort(x.reshape(-1))
+    _, counts = torch.unique_consecutive(values, return_counts=True)
+    ends = torch.cumsum(counts, 0).to(torch.float64)
+    mean_rank = ends - (counts.to(torch.float64) + 1) / 2  # mean of the run's positions
+    ranks = torch.empty(values.numel(), dtype=torch.float64)
+    ranks[order] = torch.repeat_interleave(mean_rank, counts)
+    return ranks
+
+
+def update_consistency(importance: Tensor, updates: Tensor) -> Tensor:
+    """ρ_k = Spearman correlation of I_k with |Δ_k| per row (docs/algorithms.md §8.2,
+    ``fisher_update_consistency``); 0 where either row ranks nothing (all entries tied)."""
+    imp, upd = importance.reshape(importance.shape[0], -1), updates.reshape(updates.shape[0], -1)
+    out = torch.zeros(imp.shape[0], dtype=torch.float64)
+    for k in range(imp.shape[0]):
+        a = average_ranks(imp[k].to(torch.float64))
+        b = average_ranks(upd[k].to(torch.float64).abs())
+        a, b = a - a.mean(), b - b.mean()
+        den = float(a.norm() * b.norm())
+        out[k] = float(a @ b) / den if den > 0 else 0.0
+    return out
+
+
 def duplicate_rows(updates: Tensor, fisher: Tensor, rtol: float) -> list[int]:
     """Rows whose (Δ_k, F_k) lies within ``rtol`` × the pair's mean norm of another row's, for
     Δ and F alike (0: bit-identical): the copies colluders upload to steer FINCH (docs/attacks.md §4.8)."""
@@ -309,7 +334,9 @@ class FDCR(Defense):
     also removes a client whose statistic is below −``z_threshold``, with the reason
     ``low_discrepancy``. ``reject_duplicates`` (default off) refuses, with the reason
     ``duplicate``, every client whose Δ and F lie within ``duplicate_rtol`` of another's
-    (``duplicate_rows``). The two candidate rules skip the silhouette
+    (``duplicate_rows``). ``fisher_update_consistency`` (default None: off) refuses, with the
+    reason ``inconsistent``, every client whose ρ_k, the Spearman correlation of I_k with
+    |Δ_k| (``update_consistency``), is below it, and records ρ_k per client. The two candidate rules skip the silhouette
     gate (they are the decision rule themselves); ``max_drop_fraction`` applies to every rule.
     With them FPRA counts a round without removals as a single cluster, ``cluster`` is 1 for a
     removed client and 0 otherwise, and removals have the reason ``high_discrepancy``; the
@@ -341,6 +368,7 @@ class FDCR(Defense):
                  seed: int = 0, rule: str = "finch", z_threshold: float = Z_THRESHOLD,
                  min_rounds: int = CUMULATIVE_MIN_ROUNDS, two_sided: bool = False,
                  reject_duplicates: bool = False, duplicate_rtol: float = DUPLICATE_RTOL,
+                 fisher_update_consistency: float | None = None,
                  streams: str = "named") -> None:
         check_choice("preset", preset, PRESETS)
         code = preset == "code"
@@ -386,6 +414,8 @@ class FDCR(Defense):
         check_flag("two_sided", two_sided)
         check_flag("reject_duplicates", reject_duplicates)
         check_range("duplicate_rtol", duplicate_rtol, low=0.0, high=1.0)
+        check_range("fisher_update_consistency", fisher_update_consistency, low=-1.0, high=1.0,
+                    allow_none=True)
         if two_sided and rule == "finch":
             raise DefenseConfigError("two_sided applies to the rules 'robust-z' and 'cumulative', "
                                      "not to 'finch'")
@@ -415,6 +445,8 @@ class FDCR(Defense):
         self.two_sided = bool(two_sided)
         self.reject_duplicates = bool(reject_duplicates)
         self.duplicate_rtol = float(duplicate_rtol)
+        self.fisher_update_consistency = (None if fisher_update_consistency is None
+                                          else float(fisher_update_consistency))
         # rule cumulative: client id → [Σ_t clip(z_t), rounds scored]; absent clients keep theirs
         self._cumulative: dict[int, list[float]] = {}
         self.streams = streams
@@ -470,6 +502,16 @@ class FDCR(Defense):
         if self.reject_duplicates and len(idx) >= 2:
             for pos in duplicate_rows(ri.updates[idx], fisher[idx], self.duplicate_rtol):
                 reasons[idx[pos]] = reasons[idx[pos]] or "duplicate"
+        if self.fisher_update_consistency is not None:
+            # a Fisher that does not rank the coordinates the update moved (a forged or
+            # borrowed vector) is refused; recorded for every valid client, so a run with
+            # the threshold at -1 measures honest values without refusing anyone
+            rho = update_consistency(imp, ri.updates[idx])
+            diag["update_consistency"] = [None] * k_all
+            for pos, k in enumerate(idx):
+                diag["update_consistency"][k] = float(rho[pos])
+                if float(rho[pos]) < self.fisher_update_consistency:
+                    reasons[k] = reasons[k] or "inconsistent"
         for pos, k in enumerate(idx):
             diag["importance_mass"][k] = float(mass[pos])
             diag["importance_support"][k] = float(support[pos])
