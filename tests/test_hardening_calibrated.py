@@ -344,3 +344,33 @@ def test_consistency_rule_refuses_a_fisher_unrelated_to_the_update_never_an_hone
     assert "inconsistent" not in FDCR(fisher_update_consistency=-1.0).aggregate(forged).reasons
     with pytest.raises(DefenseConfigError, match="fisher_update_consistency"):
         FDCR(fisher_update_consistency=1.5)
+
+
+# ------------------------------------------------------------------ norm bound (§8.2)
+
+
+def test_clip_to_median_norm_by_hand() -> None:
+    from fisherguard.defenses.fdcr import clip_to_median_norm
+
+    upd = torch.tensor([[3.0, 4.0], [0.0, 1.0], [30.0, 40.0], [0.0, 0.0]], dtype=D)
+    clipped, mask, med = clip_to_median_norm(upd)
+    assert med == 3.0  # median of the norms 5, 1, 50, 0
+    assert mask.tolist() == [True, False, True, False]
+    assert torch.allclose(clipped, torch.tensor([[1.8, 2.4], [0.0, 1.0], [1.8, 2.4], [0.0, 0.0]],
+                                                dtype=D), rtol=0, atol=1e-15)
+
+
+def test_norm_bound_caps_a_scaled_update_in_the_aggregate(real) -> None:
+    honest = fdcr_round(real)
+    upd = honest.updates.clone()
+    upd[9] = upd[9] * 1000.0  # model replacement: one client's update scaled up
+    ri = RoundInput(global_weights=honest.global_weights, updates=upd,
+                    num_samples=honest.num_samples, client_ids=honest.client_ids,
+                    fisher=honest.fisher, lr=honest.lr)
+    plain, bounded = FDCR().aggregate(ri), FDCR(norm_bound=True).aggregate(ri)
+    assert "norm_bound" not in plain.diagnostics  # off by default
+    med = bounded.diagnostics["norm_bound"]
+    assert 9 in bounded.diagnostics["norm_clipped"]
+    # no kept update can move the model further than the median length (FPRA's 2σ(I) ≤ 2)
+    assert float(bounded.new_weights.norm()) <= 2.0 * med * 1.0000001
+    assert float(plain.new_weights.norm()) > 10 * float(bounded.new_weights.norm())

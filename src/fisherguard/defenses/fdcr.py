@@ -234,6 +234,18 @@ def fpra_rescale(updates: Tensor, importance: Tensor) -> Tensor:
     return 2.0 * torch.sigmoid(importance.to(torch.float64)) * updates.to(torch.float64)
 
 
+def clip_to_median_norm(updates: Tensor) -> tuple[Tensor, Tensor, float]:
+    """(Δ_k · min(1, m/‖Δ_k‖), clipped mask, m) with m the rows' median L2 norm (docs/algorithms.md
+    §8.2 ``norm_bound``)."""
+    upd = updates.to(torch.float64)
+    norms = upd.norm(dim=1)
+    med = statistics.median(norms.tolist())
+    clipped = norms > med
+    scale = torch.where(clipped, med / torch.where(clipped, norms, torch.ones_like(norms)),
+                        torch.ones_like(norms))
+    return upd * scale.unsqueeze(1), clipped, float(med)
+
+
 def fcdc_reweight(alpha: Tensor, removed: Sequence[int]) -> Tensor:
     """α̂_k = 0 for removed k, α_k / Σ_{j kept} α_j otherwise (FDCR Eq. 11)."""
     a = alpha.to(torch.float64).clone()
@@ -336,7 +348,9 @@ class FDCR(Defense):
     ``duplicate``, every client whose Δ and F lie within ``duplicate_rtol`` of another's
     (``duplicate_rows``). ``fisher_update_consistency`` (default None: off) refuses, with the
     reason ``inconsistent``, every client whose ρ_k, the Spearman correlation of I_k with
-    |Δ_k| (``update_consistency``), is below it, and records ρ_k per client. The two candidate rules skip the silhouette
+    |Δ_k| (``update_consistency``), is below it, and records ρ_k per client. ``norm_bound``
+    (default off) clips every update V scored to the round's median update norm before FPRA
+    (``clip_to_median_norm``; the record gains ``norm_bound`` and ``norm_clipped``). The two candidate rules skip the silhouette
     gate (they are the decision rule themselves); ``max_drop_fraction`` applies to every rule.
     With them FPRA counts a round without removals as a single cluster, ``cluster`` is 1 for a
     removed client and 0 otherwise, and removals have the reason ``high_discrepancy``; the
@@ -368,7 +382,7 @@ class FDCR(Defense):
                  seed: int = 0, rule: str = "finch", z_threshold: float = Z_THRESHOLD,
                  min_rounds: int = CUMULATIVE_MIN_ROUNDS, two_sided: bool = False,
                  reject_duplicates: bool = False, duplicate_rtol: float = DUPLICATE_RTOL,
-                 fisher_update_consistency: float | None = None,
+                 fisher_update_consistency: float | None = None, norm_bound: bool = False,
                  streams: str = "named") -> None:
         check_choice("preset", preset, PRESETS)
         code = preset == "code"
@@ -416,6 +430,7 @@ class FDCR(Defense):
         check_range("duplicate_rtol", duplicate_rtol, low=0.0, high=1.0)
         check_range("fisher_update_consistency", fisher_update_consistency, low=-1.0, high=1.0,
                     allow_none=True)
+        check_flag("norm_bound", norm_bound)
         if two_sided and rule == "finch":
             raise DefenseConfigError("two_sided applies to the rules 'robust-z' and 'cumulative', "
                                      "not to 'finch'")
@@ -447,6 +462,7 @@ class FDCR(Defense):
         self.duplicate_rtol = float(duplicate_rtol)
         self.fisher_update_consistency = (None if fisher_update_consistency is None
                                           else float(fisher_update_consistency))
+        self.norm_bound = bool(norm_bound)
         # rule cumulative: client id → [Σ_t clip(z_t), rounds scored]; absent clients keep theirs
         self._cumulative: dict[int, list[float]] = {}
         self.streams = streams
@@ -582,6 +598,13 @@ class FDCR(Defense):
         # steps 11–12: FPRA and aggregation (buffers: none in the flat protocol vector)
         fpra = self.use_fpra and (self.fpra_when_single_cluster or not single_cluster)
         diag["fpra_applied"] = bool(fpra)
+        if self.norm_bound:
+            # a scaled (model-replacement) update keeps its direction but no more than the
+            # median client's length; the median is over every client V scored this round
+            upd, clipped, med = clip_to_median_norm(upd)
+            diag["norm_bound"] = med
+            diag["norm_clipped"] = [int(ri.client_ids[k]) for pos, k in enumerate(idx)
+                                    if bool(clipped[pos])]
         steps = fpra_rescale(upd, imp) if fpra else upd
         new = wt + (ahat.unsqueeze(1) * steps).sum(0)
         weights = torch.zeros(k_all, dtype=torch.float64)
