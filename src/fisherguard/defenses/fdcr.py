@@ -235,8 +235,8 @@ def fpra_rescale(updates: Tensor, importance: Tensor) -> Tensor:
 
 
 def clip_to_median_norm(updates: Tensor) -> tuple[Tensor, Tensor, float]:
-    """(Δ_k · min(1, m/‖Δ_k‖), clipped mask, m) with m the rows' median L2 norm (docs/algorithms.md
-    §8.2 ``norm_bound``)."""
+    """(Δ_k · min(1, m/‖Δ_k‖), clipped mask, m), m the rows' median L2 norm (``norm_bound``,
+    docs/algorithms.md §8.2)."""
     upd = updates.to(torch.float64)
     norms = upd.norm(dim=1)
     med = statistics.median(norms.tolist())
