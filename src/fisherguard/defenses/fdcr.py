@@ -350,9 +350,9 @@ class FDCR(Defense):
     reason ``inconsistent``, every client whose ρ_k, the Spearman correlation of I_k with
     |Δ_k| (``update_consistency``), is below it, and records ρ_k per client. ``norm_bound``
     (default off) clips every update V scored to the round's median update norm before FPRA
-    (``clip_to_median_norm``; the record gains ``norm_bound`` and ``norm_clipped``). The two candidate rules skip the silhouette
-    gate (they are the decision rule themselves); ``max_drop_fraction`` applies to every rule.
-    With them FPRA counts a round without removals as a single cluster, ``cluster`` is 1 for a
+    (``clip_to_median_norm``; the record gains ``norm_bound`` and ``norm_clipped``). The two
+    candidate rules skip the silhouette gate (they are the decision rule themselves);
+    ``max_drop_fraction`` applies to every rule. With them FPRA counts a round without removals as a single cluster, ``cluster`` is 1 for a
     removed client and 0 otherwise, and removals have the reason ``high_discrepancy``; the
     record adds ``rule``, ``robust_z`` and (cumulative) ``cumulative_z`` and ``observations``
     per client.
