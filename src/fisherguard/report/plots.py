@@ -352,7 +352,7 @@ def matrix_cells(summaries: list[dict[str, Any]], rows: str = "attack",
 
 def plot_matrix(summaries: list[dict[str, Any]], out_dir: Path,
                 stem: str = "matrix-attack-defense") -> list[Path]:
-    """Defenses × attacks: colour = ASR, annotated "A/ASR", † for a collapsed run."""
+    """Defenses × attacks: colour = ASR, annotated "A/ASR", † and hatching for a collapsed run."""
     row_keys, col_keys, cells = matrix_cells(summaries)
     asr = np.full((len(row_keys), len(col_keys)), np.nan)
     for (r, c), cell in cells.items():
@@ -373,11 +373,14 @@ def plot_matrix(summaries: list[dict[str, Any]], out_dir: Path,
             dark = cell["ASR"] is not None and cell["ASR"] > 60
             ax.text(j, i, f"{a}/{s}{'†' if cell['collapsed'] else ''}", ha="center",
                     va="center", fontsize=8, color="white" if dark else "black")
+            if cell["collapsed"]:  # a collapsed model's low ASR is no protection: hatch it
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="xx",
+                                       edgecolor="#777777", linewidth=0.0))
         ax.set_xticks(range(len(col_keys)), col_keys, rotation=30, ha="right")
         ax.set_yticks(range(len(row_keys)), row_keys)
         ax.set_xlabel("defense")
         ax.set_ylabel("attack")
-        ax.set_title("ASR by attack × defense (cell: A/ASR, † collapsed)")
+        ax.set_title("ASR by attack × defense (cell: A/ASR; † and hatching: collapsed model)")
         fig.colorbar(im, ax=ax, label="ASR (%)")
         fig.tight_layout()
     return _save(fig, out_dir, stem)
