@@ -241,8 +241,8 @@ def clip_to_median_norm(updates: Tensor) -> tuple[Tensor, Tensor, float]:
     norms = upd.norm(dim=1)
     med = statistics.median(norms.tolist())
     clipped = norms > med
-    scale = torch.where(clipped, med / torch.where(clipped, norms, torch.ones_like(norms)),
-                        torch.ones_like(norms))
+    # rows that are not clipped keep scale 1 (a zero row's med/0 is never selected)
+    scale = torch.where(clipped, med / norms, torch.ones_like(norms))
     return upd * scale.unsqueeze(1), clipped, float(med)
 
 
@@ -352,10 +352,10 @@ class FDCR(Defense):
     (default off) clips every update V scored to the round's median update norm before FPRA
     (``clip_to_median_norm``; the record gains ``norm_bound`` and ``norm_clipped``). The two
     candidate rules skip the silhouette gate (they are the decision rule themselves);
-    ``max_drop_fraction`` applies to every rule. With them FPRA counts a round without removals as a single cluster, ``cluster`` is 1 for a
-    removed client and 0 otherwise, and removals have the reason ``high_discrepancy``; the
-    record adds ``rule``, ``robust_z`` and (cumulative) ``cumulative_z`` and ``observations``
-    per client.
+    ``max_drop_fraction`` applies to every rule. With them FPRA counts a round without
+    removals as a single cluster, ``cluster`` is 1 for a removed client and 0 otherwise, and
+    removals have the reason ``high_discrepancy``; the record adds ``rule``, ``robust_z`` and
+    (cumulative) ``cumulative_z`` and ``observations`` per client.
 
     Round scalars in diagnostics: ``gate_fired`` is true when the separation gate cancelled a
     drop that clustering proposed; ``num_removed`` counts clients removed by clustering
