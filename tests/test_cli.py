@@ -194,6 +194,39 @@ def test_pivot_refuses_a_cell_of_runs_that_differ_in_more_than_the_seed(tmp_path
     assert "differ in more than the seed" in capsys.readouterr().err
 
 
+def test_table_counts_refusals_and_rules_fired_from_the_round_records(tmp_path, capsys):
+    # issue 15: the outcome matrix's "reason codes that fired", per side, from the records
+    import gzip
+    import json
+
+    from fisherguard.metrics import rule_firings
+
+    def rounds(reasons, clipped=()):
+        return {"clients": {"ids": [0, 1, 2, 3], "reasons": reasons},
+                "diagnostics": {"count_clipped": list(clipped)}}
+
+    recs = [rounds([None, "clustered_out", "spiky", None], clipped=[3]),
+            rounds([None, None, "spiky", "constant"])]
+    got = rule_firings(recs, attackers=[2, 3])
+    assert got["client_rounds"] == {"attacker": 4, "benign": 4}
+    assert got["refused"] == {"attacker": 3, "benign": 1}
+    assert got["fired"] == {"attacker": {"spiky": 2, "count_clipped": 1, "constant": 1},
+                            "benign": {"clustered_out": 1}}
+    base = {"defense": {"name": "fdcr"}}
+    for name, seed, recs_ in (("s0", 0, recs), ("s1", 1, [rounds([None] * 4)] * 2)):
+        _run_dir(tmp_path, name, "fdcr", base, 10.0, seed=seed)
+        (tmp_path / name / "partition.json").write_text(json.dumps({"attackers": [2, 3]}))
+        (tmp_path / name / "rounds.jsonl.gz").write_bytes(
+            gzip.compress("".join(json.dumps(r) + "\n" for r in recs_).encode()))
+    assert main(["table", str(tmp_path), "--by", "attack", "--metrics",
+                 "A,att_refused,ben_refused,fired"]) == 0
+    row = capsys.readouterr().out.splitlines()[2]
+    # refused: 75 % and 0 % of attacker client-rounds by seed, 25 % and 0 % of benign ones
+    assert row.split()[:4] == ["badnets", "10.00", "37.5", "12.5"]
+    assert row.split("  ")[-1].strip() == "10"  # wall time
+    assert "att constant 1/8, count_clipped 1/8, spiky 2/8; ben clustered_out 1/8" in row
+
+
 def test_table_says_when_clients_failed(tmp_path, capsys):
     import json
 

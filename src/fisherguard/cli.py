@@ -336,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default="A,ASR",
                    help="with --by: the summary metrics per defense (default A,ASR; e.g. "
                         "A,ASR,ASR_edge,attacker_share; AUC,AP: mean per-round ranking of the "
-                        "defense's suspicion score, AUC_rounds: rounds where it is defined)")
+                        "defense's suspicion score, AUC_rounds: rounds where it is defined; from the round "
+                        "records: att_refused, ben_refused = %% of attacker / benign client-rounds "
+                        "at weight 0, fired = the reasons and clipped counts on each)")
     p.add_argument("--defenses", help="with --by: these defense (or matrix column) columns, in "
                         "this order (comma-separated)")
     p.add_argument("--markdown", action="store_true", help="with --by: a Markdown table")

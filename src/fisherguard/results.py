@@ -559,6 +559,7 @@ def collect_summaries(root: str | Path) -> list[dict[str, Any]]:
         cfg_path = p.parent / RunDir.CONFIG
         cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else None
         s["_config"] = cfg
+        s["_dir"] = str(p.parent)
         if "attack" not in s and cfg is not None:
             s["attack"] = (cfg.get("attack") or {}).get("name")
         label = str(s.get("label", ""))
@@ -582,11 +583,51 @@ def pivot_groups(summaries: list[dict[str, Any]], rows: str = "attack", cols: st
     return cells
 
 
+# ``pivot`` metrics read from a run's round records rather than its summary (so that runs made
+# before they existed table alike): the percentage of attacker / benign client-rounds refused
+# (weight 0 with a reason), and which reasons and clipped counts fired on each.
+RECORD_METRICS = ("att_refused", "ben_refused", "fired")
+
+
+def _rule_firings(run_dir: str | Path) -> dict[str, Any]:
+    from fisherguard.metrics import rule_firings
+
+    d = Path(run_dir)
+    part = d / "partition.json"
+    attackers = (json.loads(part.read_text()).get("attackers") or []) if part.is_file() else []
+    return rule_firings(RunDir(d).rounds(), attackers)
+
+
+def _record_cell(metric: str, runs: list[dict[str, Any]]) -> str:
+    """A RECORD_METRICS cell over the runs (seeds) of a pivot cell."""
+    import numpy as np
+
+    got = [_rule_firings(x["_dir"]) for x in runs if x.get("_dir")]
+    if not got:
+        return "–"
+    if metric in ("att_refused", "ben_refused"):
+        side = "attacker" if metric == "att_refused" else "benign"
+        vals = [100.0 * g["refused"][side] / g["client_rounds"][side]
+                for g in got if g["client_rounds"][side]]
+        return f"{np.mean(vals):.1f}" if vals else "–"
+    parts = []
+    for side, tag in (("attacker", "att"), ("benign", "ben")):
+        total = sum(g["client_rounds"][side] for g in got)
+        codes: dict[str, int] = {}
+        for g in got:
+            for code, n in g["fired"][side].items():
+                codes[code] = codes.get(code, 0) + n
+        if codes:
+            parts.append(f"{tag} " + ", ".join(f"{c} {n}/{total}" for c, n in sorted(codes.items())))
+    return "; ".join(parts) or "none"
+
+
 def pivot(summaries: list[dict[str, Any]], *, rows: str = "attack", cols: str = "defense",
           metrics: tuple[str, ...] = ("A", "ASR"), markdown: bool = False,
           only: list[str] | None = None) -> str:
     """One line per ``rows`` value, one column group per ``cols`` value: each metric's mean over
-    seeds, † when a run collapsed, and the mean wall time per run (a defenses × attacks matrix).
+    seeds, † when a run collapsed, and the mean wall time per run (a defenses × attacks matrix);
+    RECORD_METRICS come from the runs' round records (attacker identities from the partition).
     MixedRunsError when a cell holds runs that differ in more than the seed
     (``same_but_seed``)."""
     import numpy as np
@@ -615,6 +656,9 @@ def pivot(summaries: list[dict[str, Any]], *, rows: str = "attack", cols: str = 
             runs = cells.get((r, c), [])
             mark = "†" if any(x.get("collapsed") for x in runs) else ""
             for m in metrics:
+                if m in RECORD_METRICS:
+                    line.append(_record_cell(m, runs) if runs else "–")
+                    continue
                 vals = [float(x[m]) for x in runs if x.get(m) is not None]
                 line.append(f"{np.mean(vals):.2f}{mark}" if vals else "–")
         for c in col_keys:
