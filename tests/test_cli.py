@@ -199,7 +199,7 @@ def test_table_counts_refusals_and_rules_fired_from_the_round_records(tmp_path, 
     import gzip
     import json
 
-    from fisherguard.metrics import rule_firings
+    from fisherguard.results import rule_firings
 
     def rounds(reasons, clipped=()):
         return {"clients": {"ids": [0, 1, 2, 3], "reasons": reasons},

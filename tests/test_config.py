@@ -146,3 +146,24 @@ def test_a_matrix_expands_to_row_by_column_variants_column_by_column():
         config.variants_of({"matrix": {"rows": [{"label": "a"}], "columns": ["fedavg"]}})
     with pytest.raises(ConfigError, match="matrix: expected"):
         config.variants_of({"matrix": {"rows": []}})
+
+
+def test_a_matrix_leaves_out_the_cells_it_excludes_and_names_bad_exclusions():
+    rows = [{"label": "badnets", "set": {"attack.name": "badnets"}},
+            {"label": "oracle", "set": {"attack.name": "badnets+f-val-echo",
+                                        "attack.options": {"f-val-echo": {"source": "oracle"}}}}]
+    cols = [{"label": "FDCR", "set": {"defense": "fdcr"}},
+            {"label": "SDFC", "set": {"defense": "sdfc"}}]
+    # the oracle needs the server's clean set: under FDCR the config stops before any training
+    with pytest.raises(ConfigError, match="clean-set Fisher"):
+        config.variants_of({"matrix": {"rows": rows, "columns": cols}})
+    why = "FDCR holds no clean set"
+    raw = {"matrix": {"rows": rows, "columns": cols,
+                      "exclude": [{"row": "oracle", "columns": ["FDCR"], "why": why}]}}
+    assert [v.label for v in config.variants_of(raw)] == ["badnets | FDCR", "badnets | SDFC",
+                                                          "oracle | SDFC"]
+    for bad, match in (({"row": "nope", "columns": ["FDCR"], "why": why}, "no row labelled"),
+                       ({"row": "oracle", "columns": ["FDCR"], "why": ""}, "expected"),
+                       ({"row": "oracle", "columns": ["FedAvg"], "why": why}, "no column labelled")):
+        with pytest.raises(ConfigError, match=match):
+            config.variants_of({"matrix": {**raw["matrix"], "exclude": [bad]}})

@@ -584,6 +584,12 @@ def _check_attack(cfg: Config) -> None:
         plan = cfg.build_attack()
     except AttackConfigError as e:
         raise ConfigError(f"attack: {e}") from None
+    d = cfg.build_defense()
+    if plan.needs_server_set and d.needs_fisher and not d.needs_server_data:
+        # found in round 1 otherwise, after a round's training (or hours into a campaign)
+        raise ConfigError(f"attack: {plan.name!r} reads the server's clean-set Fisher M(U), which "
+                          f"defense {cfg.defense.name!r} does not hold (use a defense that reads "
+                          "one, e.g. sdfc, or another source)")
     engine = cfg.runtime.engine
     if engine == "flower-deployment" and plan.knowledge == "omniscient":
         raise ConfigError(f"attack: {plan.name!r} is omniscient (it reads the benign clients' "
@@ -681,11 +687,14 @@ def variants_of(raw: dict[str, Any], overrides: list[tuple[str, Any]] | None = N
 
 
 def matrix_variants(matrix: Any) -> list[dict[str, Any]]:
-    """``matrix: {rows: [{label, set}], columns: [{label, set}]}`` as variants labelled
-    "row | column" with both overrides (the column's win), column by column, so that a
-    long campaign finishes one column (e.g. one defense) before it starts the next."""
-    if not isinstance(matrix, dict) or set(matrix) != {"rows", "columns"}:
-        raise ConfigError("matrix: expected {rows: [{label, set}], columns: [{label, set}]}")
+    """``matrix: {rows: [{label, set}], columns: [{label, set}], exclude: [...]}`` as variants
+    labelled "row | column" with both overrides (the column's win), column by column, so that a
+    long campaign finishes one column (e.g. one defense) before it starts the next. ``exclude``
+    (optional) lists cells that cannot run, ``{row: label, columns: [labels], why: text}``."""
+    if not isinstance(matrix, dict) or not {"rows", "columns"} <= set(matrix) \
+            or set(matrix) - {"rows", "columns", "exclude"}:
+        raise ConfigError("matrix: expected {rows: [{label, set}], columns: [{label, set}]} and "
+                          "optionally exclude: [{row, columns, why}]")
     parts: dict[str, list[dict[str, Any]]] = {}
     for axis in ("rows", "columns"):
         items = matrix[axis]
@@ -697,9 +706,32 @@ def matrix_variants(matrix: Any) -> list[dict[str, Any]]:
                 raise ConfigError(f"matrix.{axis}[{i}]: expected {{label: ..., set: {{key: value}}}}, "
                                   f"got {it!r}")
         parts[axis] = items
+    skip = _matrix_exclusions(matrix.get("exclude") or [],
+                              [str(r["label"]) for r in parts["rows"]],
+                              [str(c["label"]) for c in parts["columns"]])
     return [{"label": f"{r['label']} | {c['label']}",
              "set": {**(r.get("set") or {}), **(c.get("set") or {})}}
-            for c in parts["columns"] for r in parts["rows"]]
+            for c in parts["columns"] for r in parts["rows"]
+            if (str(r["label"]), str(c["label"])) not in skip]
+
+
+def _matrix_exclusions(exclude: Any, rows: list[str], columns: list[str]) -> set[tuple[str, str]]:
+    """The (row, column) cells ``matrix.exclude`` names; every entry says why."""
+    if not isinstance(exclude, list):
+        raise ConfigError("matrix.exclude: expected a list of {row, columns, why}")
+    out = set()
+    for i, e in enumerate(exclude):
+        if (not isinstance(e, dict) or set(e) != {"row", "columns", "why"}
+                or not isinstance(e["columns"], list) or not str(e["why"] or "").strip()):
+            raise ConfigError(f"matrix.exclude[{i}]: expected {{row: label, columns: [labels], "
+                              f"why: text}}, got {e!r}")
+        if str(e["row"]) not in rows:
+            raise ConfigError(f"matrix.exclude[{i}]: no row labelled {e['row']!r}")
+        for c in e["columns"]:
+            if str(c) not in columns:
+                raise ConfigError(f"matrix.exclude[{i}]: no column labelled {c!r}")
+            out.add((str(e["row"]), str(c)))
+    return out
 
 
 _results.add_identity_rule(_identity_rule, LEGACY_VALUES)

@@ -150,28 +150,6 @@ def attacker_weight_share(weights: Sequence[float], client_ids: Sequence[int], a
     return 100.0 * sum(w for w, c in zip(weights, client_ids) if c in att) / total
 
 
-def rule_firings(rounds: list[dict[str, Any]], attackers: Sequence[int]) -> dict[str, Any]:
-    """How often each refusal reason (a client at weight 0) and each clipped count fired, on
-    attacker and on benign client-rounds, with the client-round totals (docs/algorithms.md §8)."""
-    att = set(int(a) for a in attackers)
-    fired: dict[str, dict[str, int]] = {"attacker": {}, "benign": {}}
-    totals = {"attacker": 0, "benign": 0}
-    refused = {"attacker": 0, "benign": 0}
-    for r in rounds:
-        clients = r.get("clients") or {}
-        ids = [int(c) for c in clients.get("ids") or []]
-        reasons = clients.get("reasons") or [None] * len(ids)
-        clipped = set(int(c) for c in ((r.get("diagnostics") or {}).get("count_clipped") or []))
-        for c, why in zip(ids, reasons):
-            side = "attacker" if c in att else "benign"
-            totals[side] += 1
-            codes = ([why] if why else []) + (["count_clipped"] if c in clipped else [])
-            refused[side] += bool(why)
-            for code in codes:
-                fired[side][code] = fired[side].get(code, 0) + 1
-    return {"fired": fired, "client_rounds": totals, "refused": refused}
-
-
 def _mean(xs: list[float | None]) -> float | None:
     vals = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return float(np.mean(vals)) if vals else None

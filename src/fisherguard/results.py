@@ -13,7 +13,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping
+from typing import IO, Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -589,9 +589,29 @@ def pivot_groups(summaries: list[dict[str, Any]], rows: str = "attack", cols: st
 RECORD_METRICS = ("att_refused", "ben_refused", "fired")
 
 
-def _rule_firings(run_dir: str | Path) -> dict[str, Any]:
-    from fisherguard.metrics import rule_firings
+def rule_firings(rounds: list[dict[str, Any]], attackers: Sequence[int]) -> dict[str, Any]:
+    """How often each refusal reason (a client at weight 0) and each clipped count fired, on
+    attacker and on benign client-rounds, with the client-round totals (docs/algorithms.md §8); the attackers come from the run's partition."""
+    att = set(int(a) for a in attackers)
+    fired: dict[str, dict[str, int]] = {"attacker": {}, "benign": {}}
+    totals = {"attacker": 0, "benign": 0}
+    refused = {"attacker": 0, "benign": 0}
+    for r in rounds:
+        clients = r.get("clients") or {}
+        ids = [int(c) for c in clients.get("ids") or []]
+        reasons = clients.get("reasons") or [None] * len(ids)
+        clipped = set(int(c) for c in ((r.get("diagnostics") or {}).get("count_clipped") or []))
+        for c, why in zip(ids, reasons):
+            side = "attacker" if c in att else "benign"
+            totals[side] += 1
+            codes = ([why] if why else []) + (["count_clipped"] if c in clipped else [])
+            refused[side] += bool(why)
+            for code in codes:
+                fired[side][code] = fired[side].get(code, 0) + 1
+    return {"fired": fired, "client_rounds": totals, "refused": refused}
 
+
+def _rule_firings(run_dir: str | Path) -> dict[str, Any]:
     d = Path(run_dir)
     part = d / "partition.json"
     attackers = (json.loads(part.read_text()).get("attackers") or []) if part.is_file() else []

@@ -143,6 +143,9 @@ class Attack:
     fisher_at_upload: ClassVar[bool] = False
     # the stage makes its clients skip the defense's client-side term (docs/attacks.md §4.0)
     breaks_protocol: ClassVar[bool] = False
+    # the stage reads M(U) of the server's clean set (``RoundView.server_fisher``): it runs only
+    # beside a defense that holds one, or one that reads no Fisher (the stage is then a no-op)
+    needs_server_set: bool = False
 
     def bind(self, ctx: AttackContext) -> None:
         """Learn the run's facts once, before ``poison`` (default: keep them)."""

@@ -72,6 +72,7 @@ class AttackPlan(Attack):
         self.knowledge = max((s.knowledge for s in self.stages), key=KNOWLEDGE.index)  # type: ignore[misc]
         self.per_client = any(s.per_client for s in self.stages)  # type: ignore[misc]
         self.fisher_at_upload = any(s.fisher_at_upload for s in self.stages)  # type: ignore[misc]
+        self.needs_server_set = any(s.needs_server_set for s in self.stages)
 
     def active(self, round_idx: int) -> bool:
         return self.name != "none" and self.schedule.active(round_idx)

@@ -72,6 +72,7 @@ class FValEcho(Forgery):
         check_positive(self.name, "echo_margin", echo_margin, allow_none=True)
         self.source, self.echo_margin = source, echo_margin
         self.knowledge = "omniscient" if source == "oracle" else "model"  # type: ignore[misc]
+        self.needs_server_set = source == "oracle"
         # per attacker: the Fisher it last uploaded and the weights it uploaded with it
         self.sent: dict[int, Tensor] = {}
         self.sent_weights: dict[int, Tensor] = {}
