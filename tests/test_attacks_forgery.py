@@ -385,17 +385,17 @@ def test_fedavg_with_count_inflation_gives_attackers_the_weight(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("forgery", ["f-spike", "f-mimic", "fdcr-min-v", "f-val-echo"])
-def test_fisher_forgeries_under_a_defense_that_reads_no_fisher_equal_plain_badnets(tmp_path,
-                                                                                 forgery):
+def test_fisher_forgeries_under_a_defense_that_reads_no_fisher_equal_plain_badnets(tmp_path):
     # the forgery matrix leaves these cells out for FedAvg, Multi-Krum and FLTrust: the run is
     # the plain BadNets run bit for bit (no forged vector, no random draw, same records)
     _, base, w0 = run_attack(tmp_path / "badnets", "badnets", **{"defense.name": "fedavg"})
-    _, forged, w1 = run_attack(tmp_path / forgery, f"badnets+{forgery}",
-                               **{"defense.name": "fedavg"})
-    assert torch.equal(w0, w1)
-    assert [r["metrics"] for r in base] == [r["metrics"] for r in forged]
-    assert [r["clients"]["weights"] for r in base] == [r["clients"]["weights"] for r in forged]
+    for forgery in ("f-spike", "f-mimic", "fdcr-min-v", "f-val-echo"):
+        _, forged, w1 = run_attack(tmp_path / forgery, f"badnets+{forgery}",
+                                   **{"defense.name": "fedavg"})
+        assert torch.equal(w0, w1), forgery
+        assert [r["metrics"] for r in base] == [r["metrics"] for r in forged], forgery
+        assert ([r["clients"]["weights"] for r in base]
+                == [r["clients"]["weights"] for r in forged]), forgery
 
 
 def test_stateful_forgeries_save_and_restore_their_state():

@@ -531,8 +531,7 @@ def resolve(raw: Mapping[str, Any] | Config) -> Config:
                                           for k, v in values.items()})
                     for sec, values in cfg.items()})
     _check_sampling(out)
-    _check_defense(out)
-    _check_attack(out)
+    _check_attack(out, _check_defense(out))
     return out
 
 
@@ -567,24 +566,27 @@ def _edge_case_target(cfg: dict[str, dict[str, Any]], raw: Mapping[str, Any]) ->
     cfg["attack"]["target"] = preset(dataset)["target"]
 
 
-def _check_defense(cfg: Config) -> None:
+def _check_defense(cfg: Config) -> Any:
+    """The config's defense, built once and checked against the round's client count."""
     from fisherguard.defenses.base import DefenseConfigError
 
     try:
-        cfg.build_defense().check_clients(cfg.clients_per_round)
+        d = cfg.build_defense()
+        d.check_clients(cfg.clients_per_round)
     except DefenseConfigError as e:
         raise ConfigError(f"defense: {e}") from None
+    return d
 
 
-def _check_attack(cfg: Config) -> None:
-    """Build the attack plan once, so a bad option or an engine it cannot run on stops the run now."""
+def _check_attack(cfg: Config, d: Any) -> None:
+    """Build the attack plan once, so a bad option, a defense ``d`` it cannot run beside or an
+    engine it cannot run on stops the run now."""
     from fisherguard.attacks.base import AttackConfigError
 
     try:
         plan = cfg.build_attack()
     except AttackConfigError as e:
         raise ConfigError(f"attack: {e}") from None
-    d = cfg.build_defense()
     if plan.needs_server_set and d.needs_fisher and not d.needs_server_data:
         # found in round 1 otherwise, after a round's training (or hours into a campaign)
         raise ConfigError(f"attack: {plan.name!r} reads the server's clean-set Fisher M(U), which "

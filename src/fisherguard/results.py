@@ -591,7 +591,7 @@ RECORD_METRICS = ("att_refused", "ben_refused", "fired")
 
 def rule_firings(rounds: list[dict[str, Any]], attackers: Sequence[int]) -> dict[str, Any]:
     """How often each refusal reason (a client at weight 0) and each clipped count fired, on
-    attacker and on benign client-rounds, with the client-round totals (docs/algorithms.md §8); the attackers come from the run's partition."""
+    attacker and on benign client-rounds, with the client-round totals (docs/algorithms.md §8)."""
     att = set(int(a) for a in attackers)
     fired: dict[str, dict[str, int]] = {"attacker": {}, "benign": {}}
     totals = {"attacker": 0, "benign": 0}
@@ -612,17 +612,17 @@ def rule_firings(rounds: list[dict[str, Any]], attackers: Sequence[int]) -> dict
 
 
 def _rule_firings(run_dir: str | Path) -> dict[str, Any]:
+    """``rule_firings`` of a run directory, its attackers read from the run's partition."""
     d = Path(run_dir)
     part = d / "partition.json"
     attackers = (json.loads(part.read_text()).get("attackers") or []) if part.is_file() else []
     return rule_firings(RunDir(d).rounds(), attackers)
 
 
-def _record_cell(metric: str, runs: list[dict[str, Any]]) -> str:
-    """A RECORD_METRICS cell over the runs (seeds) of a pivot cell."""
+def _record_cell(metric: str, got: list[dict[str, Any]]) -> str:
+    """A RECORD_METRICS cell from the ``rule_firings`` of a pivot cell's runs (seeds)."""
     import numpy as np
 
-    got = [_rule_firings(x["_dir"]) for x in runs if x.get("_dir")]
     if not got:
         return "–"
     if metric in ("att_refused", "ben_refused"):
@@ -675,9 +675,12 @@ def pivot(summaries: list[dict[str, Any]], *, rows: str = "attack", cols: str = 
         for c in col_keys:
             runs = cells.get((r, c), [])
             mark = "†" if any(x.get("collapsed") for x in runs) else ""
+            # each run's records are read once per cell, whichever record metrics are asked
+            firings = ([_rule_firings(x["_dir"]) for x in runs if x.get("_dir")]
+                       if any(m in RECORD_METRICS for m in metrics) else [])
             for m in metrics:
                 if m in RECORD_METRICS:
-                    line.append(_record_cell(m, runs) if runs else "–")
+                    line.append(_record_cell(m, firings))
                     continue
                 vals = [float(x[m]) for x in runs if x.get(m) is not None]
                 line.append(f"{np.mean(vals):.2f}{mark}" if vals else "–")
