@@ -38,6 +38,36 @@ def test_run_prints_the_table_and_writes_results(tmp_path, capsys):
     assert "attacked" in (out / "summary.txt").read_text()
 
 
+@pytest.mark.integration  # a CLI run that trains
+def test_keep_going_reports_a_failed_run_and_runs_the_rest(tmp_path, capsys, monkeypatch):
+    from fisherguard.engine import runner
+
+    p = tmp_path / "c.yaml"
+    p.write_text("data: {dataset: synthetic, synthetic_train: 300, synthetic_test: 100}\n"
+                 "federation: {clients: 3, rounds: 1, local_epochs: 1}\nserver: {val_size: 16}\n"
+                 "variants:\n  - {label: first, set: {attack.fraction: 0.0}}\n"
+                 "  - {label: bad, set: {attack.fraction: 0.0}}\n"
+                 "  - {label: last, set: {attack.fraction: 0.0}}\n")
+    real = runner.run
+
+    def run(cfg, where, **kw):
+        if kw.get("label") == "bad":
+            raise RuntimeError("boom in round 1")
+        return real(cfg, where, **kw)
+
+    monkeypatch.setattr(runner, "run", run)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="boom"):  # without the flag the campaign stops there
+        main(["run", str(p), "--out", str(out), "-q"])
+    assert not (out / "last").exists()
+    capsys.readouterr()
+    assert main(["run", str(p), "--out", str(out), "-q", "--keep-going", "--resume"]) == 1
+    cap = capsys.readouterr()
+    assert "first" in cap.out and "last" in cap.out
+    assert "1 of 3 runs failed" in cap.err and "bad: RuntimeError: boom in round 1" in cap.err
+    assert (out / "last" / "summary.json").exists() and not (out / "bad" / "summary.json").exists()
+
+
 def test_missing_dataset_names_the_fetch_command(tmp_path, capsys):
     p = tmp_path / "c.yaml"
     p.write_text(f"data: {{dataset: mnist, data_dir: '{tmp_path / 'empty'}'}}\n")

@@ -31,14 +31,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
         variants = [by_label[w] for w in dict.fromkeys(wanted)]  # in the order asked
     seeds = _parse_seeds(args.seeds) if args.seeds else None
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    failed: list[str] = []
+
+    def report(label: str, seed: int | None, err: Exception) -> None:
+        what = f"{label}" + (f" seed {seed}" if seed is not None else "")
+        failed.append(f"{what}: {type(err).__name__}: {err}")
+        print(f"fisherguard: run failed, going on: {failed[-1]}", file=sys.stderr)
+
     with _engine_options(args):
         summaries = run_all(variants, out, resume=args.resume, seeds=seeds,
-                            progress=None if args.quiet else sys.stderr)
-    print(format_table(aggregate_seeds(summaries) if seeds else summaries))
+                            progress=None if args.quiet else sys.stderr,
+                            on_error=report if args.keep_going else None)
+    if summaries:
+        print(format_table(aggregate_seeds(summaries) if seeds else summaries))
     note = failure_note(summaries)
     if note:
         print(f"\n{note}")
     print(f"\nresults: {out}")
+    if failed:
+        print(f"\n{len(failed)} of {len(failed) + len(summaries)} runs failed (--resume retries "
+              "them):\n" + "\n".join(f"  {f}" for f in failed), file=sys.stderr)
+        return 1
     return 0
 
 
@@ -314,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last round")
     p.add_argument("--only", action="append", metavar="LABEL",
                    help="run only these variants (comma-separated labels; repeatable)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="when a run fails, report it and start the next (exit status 1 at the end)")
     p.add_argument("--seeds", help="run every variant once per seed, e.g. 0,1,2; the table shows "
                    "mean ± std over seeds")
     p.add_argument("--engine", choices=("inprocess", "flower-sim"),

@@ -77,8 +77,14 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool = False, label: str | 
 
 def run_all(variants: list[Variant], out_root: str | Path, *, resume: bool = False,
             progress: TextIO | None = sys.stderr, seeds: list[int] | None = None,
-            on_summary: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Run each labelled variant (each seed) into its own sub-directory; ``out_root/summary.csv``."""
+            on_summary: Callable[[dict[str, Any]], None] | None = None,
+            on_error: Callable[[str, int | None, Exception], None] | None = None
+            ) -> list[dict[str, Any]]:
+    """Run each labelled variant (each seed) into its own sub-directory; ``out_root/summary.csv``.
+
+    A run that raises stops the campaign, unless ``on_error`` is given: then it is told the
+    label, seed and error and the next run starts (the failed run's directory stays resumable).
+    """
     out_root = Path(out_root)
     summaries = []
     for v in variants:
@@ -88,7 +94,13 @@ def run_all(variants: list[Variant], out_root: str | Path, *, resume: bool = Fal
             if seed is not None:
                 cfg = cfg.replace({"experiment.seed": seed})
                 where = sub / f"seed-{seed}"
-            s = run(cfg, where, resume=resume, label=v.label, progress=progress)
+            try:
+                s = run(cfg, where, resume=resume, label=v.label, progress=progress)
+            except Exception as e:  # noqa: BLE001 - a campaign goes on; the caller reports it
+                if on_error is None:
+                    raise
+                on_error(v.label, seed, e)
+                continue
             s = dict(s, _config=cfg.to_dict())  # for results.same_but_seed; not written
             summaries.append(s)
             if on_summary:
