@@ -257,6 +257,36 @@ def test_table_counts_refusals_and_rules_fired_from_the_round_records(tmp_path, 
     assert "att constant 1/8, count_clipped 1/8, spiky 2/8; ben clustered_out 1/8" in row
 
 
+def test_table_order_follows_the_matrix_config_and_marks_its_excluded_cells(tmp_path, capsys):
+    import json
+
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("matrix:\n  rows: [{label: zeta, set: {}}, {label: alpha, set: {}}]\n"
+                   "  columns: [{label: second, set: {}}, {label: first, set: {}}]\n"
+                   "  exclude: [{row: alpha, columns: [second], why: cannot run there}]\n")
+    runs = tmp_path / "runs"
+    for i, (row, col) in enumerate([("alpha", "first"), ("zeta", "first"), ("zeta", "second"),
+                                    ("extra", "first")]):
+        name = f"r{i}"
+        _run_dir(runs, name, f"{row} | {col}", {"defense": {"name": "fdcr"}}, 10.0 + i)
+        s = json.loads((runs / name / "summary.json").read_text())
+        (runs / name / "summary.json").write_text(json.dumps({**s, "row": row, "column": col}))
+    assert main(["table", str(runs), "--by", "row", "--metrics", "A"]) == 0
+    found = [ln.split()[0] for ln in capsys.readouterr().out.splitlines()[2:] if ln.strip()]
+    assert found == ["alpha", "zeta", "extra"]  # directory order without --order
+    assert main(["table", str(runs), "--by", "row", "--metrics", "A", "--order", str(cfg)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:5] == ["row", "second", "A", "first", "A"]
+    assert [ln.split()[0] for ln in out[2:5]] == ["zeta", "alpha", "extra"]
+    assert out[3].split()[1:3] == ["excl.", "10.00"]  # alpha × second: excluded, not missing
+    assert out[4].split()[1] == "–"  # extra × second: a row the config does not have
+    assert "excl. alpha × second: cannot run there" in out
+    assert main(["table", str(runs), "--by", "row", "--order", str(tmp_path / "none.yaml")]) == 2
+    assert "--order: cannot read" in capsys.readouterr().err
+    assert main(["table", str(runs), "--order", str(cfg)]) == 2
+    assert "--order needs --by" in capsys.readouterr().err
+
+
 def test_table_says_when_clients_failed(tmp_path, capsys):
     import json
 

@@ -85,21 +85,31 @@ def _parse_seeds(text: str) -> list[int]:
 
 def _cmd_table(args: argparse.Namespace) -> int:
     from fisherguard.config import ConfigError
-    from fisherguard.results import (MixedRunsError, aggregate_seeds, collect_summaries,
-                                     failure_note, format_table, pivot)
+    from fisherguard.results import (MatrixOrder, MixedRunsError, aggregate_seeds,
+                                     collect_summaries, failure_note, format_table, pivot)
 
     summaries = collect_summaries(args.dir)
+    if args.order and not args.by:
+        raise ConfigError("--order needs --by (it orders a matrix table)")
     if args.by:
         metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+        order = None
+        if args.order:
+            try:
+                order = MatrixOrder.from_configs(_csv(args.order) or [])
+            except ValueError as e:
+                raise ConfigError(f"--order: {e}") from None
         try:
             text = pivot(summaries, rows=args.by,
                          cols="column" if args.by == "row" else "defense", metrics=metrics,
-                         markdown=args.markdown, only=_csv(args.defenses))
+                         markdown=args.markdown, only=_csv(args.defenses), order=order)
         except MixedRunsError:
             raise
         except ValueError as e:
             raise ConfigError(f"--defenses: {e}") from None
         print(text)
+        if order is not None and "excl." in text:
+            print("\n" + order.notes())
     else:
         print(format_table(aggregate_seeds(summaries)))
     note = failure_note(summaries)
@@ -357,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defenses", help="with --by: these defense (or matrix column) columns, in "
                         "this order (comma-separated)")
     p.add_argument("--markdown", action="store_true", help="with --by: a Markdown table")
+    p.add_argument("--order", metavar="CONFIG[,CONFIG]",
+                   help="with --by: rows and columns in these matrix configs' order (others "
+                        "after, as found); their excluded cells show excl., with why below")
     p.set_defaults(func=_cmd_table)
 
     p = sub.add_parser("export", help="copy finished runs' evidence (config, summary, partition, "

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Mapping, Sequence
 
@@ -642,14 +643,62 @@ def _record_cell(metric: str, got: list[dict[str, Any]]) -> str:
     return "; ".join(parts) or "none"
 
 
+@dataclass(frozen=True)
+class MatrixOrder:
+    """Row and column labels of matrix configs in their order, and the cells they exclude (with why)."""
+
+    rows: list[str]
+    columns: list[str]
+    excluded: dict[tuple[str, str], str]
+
+    @staticmethod
+    def sort(found: list[str], wanted: list[str]) -> list[str]:
+        """``found`` in ``wanted``'s order, the labels ``wanted`` lacks after, as found."""
+        rank = {k: i for i, k in enumerate(wanted)}
+        return sorted(found, key=lambda k: (rank.get(k, len(rank)), found.index(k)))
+
+    @classmethod
+    def from_configs(cls, paths: Sequence[str | Path]) -> MatrixOrder:
+        """Read each config's ``matrix`` section (rows, columns, exclude) as written."""
+        import yaml
+
+        rows: list[str] = []
+        columns: list[str] = []
+        excluded: dict[tuple[str, str], str] = {}
+        for path in paths:
+            try:
+                raw = yaml.safe_load(Path(path).read_text())
+            except (OSError, yaml.YAMLError) as e:
+                raise ValueError(f"cannot read {path}: {e}") from None
+            matrix = raw.get("matrix") if isinstance(raw, dict) else None
+            if not isinstance(matrix, dict):
+                raise ValueError(f"{path} has no matrix: section to take the order from")
+            for key, out in (("rows", rows), ("columns", columns)):
+                for item in matrix.get(key) or []:
+                    label = str(item.get("label")) if isinstance(item, dict) else str(item)
+                    if label not in out:
+                        out.append(label)
+            for e in matrix.get("exclude") or []:
+                if isinstance(e, dict):
+                    for c in e.get("columns") or []:
+                        excluded[(str(e.get("row")), str(c))] = str(e.get("why") or "")
+        return cls(rows, columns, excluded)
+
+    def notes(self, cells: Sequence[tuple[str, str]] | None = None) -> str:
+        """One line per excluded cell (all, or those in ``cells``): ``excl. row × column: why``."""
+        keys = [k for k in self.excluded if cells is None or k in cells]
+        return "\n".join(f"excl. {r} × {c}: {self.excluded[(r, c)]}" for r, c in keys)
+
+
 def pivot(summaries: list[dict[str, Any]], *, rows: str = "attack", cols: str = "defense",
           metrics: tuple[str, ...] = ("A", "ASR"), markdown: bool = False,
-          only: list[str] | None = None) -> str:
+          only: list[str] | None = None, order: MatrixOrder | None = None) -> str:
     """One line per ``rows`` value, one column group per ``cols`` value: each metric's mean over
     seeds, † when a run collapsed, and the mean wall time per run (a defenses × attacks matrix);
     RECORD_METRICS come from the runs' round records (attacker identities from the partition).
-    MixedRunsError when a cell holds runs that differ in more than the seed
-    (``same_but_seed``)."""
+    ``order`` puts rows and columns in a matrix config's order (the rest after, as found) and
+    marks its excluded cells ``excl.``. MixedRunsError when a cell holds runs that differ in more
+    than the seed (``same_but_seed``)."""
     import numpy as np
 
     cells = pivot_groups(summaries, rows, cols)
@@ -663,6 +712,9 @@ def pivot(summaries: list[dict[str, Any]], *, rows: str = "attack", cols: str = 
                              "table the directories apart")
     row_keys = list(dict.fromkeys(r for r, _ in cells))
     col_keys = list(dict.fromkeys(c for _, c in cells))
+    if order is not None:
+        row_keys, col_keys = order.sort(row_keys, order.rows), order.sort(col_keys, order.columns)
+    excluded = order.excluded if order is not None else {}
     if only:  # these columns, in this order
         unknown = [c for c in only if c not in col_keys]
         if unknown:
@@ -683,7 +735,8 @@ def pivot(summaries: list[dict[str, Any]], *, rows: str = "attack", cols: str = 
                     line.append(_record_cell(m, firings))
                     continue
                 vals = [float(x[m]) for x in runs if x.get(m) is not None]
-                line.append(f"{np.mean(vals):.2f}{mark}" if vals else "–")
+                line.append(f"{np.mean(vals):.2f}{mark}" if vals
+                            else "excl." if not runs and (r, c) in excluded else "–")
         for c in col_keys:
             runs = cells.get((r, c), [])
             line.append(f"{np.mean([float(x['wall_time_s']) for x in runs]):.0f}" if runs else "–")
