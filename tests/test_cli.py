@@ -36,6 +36,15 @@ def test_run_prints_the_table_and_writes_results(tmp_path, capsys):
     assert "label" in text and "clean" in text and "attacked" in text and "ASR" in text
     assert (out / "clean" / "rounds.jsonl").exists() and (out / "summary.csv").exists()
     assert "attacked" in (out / "summary.txt").read_text()
+    import json
+    import re
+
+    import torch
+
+    sw = json.loads((out / "clean" / "summary.json").read_text())["software"]  # which code ran
+    assert sw["torch"] == torch.__version__ and set(sw) == {"fisherguard", "torch", "commit", "dirty"}
+    assert sw["commit"] is None or re.fullmatch(r"[0-9a-f]{40}", sw["commit"])
+    assert "software" not in text  # provenance stays out of the table
 
 
 @pytest.mark.integration  # a CLI run that trains

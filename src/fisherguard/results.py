@@ -351,6 +351,40 @@ COLUMNS = ("label", "defense", "seeds", "A", "R", "ASR", "V", "collapsed", "degr
            "AUC", "AP", "wall_time_s")
 
 
+_SOFTWARE: dict[str, Any] = {}
+
+
+def software() -> dict[str, Any]:
+    """Which code made a run: fisherguard's and torch's versions and, from a git checkout, the
+    commit and whether the package's sources differed from it (None when not known). Results are
+    pooled by config (``run_identity``), so this is what tells two code versions' runs apart."""
+    import subprocess
+    from importlib import metadata
+
+    if not _SOFTWARE:
+        try:
+            version: str | None = metadata.version("fisherguard")
+        except metadata.PackageNotFoundError:  # sources on PYTHONPATH, not installed
+            version = None
+        here = Path(__file__).resolve().parent
+        commit: str | None = None
+        dirty: bool | None = None
+        try:
+            git = ["git", "-C", str(here)]
+            got = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True,
+                                 timeout=10)
+            if got.returncode == 0:
+                commit = got.stdout.strip() or None
+                st = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no", "--",
+                                           "."], capture_output=True, text=True, timeout=10)
+                dirty = bool(st.stdout.strip()) if st.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            pass
+        _SOFTWARE.update(fisherguard=version, torch=torch.__version__, commit=commit,
+                         dirty=dirty)
+    return dict(_SOFTWARE)
+
+
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     cols = list(dict.fromkeys([c for c in COLUMNS if any(c in r for r in rows)]
                               + [k for r in rows for k in r if not k.startswith("_")]))

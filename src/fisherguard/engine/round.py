@@ -33,7 +33,7 @@ from fisherguard.engine.federation import (Federation, client_fisher_options, cl
                                            fisher_request,
                                            initial_weights, local_fisher, plan_tag, server_data,
                                            train_plan)
-from fisherguard.results import RunDir
+from fisherguard.results import RunDir, software
 from fisherguard.sampling import sample_clients
 
 log = logging.getLogger("fisherguard")
@@ -301,7 +301,8 @@ def summarise(run_dir: RunDir, cfg: Config, label: str) -> dict[str, Any]:
                "dataset": cfg.data.dataset, "seed": cfg.experiment.seed,
                "preset": cfg.experiment.preset, "family": cfg.experiment.family,
                "beta": cfg.partition.beta, "attack_fraction": cfg.attack_fraction,
-               "complete": len(rounds) == cfg.federation.rounds, "engine": cfg.runtime.engine}
+               "complete": len(rounds) == cfg.federation.rounds, "engine": cfg.runtime.engine,
+               "software": software()}
     if registry.get(cfg.defense.name).needs_attacker_ids:
         summary["defense"] = ORACLE_LABEL
     run_dir.write_summary(summary)
