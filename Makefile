@@ -102,7 +102,8 @@ table-attacks: data
 table-forgery: data
 	-$(FG) run configs/forgery-reference.yaml --out runs/forgery-matrix --resume --keep-going --seeds 0,1
 	-$(FG) run configs/forgery-matrix.yaml --out runs/forgery-matrix --resume --keep-going --seeds 0,1
-	$(FG) table runs/forgery-matrix --by row --metrics A,ASR,attacker_share,att_refused,ben_refused,fired --markdown --order configs/forgery-matrix.yaml,configs/forgery-reference.yaml
+	$(FG) table runs/forgery-matrix --by row --metrics A,ASR,attacker_share --compact --markdown --order configs/forgery-matrix.yaml,configs/forgery-reference.yaml
+	$(FG) table runs/forgery-matrix --by row --metrics att_refused,ben_refused,fired --compact --markdown --order configs/forgery-matrix.yaml,configs/forgery-reference.yaml
 
 # Benchmarks (spec performance.md §8–§9), not part of `make test`. `bench`: targets 1 and 2 in the
 # labelled quick mode (E = 2), then the Flower comparison when benchmarks/flower_bench.py exists;

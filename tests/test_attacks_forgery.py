@@ -385,13 +385,17 @@ def test_fedavg_with_count_inflation_gives_attackers_the_weight(tmp_path):
 
 
 @pytest.mark.integration
-def test_fisher_forgeries_under_a_defense_that_reads_no_fisher_equal_plain_badnets(tmp_path):
-    # the forgery matrix leaves these cells out for FedAvg, Multi-Krum and FLTrust: the run is
-    # the plain BadNets run bit for bit (no forged vector, no random draw, same records)
-    _, base, w0 = run_attack(tmp_path / "badnets", "badnets", **{"defense.name": "fedavg"})
-    for forgery in ("f-spike", "f-mimic", "fdcr-min-v", "f-val-echo"):
+@pytest.mark.parametrize("defense", ["fedavg", "multi-krum", "fltrust"])
+def test_fisher_forgeries_under_a_defense_that_reads_no_fisher_equal_plain_badnets(tmp_path,
+                                                                                   defense):
+    # the forgery matrix leaves these cells out for FedAvg, Multi-Krum and FLTrust
+    # (configs/forgery-reference.yaml): the run is the plain BadNets run bit for bit (no forged
+    # vector, no random draw, same records); fdreg-skip has no regulariser to skip there
+    _, base, w0 = run_attack(tmp_path / "badnets", "badnets", **{"defense.name": defense})
+    for forgery in ("f-zero", "f-const", "f-spike", "f-nonfinite", "f-mimic", "f-val-echo",
+                    "f-mismatch", "fdcr-min-v", "fdcr-steer", "fdreg-skip"):
         _, forged, w1 = run_attack(tmp_path / forgery, f"badnets+{forgery}",
-                                   **{"defense.name": "fedavg"})
+                                   **{"defense.name": defense})
         assert torch.equal(w0, w1), forgery
         assert [r["metrics"] for r in base] == [r["metrics"] for r in forged], forgery
         assert ([r["clients"]["weights"] for r in base]

@@ -290,6 +290,15 @@ def test_table_order_follows_the_matrix_config_and_marks_its_excluded_cells(tmp_
     assert out[3].split()[1:3] == ["excl.", "10.00"]  # alpha × second: excluded, not missing
     assert out[4].split()[1] == "–"  # extra × second: a row the config does not have
     assert "excl. alpha × second: cannot run there" in out
+    _run_dir(runs, "r9", "zeta | first", {"defense": {"name": "fdcr"}}, 20.0, seed=1)
+    s = json.loads((runs / "r9" / "summary.json").read_text())
+    (runs / "r9" / "summary.json").write_text(json.dumps({**s, "row": "zeta", "column": "first"}))
+    assert main(["table", str(runs), "--by", "row", "--metrics", "A,ASR", "--order", str(cfg),
+                 "--compact", "--markdown"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "| row (A / ASR) | second | first |"
+    assert out[2] == "| zeta | 12.0 / 1.0 (1 seed) | 15.5 / 1.0 |"  # seeds 0 and 1 pooled
+    assert out[3] == "| alpha | excl. | 10.0 / 1.0 (1 seed) |"
     assert main(["table", str(runs), "--by", "row", "--order", str(tmp_path / "none.yaml")]) == 2
     assert "--order: cannot read" in capsys.readouterr().err
     assert main(["table", str(runs), "--order", str(cfg)]) == 2

@@ -102,7 +102,8 @@ def _cmd_table(args: argparse.Namespace) -> int:
         try:
             text = pivot(summaries, rows=args.by,
                          cols="column" if args.by == "row" else "defense", metrics=metrics,
-                         markdown=args.markdown, only=_csv(args.defenses), order=order)
+                         markdown=args.markdown, only=_csv(args.defenses), order=order,
+                         compact=args.compact)
         except MixedRunsError:
             raise
         except ValueError as e:
@@ -367,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defenses", help="with --by: these defense (or matrix column) columns, in "
                         "this order (comma-separated)")
     p.add_argument("--markdown", action="store_true", help="with --by: a Markdown table")
+    p.add_argument("--compact", action="store_true",
+                   help="with --by: one cell per column, its metrics joined by ' / ' (one "
+                        "decimal), no wall times; '(k seeds)' where a cell has fewer seeds")
     p.add_argument("--order", metavar="CONFIG[,CONFIG]",
                    help="with --by: rows and columns in these matrix configs' order (others "
                         "after, as found); their excluded cells show excl., with why below")

@@ -718,21 +718,32 @@ class MatrixOrder:
                         excluded[(str(e.get("row")), str(c))] = str(e.get("why") or "")
         return cls(rows, columns, excluded)
 
-    def notes(self, cells: Sequence[tuple[str, str]] | None = None) -> str:
-        """One line per excluded cell (all, or those in ``cells``): ``excl. row × column: why``."""
-        keys = [k for k in self.excluded if cells is None or k in cells]
-        return "\n".join(f"excl. {r} × {c}: {self.excluded[(r, c)]}" for r, c in keys)
+    def notes(self) -> str:
+        """The excluded cells, a line per reason and set of columns: ``excl. rows × columns: why``."""
+        by_why: dict[str, dict[str, list[str]]] = {}
+        for (r, c), why in self.excluded.items():
+            by_why.setdefault(why, {}).setdefault(r, []).append(c)
+        lines = []
+        for why, cols_of in by_why.items():
+            groups: dict[tuple[str, ...], list[str]] = {}
+            for r, cs in cols_of.items():
+                groups.setdefault(tuple(cs), []).append(r)
+            lines += [f"excl. {', '.join(rs)} × {', '.join(cs)}: {why}" for cs, rs in groups.items()]
+        return "\n".join(lines)
 
 
 def pivot(summaries: list[dict[str, Any]], *, rows: str = "attack", cols: str = "defense",
           metrics: tuple[str, ...] = ("A", "ASR"), markdown: bool = False,
-          only: list[str] | None = None, order: MatrixOrder | None = None) -> str:
+          only: list[str] | None = None, order: MatrixOrder | None = None,
+          compact: bool = False) -> str:
     """One line per ``rows`` value, one column group per ``cols`` value: each metric's mean over
     seeds, † when a run collapsed, and the mean wall time per run (a defenses × attacks matrix);
     RECORD_METRICS come from the runs' round records (attacker identities from the partition).
     ``order`` puts rows and columns in a matrix config's order (the rest after, as found) and
-    marks its excluded cells ``excl.``. MixedRunsError when a cell holds runs that differ in more
-    than the seed (``same_but_seed``)."""
+    marks its excluded cells ``excl.``. ``compact``: one cell per column, its metrics joined by
+    " / " at one decimal, no wall times, and "(k seeds)" where a cell has fewer seeds than the
+    table's fullest. MixedRunsError when a cell holds runs that differ in more than the seed
+    (``same_but_seed``)."""
     import numpy as np
 
     cells = pivot_groups(summaries, rows, cols)
@@ -754,7 +765,11 @@ def pivot(summaries: list[dict[str, Any]], *, rows: str = "attack", cols: str = 
         if unknown:
             raise ValueError(f"no {cols} {unknown[0]!r} among the runs; have {', '.join(col_keys)}")
         col_keys = list(only)
-    head = [rows] + [f"{c} {m}" for c in col_keys for m in metrics] + [f"{c} s" for c in col_keys]
+    if compact:
+        head = [f"{rows} ({' / '.join(metrics)})"] + list(col_keys)
+    else:
+        head = [rows] + [f"{c} {m}" for c in col_keys for m in metrics] + [f"{c} s" for c in col_keys]
+    most = max((len(v) for v in cells.values()), default=0)
     table = []
     for r in row_keys:
         line = [r]
@@ -764,14 +779,22 @@ def pivot(summaries: list[dict[str, Any]], *, rows: str = "attack", cols: str = 
             # each run's records are read once per cell, whichever record metrics are asked
             firings = ([_rule_firings(x["_dir"]) for x in runs if x.get("_dir")]
                        if any(m in RECORD_METRICS for m in metrics) else [])
+            parts = []
             for m in metrics:
                 if m in RECORD_METRICS:
-                    line.append(_record_cell(m, firings))
+                    parts.append(_record_cell(m, firings))
                     continue
                 vals = [float(x[m]) for x in runs if x.get(m) is not None]
-                line.append(f"{np.mean(vals):.2f}{mark}" if vals
-                            else "excl." if not runs and (r, c) in excluded else "–")
-        for c in col_keys:
+                parts.append(f"{np.mean(vals):.{1 if compact else 2}f}{mark}" if vals
+                             else "excl." if not runs and (r, c) in excluded else "–")
+            if not compact:
+                line.extend(parts)
+            elif not runs:
+                line.append("excl." if (r, c) in excluded else "–")
+            else:
+                seeds = f" ({len(runs)} seed{'s' * (len(runs) > 1)})" if len(runs) < most else ""
+                line.append(" / ".join(parts) + seeds)
+        for c in col_keys if not compact else []:
             runs = cells.get((r, c), [])
             line.append(f"{np.mean([float(x['wall_time_s']) for x in runs]):.0f}" if runs else "–")
         table.append(line)
