@@ -299,6 +299,8 @@ def test_table_order_follows_the_matrix_config_and_marks_its_excluded_cells(tmp_
     assert out[0] == "| row (A / ASR) | second | first |"
     assert out[2] == "| zeta | 12.0 / 1.0 (1 seed) | 15.5 / 1.0 |"  # seeds 0 and 1 pooled
     assert out[3] == "| alpha | excl. | 10.0 / 1.0 (1 seed) |"
+    assert main(["table", str(runs), "--by", "row", "--order", str(cfg), "--defenses", "first"]) == 0
+    assert "excl." not in capsys.readouterr().out  # the excluded cell's column is not shown
     assert main(["table", str(runs), "--by", "row", "--order", str(tmp_path / "none.yaml")]) == 2
     assert "--order: cannot read" in capsys.readouterr().err
     assert main(["table", str(runs), "--order", str(cfg)]) == 2

@@ -718,10 +718,13 @@ class MatrixOrder:
                         excluded[(str(e.get("row")), str(c))] = str(e.get("why") or "")
         return cls(rows, columns, excluded)
 
-    def notes(self) -> str:
-        """The excluded cells, a line per reason and set of columns: ``excl. rows × columns: why``."""
+    def notes(self, rows: Sequence[str] | None = None, columns: Sequence[str] | None = None) -> str:
+        """The excluded cells (those among ``rows`` × ``columns`` when given), a line per reason
+        and set of columns: ``excl. rows × columns: why``."""
         by_why: dict[str, dict[str, list[str]]] = {}
         for (r, c), why in self.excluded.items():
+            if (rows is not None and r not in rows) or (columns is not None and c not in columns):
+                continue
             by_why.setdefault(why, {}).setdefault(r, []).append(c)
         lines = []
         for why, cols_of in by_why.items():
