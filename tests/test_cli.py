@@ -70,9 +70,10 @@ def test_keep_going_reports_a_failed_run_and_runs_the_rest(tmp_path, capsys, mon
         main(["run", str(p), "--out", str(out), "-q"])
     assert not (out / "last").exists()
     capsys.readouterr()
-    assert main(["run", str(p), "--out", str(out), "-q", "--keep-going", "--resume"]) == 1
+    assert main(["run", str(p), "--out", str(out), "--keep-going", "--resume"]) == 1
     cap = capsys.readouterr()
     assert "first" in cap.out and "last" in cap.out
+    assert "run 1/3: first" in cap.err and "run 3/3: last" in cap.err  # the campaign's progress
     assert "1 of 3 runs failed" in cap.err and "bad: RuntimeError: boom in round 1" in cap.err
     assert (out / "last" / "summary.json").exists() and not (out / "bad" / "summary.json").exists()
 

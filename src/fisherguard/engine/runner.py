@@ -87,6 +87,8 @@ def run_all(variants: list[Variant], out_root: str | Path, *, resume: bool = Fal
     """
     out_root = Path(out_root)
     summaries = []
+    total = len(variants) * (len(seeds) if seeds is not None else 1)
+    done = 0
     for v in variants:
         sub = out_root / slug(v.label) if v.nested else out_root
         for seed in seeds if seeds is not None else [None]:
@@ -94,6 +96,10 @@ def run_all(variants: list[Variant], out_root: str | Path, *, resume: bool = Fal
             if seed is not None:
                 cfg = cfg.replace({"experiment.seed": seed})
                 where = sub / f"seed-{seed}"
+            done += 1
+            if progress is not None and total > 1:  # where a long campaign stands
+                seed_text = f" seed {seed}" if seed is not None else ""
+                print(f"run {done}/{total}: {v.label}{seed_text}", file=progress, flush=True)
             try:
                 s = run(cfg, where, resume=resume, label=v.label, progress=progress)
             except Exception as e:  # noqa: BLE001 - a campaign goes on; the caller reports it
