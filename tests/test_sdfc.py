@@ -167,6 +167,60 @@ def test_echo_rejected_only_with_hardening() -> None:
         assert float(res.client_weights[3]) == float(res.client_weights.max())  # T = 0: largest weight
 
 
+def test_stale_echo_refuses_the_last_rounds_server_fisher_and_survives_a_refusal() -> None:
+    # issue 15: the recovered echo uploads M(U) of the client's previous upload, which the server
+    # computed last round; honest uploads are checked against it too and pass
+    vals = iter([t(1, 1, 1, 0.5), t(2, 1, 1, 1), t(3, 1, 2, 1)])
+    current = {"v": next(vals)}
+    server = FakeServer(lambda w: current["v"].clone())
+    local = torch.stack([t(0.5, 1, 3, 1.5), t(1.3, 1, 1, 0.7), t(4, 4, 5, 4), t(1, 2, 1, 1)])
+    upd = torch.tensor([[0.1, 0, 0, 0], [0, 0.2, 0, 0], [0, 0, 0.3, 0], [0, 0, 0, 0.4]], dtype=D)
+
+    def round_with(fisher: torch.Tensor) -> RoundInput:
+        return RoundInput(global_weights=t(1, 1, 1, 1), updates=upd, fisher=fisher,
+                          num_samples=t(10, 20, 30, 40), client_ids=[0, 1, 2, 3], server_data=server)
+
+    sdfc = SDFC(stale_echo_rtol=0.05)
+    first = sdfc.aggregate(round_with(local))
+    assert first.reasons == [None] * 4 and first.diagnostics["stale_echo_ratio"] == [None] * 4
+    echo = local.clone()
+    echo[3] = t(1, 1, 1, 0.5)  # last round's M(U), now stale: the current one is (2, 1, 1, 1)
+    current["v"] = next(vals)
+    second = sdfc.aggregate(round_with(echo))
+    assert second.reasons == [None, None, None, "stale_echo"]
+    assert second.diagnostics["stale_echo_ratio"][3] == 0.0
+    assert second.diagnostics["echo_ratio"][3] == pytest.approx(1.5 / 8.5)  # the plain check passes it
+    assert min(second.diagnostics["stale_echo_ratio"][:3]) > 0.05
+    # refused, the client loses its FDReg history but not the M(U) it is checked against
+    assert 3 not in sdfc.state_dict()["client_ids"]
+    current["v"] = next(vals)
+    echo[3] = t(2, 1, 1, 1)  # the echo of the refused round's M(U)
+    assert sdfc.aggregate(round_with(echo)).reasons[3] == "stale_echo"
+    restored = SDFC(stale_echo_rtol=0.05)
+    restored.load_state_dict(sdfc.state_dict())
+    torch.testing.assert_close(restored._last_val.row(3), t(3, 1, 2, 1).float())
+    # 0 records without refusing; off by default (no ratio recorded)
+    rec = SDFC(stale_echo_rtol=0)
+    rec.aggregate(example_round()[0])
+    assert rec.aggregate(example_round(echo_client=True)[0]).reasons == [None, None, None, "echo"]
+    assert "stale_echo_ratio" not in SDFC().aggregate(example_round()[0]).diagnostics
+
+
+def test_update_consistency_option_refuses_a_fisher_that_ranks_other_coordinates() -> None:
+    ri, _ = example_round()
+    # client 0 moved coordinate 0 only, where its M(D) is smallest: ρ < 0
+    agg = SDFC(fisher_update_consistency=0.0).aggregate(ri)
+    rho = agg.diagnostics["update_consistency"]
+    assert rho[0] < 0 and agg.reasons[0] == "inconsistent"
+    assert [r is None for r in agg.reasons[1:]] == [x >= 0 for x in rho[1:]]
+    recorded = SDFC(fisher_update_consistency=-1).aggregate(example_round()[0])
+    assert recorded.reasons == [None] * 4 and recorded.diagnostics["update_consistency"] == rho
+    with pytest.raises(DefenseConfigError, match="fisher_update_consistency"):
+        SDFC(fisher_update_consistency=2)
+    with pytest.raises(DefenseConfigError, match="stale_echo_rtol"):
+        SDFC(stale_echo_rtol=-0.1)
+
+
 def test_invalid_uploads_flagged_never_crash() -> None:
     p = 4
     server = FakeServer(lambda w: torch.ones(p, dtype=D))

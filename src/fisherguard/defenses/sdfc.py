@@ -18,6 +18,7 @@ from fisherguard.defenses.base import (PRESETS, SUSPICION, Aggregate, ClientPlan
                                        check_choice, check_flag, check_range,
                                        fisher_estimator_option, reject_all, weighted_sum)
 from fisherguard.defenses.client_rows import ClientRows
+from fisherguard.defenses.fdcr import update_consistency
 from fisherguard.fisher import IMPORTANCE_METRICS
 
 Tensor = torch.Tensor
@@ -86,7 +87,12 @@ class SDFC(Defense):
     ``difference = abs_diff`` only: the other variants have no M(D) − M(U) to echo);
     ``val_fisher_samples`` (None: M_k(U) on all of U, the paper; n: on n samples of U drawn
     each round, the same for every upload of the round, so the server's cost per round stops
-    growing with |U| × the clients in it, docs/sampling.md §7).
+    growing with |U| × the clients in it, docs/sampling.md §7). Off by default, both issue 15's
+    answers to the recovered echo (docs/algorithms.md §8.2): ``stale_echo_rtol`` refuses as
+    ``stale_echo`` an upload whose echo ratio against the server's M(U) of the client's previous
+    upload is below it (0 records without refusing); ``fisher_update_consistency`` refuses as
+    ``inconsistent`` an upload whose M_k(D_k) does not rank the coordinates its update moved
+    (Spearman ρ below it; −1 records without refusing), FDCR's rule.
 
     With ``use_fdagg = false`` the server falls back to FedAvg's data-size weights n_k/Σn (the
     authors' framework's default aggregation); FDAgg itself ignores n_k.
@@ -108,7 +114,8 @@ class SDFC(Defense):
                  importance_metric: str = "squared", fisher_estimator: str | None = None,
                  label_source: str = "dataset", hardening: str = "on",
                  echo_rtol: float | None = ECHO_RTOL,
-                 val_fisher_samples: int | None = None) -> None:
+                 val_fisher_samples: int | None = None, stale_echo_rtol: float | None = None,
+                 fisher_update_consistency: float | None = None) -> None:
         check_choice("preset", preset, PRESETS)
         code = preset == "code"
         lambda_reg = lambda_reg if lambda_reg is not None else (1.0 if code else 5.0)
@@ -124,6 +131,9 @@ class SDFC(Defense):
         check_choice("hardening", hardening, ("on", "off"))
         check_range("echo_rtol", echo_rtol, low=0.0, high=1.0, low_open=True, allow_none=True)
         check_range("val_fisher_samples", val_fisher_samples, low=1, integer=True, allow_none=True)
+        check_range("stale_echo_rtol", stale_echo_rtol, low=0.0, high=1.0, allow_none=True)
+        check_range("fisher_update_consistency", fisher_update_consistency, low=-1.0, high=1.0,
+                    allow_none=True)
 
         self.preset = preset
         self.lambda_reg = float(lambda_reg)
@@ -138,6 +148,13 @@ class SDFC(Defense):
         self.hardening = hardening
         self.echo_rtol = echo_rtol
         self.val_fisher_samples = None if val_fisher_samples is None else int(val_fisher_samples)
+        self.stale_echo_rtol = None if stale_echo_rtol is None else float(stale_echo_rtol)
+        self.fisher_update_consistency = (None if fisher_update_consistency is None
+                                          else float(fisher_update_consistency))
+        # per client: the server's M(U) of its last upload, for the stale-echo check only (the
+        # recovered echo uploads exactly that, docs/attacks.md §4.5); kept across rejections,
+        # unlike H_k, so that a refused echo cannot come back as the one before it
+        self._last_val = ClientRows()
         # per client: H_k, anchor w_k and the round they were computed in: cross-round state
         # (docs/algorithms.md §5.1 step 4), in fixed slots so that sampling does not fragment memory
         self._h = ClientRows()
@@ -199,8 +216,14 @@ class SDFC(Defense):
         return self.difference != "local_only"
 
     def _blank_diagnostics(self, k_all: int) -> dict[str, Any]:
-        return {"fisher_difference": [None] * k_all, "weight": [0.0] * k_all,
-                "echo_ratio": [None] * k_all, "num_rejected": 0, SUSPICION: [None] * k_all}
+        diag: dict[str, Any] = {"fisher_difference": [None] * k_all, "weight": [0.0] * k_all,
+                                "echo_ratio": [None] * k_all, "num_rejected": 0,
+                                SUSPICION: [None] * k_all}
+        if self.stale_echo_rtol is not None:
+            diag["stale_echo_ratio"] = [None] * k_all
+        if self.fisher_update_consistency is not None:
+            diag["update_consistency"] = [None] * k_all
+        return diag
 
     def _forget_rejected(self, ri: RoundInput, reasons: list[str | None]) -> int:
         """Drop the history of every client rejected this round (docs/algorithms.md §5.5); their number."""
@@ -248,6 +271,15 @@ class SDFC(Defense):
                         and self.difference == "abs_diff" and rho < self.echo_rtol):
                     reasons[k] = "echo"
                     continue
+                if self._stale_echo(ri, k, local, val, diag):
+                    reasons[k] = "stale_echo"
+                    continue
+            if self.fisher_update_consistency is not None:
+                c = float(update_consistency(local.unsqueeze(0), ri.updates[k].unsqueeze(0))[0])
+                diag["update_consistency"][k] = c
+                if c < self.fisher_update_consistency:
+                    reasons[k] = "inconsistent"
+                    continue
             h = fisher_difference(local, val, self.difference)
             total = h.sum()
             if not bool(torch.isfinite(total)):
@@ -279,6 +311,21 @@ class SDFC(Defense):
                            int(ri.round_idx))
         return Combined(weights, new, diag)
 
+    def _stale_echo(self, ri: RoundInput, k: int, local: Tensor, val: Tensor,
+                    diag: dict[str, Any]) -> bool:
+        """Record ρ against the M(U) kept from client k's previous upload, keep this one's, and
+        say whether ρ is below ``stale_echo_rtol`` (docs/algorithms.md §8.2)."""
+        if self.stale_echo_rtol is None or self.difference != "abs_diff":
+            return False
+        cid = int(ri.client_ids[k])
+        prev = self._last_val.row(cid).to(torch.float64) if cid in self._last_val else None
+        self._last_val.set(cid, val.to(torch.float32))
+        if prev is None:
+            return False
+        rho = echo_ratio(local, prev)
+        diag["stale_echo_ratio"][k] = rho
+        return self.hardening == "on" and rho < self.stale_echo_rtol
+
     def _remember(self, cid: int, h: Tensor, anchor: Tensor, round_idx: int) -> None:
         self._h.set(cid, h)
         self._anchors.set(cid, anchor)
@@ -294,18 +341,28 @@ class SDFC(Defense):
     def state_dict(self) -> dict[str, Any]:
         """H_k and anchors per client as lists of tensors (views of the store, ``torch.save``-able)."""
         ids = list(self._h)
-        return {"client_ids": ids,
-                "fisher_difference": [self._h.row(c) for c in ids],
-                "anchors": [self._anchors.row(c) for c in ids],
-                "rounds": [self._computed_in[c] for c in ids]}
+        state: dict[str, Any] = {"client_ids": ids,
+                                 "fisher_difference": [self._h.row(c) for c in ids],
+                                 "anchors": [self._anchors.row(c) for c in ids],
+                                 "rounds": [self._computed_in[c] for c in ids]}
+        if len(self._last_val):
+            last = list(self._last_val)
+            state["last_val_fisher"] = {"client_ids": last,
+                                        "rows": [self._last_val.row(c) for c in last]}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._h, self._anchors, self._computed_in = ClientRows(), ClientRows(), {}
+        self._last_val = ClientRows()
         if not state:
             return
         keys = {"client_ids", "fisher_difference", "anchors", "rounds"}
-        if set(state) != keys:
-            raise ValueError(f"SDFC state needs keys {sorted(keys)}, got {sorted(state)}")
+        if set(state) - {"last_val_fisher"} != keys:
+            raise ValueError(f"SDFC state needs keys {sorted(keys)} (and last_val_fisher), "
+                             f"got {sorted(state)}")
+        last = state.get("last_val_fisher") or {"client_ids": [], "rows": []}
+        for c, row in zip(last["client_ids"], last["rows"]):
+            self._last_val.set(int(c), torch.as_tensor(row))
         ids, hs, ws, rs = (state[k] for k in ("client_ids", "fisher_difference", "anchors", "rounds"))
         if not len(ids) == len(hs) == len(ws) == len(rs):
             raise ValueError("SDFC state lists differ in length")
