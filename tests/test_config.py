@@ -167,3 +167,18 @@ def test_a_matrix_leaves_out_the_cells_it_excludes_and_names_bad_exclusions():
                        ({"row": "oracle", "columns": ["FedAvg"], "why": why}, "no column labelled")):
         with pytest.raises(ConfigError, match=match):
             config.variants_of({"matrix": {**raw["matrix"], "exclude": [bad]}})
+
+
+def test_a_mapping_set_after_one_of_its_keys_is_refused_not_dropped(tmp_path):
+    # `defense.preset: code` then `defense.options: {...}` silently lost the preset
+    from fisherguard import config
+
+    p = tmp_path / "c.yaml"
+    p.write_text("defense: sdfc\nvariants:\n  - {label: x, set: {defense.preset: code, "
+                 "defense.options: {echo_rtol: 0.1}}}\n")
+    with pytest.raises(config.ConfigError, match="defense.options is set after defense.preset"):
+        config.load(p)
+    p.write_text("defense: sdfc\nvariants:\n  - {label: x, set: {defense.options: {echo_rtol: 0.1},"
+                 " defense.preset: code}}\n")
+    opts = config.load(p)[0].config.defense.options
+    assert opts["preset"] == "code" and opts["echo_rtol"] == 0.1

@@ -615,6 +615,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any] | list[
     """Return a copy of ``raw`` with dotted overrides set (``defense=fdcr`` sets the name)."""
     out = copy.deepcopy(dict(raw))
     items = overrides.items() if isinstance(overrides, Mapping) else overrides
+    done: dict[tuple[str, ...], str] = {}
     for dotted, value in items:
         parts = dotted.split(".")
         if parts == ["defense"]:
@@ -624,6 +625,12 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any] | list[
         if len(parts) < 2 or parts[0] not in SECTIONS:
             raise ConfigError(f"cannot set {dotted!r}: expected section.key with a section of "
                               f"{', '.join(SECTIONS)}")
+        # a mapping set after one of its own keys would drop that key without a word
+        lost = [d for p, d in done.items() if len(p) > len(parts) and p[:len(parts)] == tuple(parts)]
+        if lost and isinstance(value, Mapping):
+            raise ConfigError(f"{dotted} is set after {lost[0]} and would replace it: put "
+                              f"{lost[0]} inside {dotted}, or set {lost[0]} after it")
+        done[tuple(parts)] = dotted
         node = out
         for p in parts[:-1]:
             if isinstance(node.get(p), str) and p == "defense":
