@@ -98,7 +98,7 @@ table-attacks: data
 
 # Issue 15's outcome matrix: every Fisher forgery and no attack × FDCR (3 settings) and SDFC (2),
 # plus the reference columns (FedAvg, Multi-Krum, FLTrust) on the rows they can see; reduced
-# Fashion-MNIST, seeds 0 and 1: 216 runs (108 cells) of 3-8 min, a multi-sitting campaign that resumes.
+# Fashion-MNIST, seeds 0 and 1: 218 runs (109 cells) of 3-10 min, a multi-sitting campaign that resumes.
 table-forgery: data
 	-$(FG) run configs/forgery-reference.yaml --out runs/forgery-matrix --resume --keep-going --seeds 0,1
 	-$(FG) run configs/forgery-matrix.yaml --out runs/forgery-matrix --resume --keep-going --seeds 0,1
