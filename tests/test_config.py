@@ -182,3 +182,15 @@ def test_a_mapping_set_after_one_of_its_keys_is_refused_not_dropped(tmp_path):
                  " defense.preset: code}}\n")
     opts = config.load(p)[0].config.defense.options
     assert opts["preset"] == "code" and opts["echo_rtol"] == 0.1
+
+
+def test_a_label_with_a_comma_is_refused_because_only_splits_on_commas(tmp_path):
+    from fisherguard import config
+
+    p = tmp_path / "c.yaml"
+    p.write_text('variants:\n  - {label: "echo (recovered, margin 0.1)", set: {}}\n')
+    with pytest.raises(config.ConfigError, match="contains a comma"):
+        config.load(p)
+    p.write_text('matrix:\n  rows: [{label: "a, b", set: {}}]\n  columns: [{label: c, set: {}}]\n')
+    with pytest.raises(config.ConfigError, match="contains a comma"):
+        config.load(p)

@@ -692,6 +692,10 @@ def variants_of(raw: dict[str, Any], overrides: list[tuple[str, Any]] | None = N
     if len(set(slugs)) != len(slugs):
         raise ConfigError("variants: labels must be unique, also as directory names "
                           f"({', '.join(slugs)})")
+    commas = [v.label for v in out if "," in v.label]
+    if commas:  # `run --only` could never select it
+        raise ConfigError(f"variants: the label {commas[0]!r} contains a comma, which `run --only` "
+                          "reads as a separator; use ';' or '/' instead")
     return out
 
 
