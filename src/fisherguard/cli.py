@@ -109,13 +109,6 @@ def _cmd_table(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise ConfigError(f"--defenses: {e}") from None
         print(text)
-        if order is not None:
-            shown_rows = [str(x.get(args.by)) for x in summaries]
-            shown_cols = _csv(args.defenses) or [str(x.get("column" if args.by == "row" else
-                                                          "defense")) for x in summaries]
-            notes = order.notes(shown_rows, shown_cols)
-            if notes:
-                print("\n" + notes)
     else:
         print(format_table(aggregate_seeds(summaries)))
     note = failure_note(summaries)

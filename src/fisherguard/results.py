@@ -687,9 +687,9 @@ class MatrixOrder:
 
     @staticmethod
     def sort(found: list[str], wanted: list[str]) -> list[str]:
-        """``found`` in ``wanted``'s order, the labels ``wanted`` lacks after, as found."""
+        """``found`` in ``wanted``'s order, the labels ``wanted`` lacks after, as found (a stable sort)."""
         rank = {k: i for i, k in enumerate(wanted)}
-        return sorted(found, key=lambda k: (rank.get(k, len(rank)), found.index(k)))
+        return sorted(found, key=lambda k: rank.get(k, len(rank)))
 
     @classmethod
     def from_configs(cls, paths: Sequence[str | Path]) -> MatrixOrder:
@@ -718,12 +718,12 @@ class MatrixOrder:
                         excluded[(str(e.get("row")), str(c))] = str(e.get("why") or "")
         return cls(rows, columns, excluded)
 
-    def notes(self, rows: Sequence[str] | None = None, columns: Sequence[str] | None = None) -> str:
-        """The excluded cells (those among ``rows`` × ``columns`` when given), a line per reason
-        and set of columns: ``excl. rows × columns: why``."""
+    def notes(self, rows: Sequence[str], columns: Sequence[str]) -> str:
+        """The excluded cells among ``rows`` × ``columns``, a line per reason and set of
+        columns: ``excl. rows × columns: why``."""
         by_why: dict[str, dict[str, list[str]]] = {}
         for (r, c), why in self.excluded.items():
-            if (rows is not None and r not in rows) or (columns is not None and c not in columns):
+            if r not in rows or c not in columns:
                 continue
             by_why.setdefault(why, {}).setdefault(r, []).append(c)
         lines = []
@@ -742,8 +742,8 @@ def pivot(summaries: list[dict[str, Any]], *, rows: str = "attack", cols: str = 
     """One line per ``rows`` value, one column group per ``cols`` value: each metric's mean over
     seeds, † when a run collapsed, and the mean wall time per run (a defenses × attacks matrix);
     RECORD_METRICS come from the runs' round records (attacker identities from the partition).
-    ``order`` puts rows and columns in a matrix config's order (the rest after, as found) and
-    marks its excluded cells ``excl.``. ``compact``: one cell per column, its metrics joined by
+    ``order`` puts rows and columns in a matrix config's order (the rest after, as found), marks
+    its excluded cells ``excl.`` and lists why under the table, for the cells shown. ``compact``: one cell per column, its metrics joined by
     " / " at one decimal, no wall times, and "(k seeds)" where a cell has fewer seeds than the
     table's fullest. MixedRunsError when a cell holds runs that differ in more than the seed
     (``same_but_seed``)."""
@@ -801,10 +801,12 @@ def pivot(summaries: list[dict[str, Any]], *, rows: str = "attack", cols: str = 
             runs = cells.get((r, c), [])
             line.append(f"{np.mean([float(x['wall_time_s']) for x in runs]):.0f}" if runs else "–")
         table.append(line)
+    notes = order.notes(row_keys, col_keys) if order is not None else ""
+    tail = f"\n\n{notes}" if notes else ""
     if markdown:
         out = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-        return "\n".join(out + ["| " + " | ".join(x) + " |" for x in table])
+        return "\n".join(out + ["| " + " | ".join(x) + " |" for x in table]) + tail
     widths = [max(len(h), *(len(x[i]) for x in table)) for i, h in enumerate(head)]
     fmt = lambda xs: "  ".join(v.ljust(w) if i == 0 else v.rjust(w)  # noqa: E731
                                for i, (v, w) in enumerate(zip(xs, widths)))
-    return "\n".join([fmt(head), "-" * len(fmt(head))] + [fmt(x) for x in table])
+    return "\n".join([fmt(head), "-" * len(fmt(head))] + [fmt(x) for x in table]) + tail
