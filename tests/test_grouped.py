@@ -9,7 +9,7 @@ from torch import nn
 
 from fisherguard import config
 from fisherguard.clients.fdreg import FDReg
-from fisherguard.clients.grouped import GroupedTrainer, make_groups
+from fisherguard.clients.grouped import GroupedTrainer, group_input, make_groups
 from fisherguard.clients.l1pull import L1Pull
 from fisherguard.clients.trainers import ParallelTrainer, build_trainer, split_work
 from fisherguard.clients.training import (ClientJob, FisherRequest, SequentialTrainer, TrainPlan,
@@ -357,3 +357,14 @@ def test_groups_balance_local_steps_and_list_each_group_largest_first():
     # groups never exceed the size, and a size-1 grouping is every client alone, largest first
     assert make_groups(_sized_jobs([64, 640, 64, 128]), plan, 1) == [[1], [3], [0], [2]]
     assert [len(g) for g in make_groups(_sized_jobs([64] * 7), plan, 3)] == [3, 2, 2]
+
+
+@pytest.mark.parametrize("channels, clients", [(1, 1), (1, 5), (3, 1), (3, 4)])
+def test_group_input_puts_each_clients_channels_side_by_side_in_channels_last(channels, clients):
+    xs = [torch.randn(4, channels, 6, 6) for _ in range(clients)]
+    xs[-1] = torch.randn(4, 3, 6, 6)[:, :channels]  # a frozen attacker's channel-0 view
+    xg = group_input(xs)
+    assert xg.shape == (4, clients * channels, 6, 6)
+    assert xg.is_contiguous(memory_format=torch.channels_last)
+    for i, x in enumerate(xs):
+        assert torch.equal(xg[:, i * channels:(i + 1) * channels], x)
