@@ -319,3 +319,57 @@ def test_table_says_when_clients_failed(tmp_path, capsys):
     (tmp_path / "a" / "summary.json").write_text(json.dumps(s))
     assert main(["table", str(tmp_path)]) == 0
     assert "clients failed" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_a_run_directory_has_one_writer_and_no_stale_lock(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from fisherguard.results import RunDir, RunInUse
+
+    where = tmp_path / "run"
+    with RunDir(where).lock():
+        with pytest.raises(RunInUse, match=rf"{where} is being written by another process \(pid {os.getpid()}\)"):
+            with RunDir(where).lock():
+                pass
+    with RunDir(where).lock():  # released on exit
+        pass
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom fisherguard.results import RunDir\n"
+         f"with RunDir({str(where)!r}).lock():\n    print('held', flush=True)\n    time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunInUse, match=f"pid {holder.pid}"):
+            with RunDir(where).lock():
+                pass
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    with RunDir(where).lock():  # a killed holder leaves no lock behind
+        pass
+
+
+@pytest.mark.integration  # a CLI run that trains
+def test_a_run_another_process_is_writing_is_refused_or_skipped(tmp_path, capsys):
+    import os
+
+    from fisherguard.results import RunDir
+
+    p = tmp_path / "c.yaml"
+    p.write_text("data: {dataset: synthetic, synthetic_train: 300, synthetic_test: 100}\n"
+                 "federation: {clients: 3, rounds: 1, local_epochs: 1}\nserver: {val_size: 16}\n"
+                 "variants:\n  - {label: first, set: {attack.fraction: 0.0}}\n"
+                 "  - {label: busy, set: {attack.fraction: 0.0}}\n")
+    out = tmp_path / "out"
+    with RunDir(out / "busy").lock():
+        assert main(["run", str(p), "--out", str(out), "-q", "--only", "busy"]) == 2
+        assert f"is being written by another process (pid {os.getpid()})" in capsys.readouterr().err
+        assert main(["run", str(p), "--out", str(out), "--keep-going", "--resume"]) == 0
+        cap = capsys.readouterr()
+    assert "fisherguard: skipped busy" in cap.err
+    assert "1 runs skipped, another process is writing them: busy" in cap.err
+    assert (out / "first" / "summary.json").exists() and not (out / "busy" / "summary.json").exists()
+    assert main(["run", str(p), "--out", str(out), "--keep-going", "--resume", "-q"]) == 0
+    assert (out / "busy" / "summary.json").exists()

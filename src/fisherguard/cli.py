@@ -17,7 +17,7 @@ from fisherguard import __version__
 def _cmd_run(args: argparse.Namespace) -> int:
     from fisherguard import config
     from fisherguard.engine.runner import run_all
-    from fisherguard.results import aggregate_seeds, failure_note, format_table
+    from fisherguard.results import RunInUse, aggregate_seeds, failure_note, format_table
 
     sets = list(args.set) + ([f"runtime.engine={args.engine}"] if args.engine else [])
     variants = config.load(args.config, sets)
@@ -32,9 +32,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     seeds = _parse_seeds(args.seeds) if args.seeds else None
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     failed: list[str] = []
+    busy: list[str] = []
 
     def report(label: str, seed: int | None, err: Exception) -> None:
         what = f"{label}" + (f" seed {seed}" if seed is not None else "")
+        if isinstance(err, RunInUse):  # another process runs it: the campaign is shared, not broken
+            busy.append(what)
+            print(f"fisherguard: skipped {what}: {err}", file=sys.stderr)
+            return
         failed.append(f"{what}: {type(err).__name__}: {err}")
         print(f"fisherguard: run failed, going on: {failed[-1]}", file=sys.stderr)
 
@@ -48,8 +53,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if note:
         print(f"\n{note}")
     print(f"\nresults: {out}")
+    if busy:
+        print(f"\n{len(busy)} runs skipped, another process is writing them: {', '.join(busy)}",
+              file=sys.stderr)
     if failed:
-        print(f"\n{len(failed)} of {len(failed) + len(summaries)} runs failed (--resume retries "
+        print(f"\n{len(failed)} of {len(failed) + len(busy) + len(summaries)} runs failed (--resume retries "
               "them):\n" + "\n".join(f"  {f}" for f in failed), file=sys.stderr)
         return 1
     return 0
@@ -337,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", metavar="LABEL",
                    help="run only these variants (comma-separated labels; repeatable)")
     p.add_argument("--keep-going", action="store_true",
-                   help="when a run fails, report it and start the next (exit status 1 at the end)")
+                   help="when a run fails, report it and start the next (exit status 1 at the end); "
+                   "a run another process is writing is skipped (so one campaign can be run by "
+                   "several processes at once)")
     p.add_argument("--seeds", help="run every variant once per seed, e.g. 0,1,2; the table shows "
                    "mean ± std over seeds")
     p.add_argument("--engine", choices=("inprocess", "flower-sim"),

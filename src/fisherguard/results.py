@@ -5,6 +5,7 @@ Reports read run directories only, so they do not care which engine produced the
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
@@ -14,13 +15,17 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping, Sequence
+from typing import IO, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
 
 class ResumeError(RuntimeError):
     """A run directory cannot be resumed (different config, damaged checkpoint)."""
+
+
+class RunInUse(ResumeError):
+    """Another live process is writing this run directory (``RunDir.lock``)."""
 
 
 class MixedRunsError(ValueError):
@@ -133,6 +138,40 @@ class RunDir:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+
+    LOCK = ".lock"
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the directory for one writer; ``RunInUse`` when a live process holds it.
+
+        Two processes resuming the same run would interleave its rounds and checkpoints (one
+        campaign started twice, or split over terminals: each then skips the other's runs). An
+        advisory ``flock`` on ``.lock``: the kernel drops it when its holder dies, so a killed run
+        never leaves a stale lock. Where ``fcntl`` does not exist (Windows) nothing is locked.
+        """
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not on the platforms CI runs
+            yield
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / self.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise RunInUse(f"{self.path} is being written by another process (pid {holder}); "
+                               "wait for it to finish, or choose another --out") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
     def start(self, cfg_text: str, *, resume: bool) -> int:
         """Prepare the directory for a run of this resolved config (YAML); return the finished rounds.

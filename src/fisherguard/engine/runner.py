@@ -27,8 +27,17 @@ log = logging.getLogger("fisherguard")
 def run(cfg: Config, out_dir: str | Path, *, resume: bool = False, label: str | None = None,
         trainer: LocalTrainer | None = None, progress: TextIO | None = sys.stderr,
         stop_after: int | None = None) -> dict[str, Any]:
-    """Run one experiment into ``out_dir``; return its summary. ``stop_after`` ends early (tests)."""
-    label = label or cfg.experiment.name
+    """Run one experiment into ``out_dir``; return its summary. ``stop_after`` ends early (tests).
+
+    ``RunInUse`` when another process is writing ``out_dir``."""
+    with RunDir(out_dir).lock():
+        return _run(cfg, out_dir, resume=resume, label=label or cfg.experiment.name,
+                    trainer=trainer, progress=progress, stop_after=stop_after)
+
+
+def _run(cfg: Config, out_dir: str | Path, *, resume: bool, label: str,
+         trainer: LocalTrainer | None, progress: TextIO | None, stop_after: int | None
+         ) -> dict[str, Any]:
     if cfg.runtime.engine != "inprocess":
         from fisherguard.engine.flower.launch import run_engine
 
