@@ -373,3 +373,27 @@ def test_a_run_another_process_is_writing_is_refused_or_skipped(tmp_path, capsys
     assert (out / "first" / "summary.json").exists() and not (out / "busy" / "summary.json").exists()
     assert main(["run", str(p), "--out", str(out), "--keep-going", "--resume", "-q"]) == 0
     assert (out / "busy" / "summary.json").exists()
+
+
+@pytest.mark.integration  # a CLI run that trains
+def test_a_finished_run_skipped_by_resume_keeps_the_provenance_of_the_code_that_made_it(tmp_path, capsys):
+    import json
+
+    p = tmp_path / "c.yaml"
+    p.write_text("data: {dataset: synthetic, synthetic_train: 300, synthetic_test: 100}\n"
+                 "federation: {clients: 3, rounds: 1, local_epochs: 1}\nserver: {val_size: 16}\n")
+    out = tmp_path / "out"
+    assert main(["run", str(p), "--out", str(out), "-q"]) == 0
+    path = out / "summary.json"
+    made = json.loads(path.read_text())
+    assert "software" in made  # the code that made it
+    older = dict(made, software=dict(made["software"], commit="0" * 40))
+    path.write_text(json.dumps(older))
+    assert main(["run", str(p), "--out", str(out), "-q", "--resume"]) == 0
+    again = json.loads(path.read_text())
+    assert again["software"]["commit"] == "0" * 40 and again["A"] == made["A"]
+    del older["software"]  # a run made before summaries recorded their code gets none invented
+    path.write_text(json.dumps(older))
+    assert main(["run", str(p), "--out", str(out), "-q", "--resume"]) == 0
+    assert "software" not in json.loads(path.read_text())
+    capsys.readouterr()
