@@ -293,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         for part, variants in rest_of_step(g).items():
             times = {name: best_time(fn, args.reps) for name, fn in variants.items()}
             best = min(times, key=times.__getitem__)
-            rest += times[best] / (g * BATCH)
-            pools += times[best] / (g * BATCH) if part.startswith("pool") else 0.0
+            part_s = times[best] / (g * BATCH)
+            rest += part_s
+            pools += part_s if part.startswith("pool") else 0.0
             for name, s in times.items():
                 mark = "  <- kept" if name == best and len(times) > 1 else ""
                 print(f"    {part:22s} {name:46s} {s * 1e3:7.2f} ms{mark}")

@@ -5,6 +5,16 @@ from fisherguard.cli import main
 pytestmark = pytest.mark.unit
 
 
+def _tiny_config(tmp_path, *labels):
+    """A one-round synthetic config, with a clean variant per label (none: a single run)."""
+    p = tmp_path / "c.yaml"
+    variants = "".join(f"  - {{label: {lb}, set: {{attack.fraction: 0.0}}}}\n" for lb in labels)
+    p.write_text("data: {dataset: synthetic, synthetic_train: 300, synthetic_test: 100}\n"
+                 "federation: {clients: 3, rounds: 1, local_epochs: 1}\nserver: {val_size: 16}\n"
+                 + (f"variants:\n{variants}" if labels else ""))
+    return p
+
+
 def test_defenses_lists_every_registered_defense(capsys):
     from fisherguard.defenses import registry
 
@@ -51,12 +61,7 @@ def test_run_prints_the_table_and_writes_results(tmp_path, capsys):
 def test_keep_going_reports_a_failed_run_and_runs_the_rest(tmp_path, capsys, monkeypatch):
     from fisherguard.engine import runner
 
-    p = tmp_path / "c.yaml"
-    p.write_text("data: {dataset: synthetic, synthetic_train: 300, synthetic_test: 100}\n"
-                 "federation: {clients: 3, rounds: 1, local_epochs: 1}\nserver: {val_size: 16}\n"
-                 "variants:\n  - {label: first, set: {attack.fraction: 0.0}}\n"
-                 "  - {label: bad, set: {attack.fraction: 0.0}}\n"
-                 "  - {label: last, set: {attack.fraction: 0.0}}\n")
+    p = _tiny_config(tmp_path, "first", "bad", "last")
     real = runner.run
 
     def run(cfg, where, **kw):
@@ -357,11 +362,7 @@ def test_a_run_another_process_is_writing_is_refused_or_skipped(tmp_path, capsys
 
     from fisherguard.results import RunDir
 
-    p = tmp_path / "c.yaml"
-    p.write_text("data: {dataset: synthetic, synthetic_train: 300, synthetic_test: 100}\n"
-                 "federation: {clients: 3, rounds: 1, local_epochs: 1}\nserver: {val_size: 16}\n"
-                 "variants:\n  - {label: first, set: {attack.fraction: 0.0}}\n"
-                 "  - {label: busy, set: {attack.fraction: 0.0}}\n")
+    p = _tiny_config(tmp_path, "first", "busy")
     out = tmp_path / "out"
     with RunDir(out / "busy").lock():
         assert main(["run", str(p), "--out", str(out), "-q", "--only", "busy"]) == 2
@@ -379,9 +380,7 @@ def test_a_run_another_process_is_writing_is_refused_or_skipped(tmp_path, capsys
 def test_a_finished_run_skipped_by_resume_keeps_the_provenance_of_the_code_that_made_it(tmp_path, capsys):
     import json
 
-    p = tmp_path / "c.yaml"
-    p.write_text("data: {dataset: synthetic, synthetic_train: 300, synthetic_test: 100}\n"
-                 "federation: {clients: 3, rounds: 1, local_epochs: 1}\nserver: {val_size: 16}\n")
+    p = _tiny_config(tmp_path)
     out = tmp_path / "out"
     assert main(["run", str(p), "--out", str(out), "-q"]) == 0
     path = out / "summary.json"

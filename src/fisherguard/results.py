@@ -285,6 +285,15 @@ class RunDir:
         """A small JSON file of the run (e.g. the defense's hyperparameters), written atomically."""
         _atomic_write(self.path / name, json.dumps(_jsonable(data), indent=2).encode())
 
+    def finished_summary(self) -> dict[str, Any] | None:
+        """The summary of a finished run (``complete``); None when there is none, it is partial,
+        or it cannot be read."""
+        try:
+            summary = json.loads((self.path / self.SUMMARY_JSON).read_text())
+        except (OSError, ValueError):
+            return None
+        return summary if isinstance(summary, dict) and summary.get("complete", False) else None
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         _atomic_write(self.path / self.SUMMARY_JSON, json.dumps(_jsonable(summary), indent=2).encode())
         write_csv(self.path / self.SUMMARY_CSV, [summary])
@@ -296,8 +305,7 @@ class RunDir:
         """Copy a finished run's evidence to ``dest``: the resolved config, summary, partition and
         defense parameters, and the round records gzip'd with a fixed timestamp (same bytes for
         the same records). ResumeError when the run is not finished."""
-        summary = self.path / self.SUMMARY_JSON
-        if not summary.exists() or not json.loads(summary.read_text()).get("complete", False):
+        if self.finished_summary() is None:
             raise ResumeError(f"{self.path} is not a finished run (no complete summary.json)")
         out = Path(dest)
         out.mkdir(parents=True, exist_ok=True)

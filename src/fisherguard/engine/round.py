@@ -305,7 +305,7 @@ def summarise(run_dir: RunDir, cfg: Config, label: str) -> dict[str, Any]:
                "software": software()}
     if registry.get(cfg.defense.name).needs_attacker_ids:
         summary["defense"] = ORACLE_LABEL
-    made = _finished_summary(run_dir)
+    made = run_dir.finished_summary()
     if made is not None and summary["complete"]:
         # a finished run summarised again (a --resume that skips it) keeps the provenance of the
         # code that made it, or none if that code recorded none: never the code that only read it
@@ -314,15 +314,6 @@ def summarise(run_dir: RunDir, cfg: Config, label: str) -> dict[str, Any]:
             summary["software"] = made["software"]
     run_dir.write_summary(summary)
     return summary
-
-
-def _finished_summary(run_dir: RunDir) -> dict[str, Any] | None:
-    p = run_dir.path / RunDir.SUMMARY_JSON
-    try:
-        old = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
-    return old if isinstance(old, dict) and old.get("complete") else None
 
 
 def train_phases(uploads: list[Upload]) -> dict[str, Any]:

@@ -50,8 +50,7 @@ class PlannedRun:
     @property
     def status(self) -> str:
         """done (a complete summary), partial (rounds logged, resumable) or pending."""
-        summary = self.path / RunDir.SUMMARY_JSON
-        if summary.is_file() and json.loads(summary.read_text()).get("complete", False):
+        if RunDir(self.path).finished_summary() is not None:
             return "done"
         if (self.path / RunDir.ROUNDS).is_file():
             return "partial"
