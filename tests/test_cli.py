@@ -377,6 +377,30 @@ def test_a_run_another_process_is_writing_is_refused_or_skipped(tmp_path, capsys
 
 
 @pytest.mark.integration  # a CLI run that trains
+def test_the_campaign_summary_covers_every_finished_run_not_only_this_invocations(tmp_path, capsys):
+    import csv
+    import json
+
+    p = _tiny_config(tmp_path, "first", "second", "third")
+    out = tmp_path / "out"
+    assert main(["run", str(p), "--out", str(out), "-q", "--only", "second", "--seeds", "0,1"]) == 0
+    assert main(["run", str(p), "--out", str(out), "-q", "--only", "first", "--seeds", "0"]) == 0
+    capsys.readouterr()
+    partial = out / "third" / "seed-0"  # a run cut short: not in the summary
+    partial.mkdir(parents=True)
+    (partial / "summary.json").write_text(json.dumps({"label": "third", "complete": False}))
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    # this invocation's run first, then the others in directory order
+    assert [(r["label"], r["seed"]) for r in rows] == [("first", "0"), ("second", "0"), ("second", "1")]
+    text = (out / "summary.txt").read_text().splitlines()
+    assert [line.split()[0] for line in text[2:]] == ["first", "second"]  # a row a variant
+    assert "±" in text[3] and "±" not in text[2]  # second pools its two seeds
+    assert main(["run", str(p), "--out", str(out), "-q", "--only", "first", "--seeds", "0",
+                 "--resume"]) == 0
+    assert [r["label"] for r in csv.DictReader((out / "summary.csv").open())] == ["first", "second", "second"]
+
+
+@pytest.mark.integration  # a CLI run that trains
 def test_a_finished_run_skipped_by_resume_keeps_the_provenance_of_the_code_that_made_it(tmp_path, capsys):
     import json
 

@@ -629,15 +629,22 @@ def failure_note(summaries: list[dict[str, Any]]) -> str | None:
             f"'failures') in: {runs}")
 
 
-def collect_summaries(root: str | Path) -> list[dict[str, Any]]:
+def collect_summaries(root: str | Path, *, finished_only: bool = False) -> list[dict[str, Any]]:
     """Every run summary below ``root`` (any engine), in directory order, with its resolved config
     beside it as ``_config`` (None without one; ``run_identity``); a summary written before
-    summaries named their attack gets it from that config."""
+    summaries named their attack gets it from that config. ``finished_only`` keeps the finished
+    runs (``RunDir.finished_summary``) and passes over the others."""
     import yaml
 
     out = []
     for p in sorted(Path(root).rglob(RunDir.SUMMARY_JSON)):
-        s = json.loads(p.read_text())
+        if finished_only:
+            found = RunDir(p.parent).finished_summary()
+            if found is None:
+                continue
+            s = found
+        else:
+            s = json.loads(p.read_text())
         cfg_path = p.parent / RunDir.CONFIG
         cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else None
         s["_config"] = cfg

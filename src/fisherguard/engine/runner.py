@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 import torch
 
@@ -19,7 +19,8 @@ from fisherguard.clients.training import LocalTrainer
 from fisherguard.config import Config, Variant
 from fisherguard.engine.federation import prepare
 from fisherguard.engine.round import InProcessClients, Server, run_round, summarise
-from fisherguard.results import (RunDir, aggregate_seeds, format_table, slug, write_csv)
+from fisherguard.results import (RunDir, aggregate_seeds, collect_summaries, format_table, slug,
+                                 write_csv)
 
 log = logging.getLogger("fisherguard")
 
@@ -89,13 +90,15 @@ def run_all(variants: list[Variant], out_root: str | Path, *, resume: bool = Fal
             on_summary: Callable[[dict[str, Any]], None] | None = None,
             on_error: Callable[[str, int | None, Exception], None] | None = None
             ) -> list[dict[str, Any]]:
-    """Run each labelled variant (each seed) into its own sub-directory; ``out_root/summary.csv``.
+    """Run each labelled variant (each seed) into its own sub-directory; ``out_root/summary.csv``
+    and ``summary.txt`` then cover every finished run below ``out_root`` (``campaign_summary``).
 
     A run that raises stops the campaign, unless ``on_error`` is given: then it is told the
     label, seed and error and the next run starts (the failed run's directory stays resumable).
     """
     out_root = Path(out_root)
     summaries = []
+    dirs: list[Path] = []
     total = len(variants) * (len(seeds) if seeds is not None else 1)
     done = 0
     for v in variants:
@@ -105,6 +108,7 @@ def run_all(variants: list[Variant], out_root: str | Path, *, resume: bool = Fal
             if seed is not None:
                 cfg = cfg.replace({"experiment.seed": seed})
                 where = sub / f"seed-{seed}"
+            dirs.append(where)
             done += 1
             if progress is not None and total > 1:  # where a long campaign stands
                 seed_text = f" seed {seed}" if seed is not None else ""
@@ -120,9 +124,28 @@ def run_all(variants: list[Variant], out_root: str | Path, *, resume: bool = Fal
             summaries.append(s)
             if on_summary:
                 on_summary(s)
-    if len(summaries) > 1:
-        out_root.mkdir(parents=True, exist_ok=True)
-        write_csv(out_root / "summary.csv", summaries)
-        table = format_table(aggregate_seeds(summaries) if seeds else summaries)
-        RunDir(out_root).write_text("summary.txt", table + "\n")
+    if any(d != out_root for d in dirs):  # a campaign root, not a run directory
+        campaign_summary(out_root, first=dirs)
     return summaries
+
+
+def campaign_summary(out_root: Path, first: Sequence[Path] = ()) -> list[dict[str, Any]]:
+    """Write ``out_root/summary.csv`` (a row a run) and ``summary.txt`` (a row a variant, the
+    mean ± std over its seeds where it has several) over every finished run below ``out_root``:
+    the runs in ``first`` first, in that order, the others in directory order. Returns the runs.
+
+    Built from the directory, not from one invocation's runs: a campaign run in parts (``--only``,
+    ``--resume`` after a kill, two processes sharing it) gets the same, whole summary from
+    whichever invocation writes it last.
+    """
+    runs = [s for s in collect_summaries(out_root, finished_only=True)
+            if Path(s["_dir"]) != out_root] if out_root.is_dir() else []
+    if not runs:
+        return []
+    order = {str(d): i for i, d in enumerate(first)}
+    runs.sort(key=lambda s: order.get(s["_dir"], len(order)))  # stable: the rest stay in directory order
+    write_csv(out_root / "summary.csv", runs)
+    by_variant = aggregate_seeds(runs)
+    rows = by_variant if len(by_variant) < len(runs) else runs  # a row a run when no seeds pool
+    RunDir(out_root).write_text("summary.txt", format_table(rows) + "\n")
+    return runs
