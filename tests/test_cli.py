@@ -305,6 +305,16 @@ def test_table_order_follows_the_matrix_config_and_marks_its_excluded_cells(tmp_
     assert out[0] == "| row (A / ASR) | second | first |"
     assert out[2] == "| zeta | 12.0 / 1.0 (1 seed) | 15.5 / 1.0 |"  # seeds 0 and 1 pooled
     assert out[3] == "| alpha | excl. | 10.0 / 1.0 (1 seed) |"
+    table = ["table", str(runs), "--by", "row", "--metrics", "A,ASR", "--order", str(cfg), "--compact",
+             "--markdown", "--seeds"]
+    assert main(table + ["0"]) == 0  # one seed's table: no pooling, no "(1 seed)"
+    assert capsys.readouterr().out.splitlines()[2:4] == ["| zeta | 12.0 / 1.0 | 11.0 / 1.0 |",
+                                                          "| alpha | excl. | 10.0 / 1.0 |"]
+    assert main(table + ["1"]) == 0  # only what seed 1 has run
+    assert capsys.readouterr().out.splitlines() == ["| row (A / ASR) | first |", "|---|---:|",
+                                                    "| zeta | 20.0 / 1.0 |"]
+    assert main(["table", str(runs), "--seeds", "2"]) == 2
+    assert "--seeds: no run of seed 2 below" in capsys.readouterr().err
     assert main(["table", str(runs), "--by", "row", "--order", str(cfg), "--defenses", "first"]) == 0
     assert "excl." not in capsys.readouterr().out  # the excluded cell's column is not shown
     assert main(["table", str(runs), "--by", "row", "--order", str(tmp_path / "none.yaml")]) == 2

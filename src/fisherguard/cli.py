@@ -97,6 +97,11 @@ def _cmd_table(args: argparse.Namespace) -> int:
                                      collect_summaries, failure_note, format_table, pivot)
 
     summaries = collect_summaries(args.dir)
+    if args.seeds:  # e.g. a seed's own table while the next seed is still running
+        wanted = _parse_seeds(args.seeds)
+        summaries = [s for s in summaries if s.get("seed") in wanted]
+        if not summaries:
+            raise ConfigError(f"--seeds: no run of seed {args.seeds} below {args.dir}")
     if args.order and not args.by:
         raise ConfigError("--order needs --by (it orders a matrix table)")
     if args.by:
@@ -379,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compact", action="store_true",
                    help="with --by: one cell per column, its metrics joined by ' / ' (one "
                         "decimal), no wall times; '(k seeds)' where a cell has fewer seeds")
+    p.add_argument("--seeds", help="only the runs of these seeds (comma-separated), e.g. 1: one "
+                   "seed's table beside the mean")
     p.add_argument("--order", metavar="CONFIG[,CONFIG]",
                    help="with --by: rows and columns in these matrix configs' order (others "
                         "after, as found); their excluded cells show excl., with why below")
