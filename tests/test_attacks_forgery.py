@@ -431,6 +431,36 @@ def test_class_balanced_subset_takes_the_rarest_count_of_every_class():
     assert torch.equal(labels[sub.frozen.view(-1).long()], sub.labels)
 
 
+def test_proxy_echo_takes_all_clean_samples_when_the_balanced_subset_gives_no_estimate():
+    import dataclasses
+
+    from fisherguard.clients.training import ClientDataset
+    from fisherguard.data.transforms import Pipeline
+
+    def data(labels):
+        labels = torch.tensor(labels)
+        return ClientDataset(labels=labels, pipeline=Pipeline(grey=True, out_channels=1),
+                             frozen=torch.zeros(len(labels), 1, 1, 1))
+
+    # client 3: classes 0 and 1 with 5 and 1 samples (balanced subset 2); client 4: 3 and 3
+    clean = {3: data([0, 0, 0, 0, 0, 1]), 4: data([0, 0, 0, 1, 1, 1])}
+
+    class BatchEstimator(SeamSpy):  # like the release estimator: zeros without a full batch of 4
+        def __call__(self, k, w, data=None):
+            self.calls.append((k, w.clone(), data))
+            n = len(data.labels)
+            return torch.zeros(P) if n < 4 else HONEST * n
+
+    plan = AttackPlan([FValEcho(source="proxy")])
+    plan.bind(dataclasses.replace(_ctx(), clean_data=clean))
+    seam = BatchEstimator()
+    view = plan.round_view(0, G, {**_uploads(BENIGN), **_uploads(OWN)}, [3, 4], fisher=seam)
+    out = plan.after_training(view)
+    assert [(k, len(d.labels)) for k, _, d in seam.calls] == [(3, 2), (3, 6), (4, 6)]
+    assert torch.equal(out[3].fisher, HONEST * 6)  # all six clean samples, not zeros
+    assert torch.equal(out[4].fisher, HONEST * 6)  # the balanced subset (3 + 3) sufficed
+
+
 @pytest.mark.integration
 def test_a_forged_fisher_survives_the_byzantine_recompute(tmp_path):
     _, rounds, _ = run_attack(tmp_path, "sign-flip+f-zero", **{"defense.name": "fdcr"})

@@ -6,6 +6,7 @@ named oracle.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -87,7 +88,16 @@ class FValEcho(Forgery):
             return view.server_fisher(u.weights)
         if self.source == "proxy":
             gen = torch_stream(self.ctx.seed, "f-val-echo", k, view.round_idx)
-            return view.fisher(k, u.weights, class_balanced(self.ctx.clean_data[k], gen))
+            clean = self.ctx.clean_data[k]
+            with warnings.catch_warnings():  # the empty estimate is expected and handled here
+                warnings.filterwarnings("ignore", message=".*give no full batch")
+                proxy = view.fisher(k, u.weights, class_balanced(clean, gen))
+            if not bool(proxy.any()):
+                # the client's estimator needs more samples than the balanced subset has (the
+                # release one: a full batch of 64); zeros would be refused as `constant`, so an
+                # attacker that knows its own estimator takes all its clean samples instead
+                proxy = view.fisher(k, u.weights, clean)
+            return proxy
         return self.recovered(view, k)
 
     def recovered(self, view: RoundView, k: int) -> Tensor | None:
