@@ -66,6 +66,7 @@ def test_keep_going_reports_a_failed_run_and_runs_the_rest(tmp_path, capsys, mon
 
     def run(cfg, where, **kw):
         if kw.get("label") == "bad":
+            where.mkdir(parents=True, exist_ok=True)  # as a run that fails after it started
             raise RuntimeError("boom in round 1")
         return real(cfg, where, **kw)
 
@@ -81,6 +82,9 @@ def test_keep_going_reports_a_failed_run_and_runs_the_rest(tmp_path, capsys, mon
     assert "run 1/3: first" in cap.err and "run 3/3: last" in cap.err  # the campaign's progress
     assert "1 of 3 runs failed" in cap.err and "bad: RuntimeError: boom in round 1" in cap.err
     assert (out / "last" / "summary.json").exists() and not (out / "bad" / "summary.json").exists()
+    fresh = tmp_path / "fresh"  # a campaign in which every run fails still ends with its report
+    assert main(["run", str(p), "--out", str(fresh), "--keep-going", "--only", "bad"]) == 1
+    assert "1 of 1 runs failed" in capsys.readouterr().err and not (fresh / "summary.csv").exists()
 
 
 def test_missing_dataset_names_the_fetch_command(tmp_path, capsys):

@@ -138,8 +138,11 @@ def campaign_summary(out_root: Path, first: Sequence[Path] = ()) -> list[dict[st
     ``--resume`` after a kill, two processes sharing it) gets the same, whole summary from
     whichever invocation writes it last.
     """
-    runs = [s for s in collect_summaries(out_root, finished_only=True)
-            if Path(s["_dir"]) != out_root] if out_root.is_dir() else []
+    try:
+        found = collect_summaries(out_root, finished_only=True)
+    except FileNotFoundError:  # nothing finished yet (every run failed): no summary to write
+        return []
+    runs = [s for s in found if Path(s["_dir"]) != out_root]
     if not runs:
         return []
     order = {str(d): i for i, d in enumerate(first)}
