@@ -93,8 +93,9 @@ def _parse_seeds(text: str) -> list[int]:
 
 def _cmd_table(args: argparse.Namespace) -> int:
     from fisherguard.config import ConfigError
-    from fisherguard.results import (MatrixOrder, MixedRunsError, aggregate_seeds,
-                                     collect_summaries, failure_note, format_table, pivot)
+    from fisherguard.results import (RECORD_METRICS, MatrixOrder, MixedRunsError,
+                                     aggregate_seeds, collect_summaries, failure_note,
+                                     format_table, pivot)
 
     summaries = collect_summaries(args.dir)
     if args.seeds:  # e.g. a seed's own table while the next seed is still running
@@ -106,6 +107,12 @@ def _cmd_table(args: argparse.Namespace) -> int:
         raise ConfigError("--order needs --by (it orders a matrix table)")
     if args.by:
         metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+        # a misspelt metric would otherwise print a column of "–", as a metric the runs lack
+        known = {k for s in summaries for k in s if not k.startswith("_")} | set(RECORD_METRICS)
+        unknown = [m for m in metrics if m not in known]
+        if unknown:
+            raise ConfigError(f"--metrics: no run below {args.dir} has {', '.join(unknown)}; "
+                              f"known: {', '.join(sorted(known))}")
         order = None
         if args.order:
             try:
