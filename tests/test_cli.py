@@ -328,6 +328,8 @@ def test_table_order_follows_the_matrix_config_and_marks_its_excluded_cells(tmp_
     assert main(["table", str(runs), "--by", "row", "--metrics", "A,ASRR"]) == 2
     err = capsys.readouterr().err
     assert "--metrics: no run below" in err and "has ASRR; known:" in err and "att_refused" in err
+    assert main(["table", str(runs), "--by", "row", "--metrics", "A,defense"]) == 2  # text, no metric
+    assert "has defense; known:" in capsys.readouterr().err
 
 
 def test_table_says_when_clients_failed(tmp_path, capsys):

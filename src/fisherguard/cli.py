@@ -107,8 +107,12 @@ def _cmd_table(args: argparse.Namespace) -> int:
         raise ConfigError("--order needs --by (it orders a matrix table)")
     if args.by:
         metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-        # a misspelt metric would otherwise print a column of "–", as a metric the runs lack
-        known = {k for s in summaries for k in s if not k.startswith("_")} | set(RECORD_METRICS)
+        # a misspelt metric would otherwise print a column of "–", as a metric the runs lack, and
+        # a text field would fail in pivot's float() as if --defenses were wrong; None is a
+        # metric a run could not score (ASR_edge without edge-case data)
+        known = {k for s in summaries for k, v in s.items()
+                 if not k.startswith("_") and (v is None or isinstance(v, (int, float)))}
+        known |= set(RECORD_METRICS)
         unknown = [m for m in metrics if m not in known]
         if unknown:
             raise ConfigError(f"--metrics: no run below {args.dir} has {', '.join(unknown)}; "
